@@ -1,0 +1,198 @@
+"""The ``loopdb`` command line: prepare, train, score, sample.
+
+Any user error (unknown preset or key, missing run folder, K < 1, bad data)
+prints one line to stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+USER_ERROR = 2
+
+
+class UsageError(ValueError):
+    pass
+
+
+def default_data_dir(vocab_size: int) -> Path:
+    root = Path(os.environ.get("LOOPDB_DATA", Path.home() / ".cache" / "loopdb"))
+    return root / f"shakespeare-bpe{vocab_size}"
+
+
+def parse_loops(text: str) -> list[int]:
+    try:
+        loops = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--loops {text!r}: expected comma-separated integers like 1,4,16") from None
+    if not loops or min(loops) < 1:
+        raise UsageError(f"--loops {text!r}: every loop count must be >= 1")
+    return loops
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in items:
+        if not item.startswith("--") or "=" not in item:
+            raise UsageError(f"unexpected argument {item!r}; config overrides look like --key=value")
+        key, value = item[2:].split("=", 1)
+        overrides[key.replace("-", "_")] = value
+    return overrides
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_prepare(args) -> int:
+    from .data import prepare
+
+    corpus = None if args.corpus in (None, ["shakespeare"]) else args.corpus
+    meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size)
+    splits = meta["splits"]
+    print(f"prepared {args.out}: vocab {meta['vocab_size']}, tokens "
+          + ", ".join(f"{name} {splits[name]['tokens']:,}" for name in ("train", "val", "test")))
+    print(f"unigram test bits per byte (the no-context line): {meta['unigram_test_bpb']:.3f}")
+    return 0
+
+
+def cmd_train(args, overrides) -> int:
+    from .config import preset
+    from .data import prepare
+    from .trainer import Trainer
+
+    config = preset(args.preset).apply_overrides(overrides)
+    data_dir = Path(args.data) if args.data else default_data_dir(config.train.data_vocab_size)
+    if args.data is None and not (data_dir / "meta.json").exists():
+        print(f"preparing the default corpus into {data_dir} (once)", file=sys.stderr)
+        prepare(data_dir, vocab_size=config.train.data_vocab_size)
+    trainer = Trainer(config, data_dir, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {trainer.device}; run folder {args.out}",
+          file=sys.stderr)
+    try:
+        results = trainer.train()
+    except KeyboardInterrupt:
+        print(f"stopped at step {trainer.step}; continue with: loopdb train --preset {args.preset} --out {args.out} "
+              "--resume", file=sys.stderr)
+        return 130
+    print(json.dumps({"step": trainer.step, **results}))
+    return 0
+
+
+def cmd_score(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import data as data_lib
+    from . import engine
+    from .checkpoint import load_model, run_data_dir
+    from .trainer import resolve_device
+
+    loops = parse_loops(args.loops)
+    if args.samples < 1:
+        raise UsageError(f"--samples {args.samples}: need at least one noise draw")
+    device = resolve_device(args.device)
+    model, config = load_model(args.run, device)
+    data_dir = run_data_dir(args.run)
+    tokens = data_lib.load_tokens(data_dir, args.split)
+    token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
+    windows = data_lib.eval_windows(tokens, config.model.context, args.max_windows)
+    results = {}
+    for num_loops in loops:
+        with tqdm(total=len(windows), desc=f"score K={num_loops}", disable=args.json or args.quiet,
+                  leave=False) as bar:
+            results[str(num_loops)] = engine.bits_per_byte(
+                model, windows, token_bytes, num_loops, samples=args.samples, seed=args.seed,
+                batch_size=args.batch_size, device=device, progress=bar)
+    meta = data_lib.load_meta(data_dir)
+    report = {"bpb": results, "readout": "predictive", "samples": args.samples, "split": args.split,
+              "seed": args.seed, "windows": len(windows), "unigram_bpb": meta["unigram_test_bpb"]}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.split} bits per byte (predictive, {args.samples} noise draw(s), {len(windows)} windows):")
+        for num_loops, value in results.items():
+            print(f"  K={num_loops:>3}  {value:.4f}")
+        print(f"  unigram (test) {meta['unigram_test_bpb']:.4f}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from . import data as data_lib
+    from . import engine
+    from .checkpoint import load_model, run_data_dir
+    from .trainer import resolve_device
+
+    if args.loops < 1:
+        raise UsageError(f"--loops {args.loops}: the loop count must be >= 1")
+    model, _ = load_model(args.run, resolve_device(args.device))
+    tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
+    prompt = tokenizer.encode(args.prompt or "\n")
+    ids = engine.generate(model, prompt, args.max_new_tokens, args.loops, temperature=args.temperature,
+                          top_k=args.top_k or None, seed=args.seed)
+    print(args.prompt + tokenizer.decode(ids))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loopdb", description="Looped transformers trained with DiffusionBlocks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="tokenize a corpus into a data folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--corpus", nargs="+", default=None, help="'shakespeare' (default) or text files / folders")
+    p.add_argument("--vocab-size", type=int, default=4096)
+
+    p = commands.add_parser("train", help="train a model; extra --key=value override the preset",
+                            epilog="example: loopdb train --preset tiny --out runs/tiny --max_steps=500")
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--data", default=None, help="prepared data folder (default: Shakespeare, prepared on first use)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = commands.add_parser("score", help="bits per byte at several loop counts")
+    p.add_argument("run")
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--loops", default="1,4,16")
+    p.add_argument("--samples", type=int, default=4, help="noise draws averaged per token (predictive readout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-windows", type=int, default=None, help="score only this many windows (evenly spaced)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = commands.add_parser("sample", help="generate text with K loops per token")
+    p.add_argument("run")
+    p.add_argument("--loops", type=int, default=4)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import RunError
+    from .config import ConfigError
+    from .data import DataError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args, parse_overrides(extra))
+        if extra:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+        return {"prepare": cmd_prepare, "score": cmd_score, "sample": cmd_sample}[args.command](args)
+    except (UsageError, ConfigError, DataError, RunError) as error:
+        print(f"loopdb {args.command}: error: {error}", file=sys.stderr)
+        return USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

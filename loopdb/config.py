@@ -1,0 +1,223 @@
+"""Run configuration: dataclasses, named presets and ``--key=value`` overrides.
+
+A config has three sections (model, diffusion, train). Keys are unique across
+sections, so ``--d_model=256`` and ``--model.d_model=256`` mean the same. Unknown
+keys and bad values are rejected with a ``ConfigError`` naming the fix. The
+resolved config is saved as JSON in every run folder and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096          # taken from the prepared data
+    context: int = 128              # tokens per training window
+    d_model: int = 192
+    n_heads: int = 6
+    n_prelude: int = 1              # plain causal layers on the clean tokens
+    n_core: int = 2                 # the shared, sigma-conditioned, looped layers
+    n_coda: int = 1                 # layers after the denoiser output, before the head
+    mlp_ratio: float = 4.0
+    injection: str = "concat"       # concat: Linear([c_in*z ; e]) (Huginn's adapter) | add: c_in*z + e
+    tie_head: bool = True
+    attention: str = "auto"         # auto (xformers on CUDA when its probe passes, else SDPA) | sdpa | xformers
+
+
+@dataclass
+class DiffusionConfig:
+    sigma_data: float = 0.0         # 0 = match the unit-norm targets: 1/sqrt(d_model) (METHOD 2.1); paper: 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    loss_weight: str = "unit"       # unit (METHOD 5: sane gradients, slightly better) | edm (paper)
+    loss_weight_clamp: float = 0.0  # cap on the edm weight; 0 = none
+    grid: str = "equiprob"          # sampler grid: equiprob | karras
+    solver: str = "euler"           # euler | heun
+    grid_sigma_last: float = 0.0    # last sigma of the sampler grid; 0 = sigma_min
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "diffusion"
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_loops: tuple = (1, 2, 4, 8, 16)
+    eval_windows: int = 16          # validation windows per evaluation
+    eval_samples: int = 1           # noise draws per validation score
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    bf16: bool = False              # torch.autocast with bfloat16
+    compile: bool = False           # torch.compile the model (first step is slow)
+    data_vocab_size: int = 4096     # vocabulary when the default corpus is prepared automatically
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        config = cls()
+        for section_name, values in data.items():
+            section = getattr(config, section_name, None)
+            if section is None or not dataclasses.is_dataclass(section):
+                raise ConfigError(f"unknown config section {section_name!r}")
+            for key, value in values.items():
+                _set(section, key, value)
+        return config
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path) -> "Config":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def apply_overrides(self, overrides: dict[str, str]) -> "Config":
+        """Apply ``{"key" or "section.key": "value"}`` parsed from the command line."""
+        for name, raw in overrides.items():
+            section, key = self._locate(name)
+            _set(section, key, _parse(raw, _field_type(section, key), name))
+        self.validate()
+        return self
+
+    def _locate(self, name: str):
+        if "." in name:
+            section_name, key = name.split(".", 1)
+            section = getattr(self, section_name, None)
+            if dataclasses.is_dataclass(section) and key in _field_names(section):
+                return section, key
+        else:
+            for section in (self.model, self.diffusion, self.train):
+                if name in _field_names(section):
+                    return section, name
+        known = sorted(k for s in (self.model, self.diffusion, self.train) for k in _field_names(s))
+        raise ConfigError(f"unknown config key {name!r}; known keys: {', '.join(known)}")
+
+    def validate(self) -> None:
+        m, d, t = self.model, self.diffusion, self.train
+        checks = [
+            (m.d_model % m.n_heads == 0, f"d_model={m.d_model} must be divisible by n_heads={m.n_heads}"),
+            ((m.d_model // m.n_heads) % 2 == 0, "d_model/n_heads must be even (rotary embedding)"),
+            (m.n_core >= 1, "n_core must be >= 1"),
+            (m.n_prelude >= 0 and m.n_coda >= 0, "n_prelude and n_coda must be >= 0"),
+            (m.context >= 2, "context must be >= 2"),
+            (m.injection in ("concat", "add"), f"injection must be concat or add, got {m.injection!r}"),
+            (m.attention in ("auto", "sdpa", "xformers"), f"attention must be auto, sdpa or xformers, got {m.attention!r}"),
+            (d.sigma_data >= 0, "sigma_data must be >= 0 (0 = 1/sqrt(d_model))"),
+            (0 < d.sigma_min < d.sigma_max, "need 0 < sigma_min < sigma_max"),
+            (d.loss_weight in ("unit", "edm"), f"loss_weight must be unit or edm, got {d.loss_weight!r}"),
+            (d.grid in ("equiprob", "karras"), f"grid must be equiprob or karras, got {d.grid!r}"),
+            (d.solver in ("euler", "heun"), f"solver must be euler or heun, got {d.solver!r}"),
+            (t.objective in ("diffusion",), f"objective must be diffusion, got {t.objective!r}"),
+            (t.batch_size >= 1 and t.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (t.max_steps >= 1, "max_steps must be >= 1"),
+            (t.lr > 0, "lr must be positive"),
+            (all(k >= 1 for k in t.eval_loops), "eval_loops must all be >= 1"),
+            (t.eval_samples >= 1, "eval_samples must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def sigma_data(self) -> float:
+        return self.diffusion.sigma_data or 1.0 / math.sqrt(self.model.d_model)
+
+
+def _field_names(section) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
+
+
+def _field_type(section, key):
+    return type(getattr(section, key))
+
+
+def _set(section, key: str, value: Any) -> None:
+    if key not in _field_names(section):
+        raise ConfigError(f"unknown config key {key!r} in section {type(section).__name__}")
+    if isinstance(getattr(section, key), tuple):
+        value = tuple(value)
+    setattr(section, key, value)
+
+
+def _parse(raw: str, kind: type, name: str):
+    try:
+        if kind is bool:
+            lowered = raw.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if kind is tuple:
+            return tuple(int(part) for part in raw.split(",") if part)
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"--{name}={raw}: expected {kind.__name__}") from None
+
+
+# -- presets -----------------------------------------------------------------------------
+def _tiny() -> Config:
+    """Under 2 minutes on 2 CPU cores, data preparation included."""
+    config = Config()
+    config.model = ModelConfig(context=64, d_model=128, n_heads=4, n_prelude=1, n_core=1, n_coda=1)
+    config.train = TrainConfig(batch_size=32, max_steps=300, warmup_steps=30, lr=3e-3, eval_every=100,
+                               eval_loops=(1, 4, 16), eval_windows=8, checkpoint_every=100)
+    return config
+
+
+def _demo() -> Config:
+    """The README's main job: under 10 minutes on 2 CPU cores."""
+    config = Config()
+    config.model = ModelConfig(context=128, d_model=192, n_heads=6, n_prelude=1, n_core=2, n_coda=1)
+    config.train = TrainConfig(batch_size=32, max_steps=1000, warmup_steps=50, lr=2e-3, eval_every=250,
+                               eval_windows=16, checkpoint_every=250)
+    return config
+
+
+def _small() -> Config:
+    """A longer run (tens of minutes on CPU)."""
+    config = Config()
+    config.model = ModelConfig(context=256, d_model=256, n_heads=8, n_prelude=2, n_core=2, n_coda=2)
+    config.train = TrainConfig(batch_size=32, max_steps=4000, warmup_steps=100, lr=1.5e-3, eval_every=500,
+                               eval_windows=32, checkpoint_every=250)
+    return config
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "small": _small}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    config = PRESETS[name]()
+    config.validate()
+    return config

@@ -1,0 +1,199 @@
+"""Transformer layers shared by every loopdb model.
+
+RMSNorm, rotary positions, the MLP, attention (PyTorch SDPA, or xformers on CUDA
+after a probe), the sigma embedder and one transformer block that is either plain
+or AdaLN-Zero conditioned (DiT). Attention masks for the two-stream
+``[noisy ; clean]`` layout (METHOD 3.1) are built here, once, from positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, affine: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x):
+        out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return out
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding; cos/sin looked up by explicit positions, so the
+    noisy and clean copies of a token share a position (METHOD pitfall 3)."""
+
+    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(max_positions).float(), inv_freq)  # (P, hd/2)
+        # non-persistent: derived from the config, never part of a checkpoint
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor):
+        if int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the model's context of {self.cos.shape[0]} tokens"
+            )
+        return self.cos[positions], self.sin[positions]  # (T, hd/2) each
+
+
+def apply_rotary(x, cos, sin):
+    """x: (B, H, T, hd); rotate pairs (first half, second half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+# -- masks for the two-stream layout --------------------------------------------------
+def causal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """(Tq, Tk) bool, True where the key may be attended: key position <= query position."""
+    return key_positions[None, :] <= query_positions[:, None]
+
+
+def clean_context_mask(query_positions: torch.Tensor, context_positions: torch.Tensor) -> torch.Tensor:
+    """Mask of the NOISY stream over keys [clean context ; noisy rows].
+
+    A noisy row at position t sees clean keys at positions <= t and itself, never
+    another noisy row (METHOD 3.1). Every row sees at least itself, so no row is
+    ever fully masked (METHOD pitfall 2).
+    """
+    to_clean = causal_mask(query_positions, context_positions)
+    to_self = torch.eye(len(query_positions), dtype=torch.bool, device=query_positions.device)
+    return torch.cat([to_clean, to_self], dim=1)
+
+
+# -- attention backends ---------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def xformers_usable(device_type: str) -> bool:
+    """xformers is CUDA-only: probe it once per device type, fall back to SDPA otherwise."""
+    if device_type != "cuda":
+        return False
+    try:
+        import xformers.ops as xops
+
+        q = torch.zeros(1, 4, 1, 64, device="cuda", dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q)
+        return True
+    except Exception:  # not installed, no kernel for this GPU, ...: SDPA is always correct
+        return False
+
+
+def attention(q, k, v, mask: torch.Tensor | None = None, is_causal: bool = False, backend: str = "auto"):
+    """q: (B, H, Tq, hd), k/v: (B, H, Tk, hd); mask: (Tq, Tk) bool, True = attend."""
+    if backend in ("auto", "xformers") and xformers_usable(q.device.type):
+        import xformers.ops as xops
+
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            bias = bias.expand(q.shape[0], q.shape[1], *mask.shape)
+        elif is_causal:
+            bias = xops.LowerTriangularMask()
+        # xformers wants (B, T, H, hd)
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+        return out.transpose(1, 2)
+    if backend == "xformers":
+        raise RuntimeError("attention backend 'xformers' needs CUDA and `pip install loopdb[xformers]`")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+
+
+# -- sigma conditioning -----------------------------------------------------------------
+class SigmaEmbedder(nn.Module):
+    """c_noise -> sinusoidal features -> MLP -> conditioning vector (DiT's TimestepEmbedder)."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_dim // 2
+        # c_noise = ln(sigma)/4 lies in about [-1.6, 1.1]: scale up so the features vary
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=c_noise.device) / half)
+        args = (c_noise.float()[..., None] * 1000.0) * freqs
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"d_model={dim} is not divisible by n_heads={num_heads}")
+        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, cos, sin, kv_prefix=None, mask=None):
+        """Returns (output, (k, v)) where k, v are this call's own keys/values, for caching.
+
+        kv_prefix: keys/values attended BEFORE this call's own, e.g. the clean
+        stream's cache; mask covers [prefix ; own] keys.
+        """
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values = k, v
+        if kv_prefix is not None:
+            keys = torch.cat([kv_prefix[0].to(k.dtype), k], dim=2)
+            values = torch.cat([kv_prefix[1].to(v.dtype), v], dim=2)
+        out = attention(q, keys, values, mask=mask, is_causal=mask is None, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with ``conditioned`` it is DiT's adaLN-Zero block.
+
+    Conditioning: shift/scale/gate for attention and MLP from Linear(SiLU(cond)),
+    zero-initialised so the block starts as the identity (DiT).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, conditioned: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        self.conditioned = conditioned
+        self.norm1 = RMSNorm(dim, affine=not conditioned)
+        self.attn = SelfAttention(dim, num_heads, backend)
+        self.norm2 = RMSNorm(dim, affine=not conditioned)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        if conditioned:
+            self.modulation = nn.Linear(dim, 6 * dim)
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x, cos, sin, cond=None, kv_prefix=None, mask=None):
+        """x: (B, T, C); cond: (B, C) or (B, T, C) when conditioned. Returns (x, (k, v))."""
+        if self.conditioned:
+            if cond is None:
+                raise ValueError("a conditioned block needs a conditioning vector")
+            mod = self.modulation(F.silu(cond))
+            if mod.dim() == 2:
+                mod = mod[:, None, :]
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+            h, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, kv_prefix, mask)
+            x = x + gate1 * h
+            x = x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+            return x, kv
+        h, kv = self.attn(self.norm1(x), cos, sin, kv_prefix, mask)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), kv

@@ -1,0 +1,158 @@
+"""Looped (recurrent-depth) language model whose loop is a diffusion denoiser.
+
+Design (METHOD 3.1; [ours] where the paper is silent):
+- prelude P: plain causal layers on the token embeddings, giving e = P(x);
+- core R: ``n_core`` sigma-conditioned (adaLN-Zero) layers, shared by every loop;
+- coda C: plain layers after the denoiser output, then the final norm and head.
+- Per position t the loop state z_t is a noisy estimate of the NEXT token's
+  unit-norm embedding y_t = normalize(E[x_{t+1}]); E is the input embedding table.
+- Two streams [ours]: the CLEAN stream (e, through R with a learned "clean"
+  conditioning and through C) is computed once per sequence and provides keys /
+  values; the NOISY stream attends to clean keys at positions <= t and to itself,
+  never to other noisy rows. Both share rotary positions. The clean keys/values do
+  not depend on sigma or on the loop index, so generation keeps ONE cache per
+  layer whatever the loop count.
+- Denoiser (EDM preconditioning): D = c_skip*z + c_out*F with F = out(R(inject(c_in*z, e)));
+  logits = head(C(D / sigma_data)). The sampler's estimate of the clean target is
+  Dhat = softmax(logits) @ normalize(E) -- the same table the training targets use.
+- ``num_loops`` is an argument of every inference call; the sigma grid is computed
+  from it on the fly (loopdb.edm.sigma_grid), never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import DiffusionConfig, ModelConfig
+from .edm import NoiseSchedule, precondition
+from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask
+
+
+@dataclass
+class CleanContext:
+    """Clean-stream state the noisy stream attends to, for positions [0, length).
+
+    prelude_kv / core_kv / coda_kv: per layer (k, v), each (B, H, length, hd).
+    embedded: the prelude output e for the positions of the last encode call.
+    """
+
+    prelude_kv: list
+    core_kv: list
+    coda_kv: list
+    embedded: torch.Tensor
+    length: int
+
+
+class LoopedLM(nn.Module):
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig):
+        super().__init__()
+        self.config, self.diffusion = model, diffusion
+        dim = model.d_model
+        self.sigma_data = diffusion.sigma_data or dim**-0.5
+        self.schedule = NoiseSchedule(diffusion.p_mean, diffusion.p_std, diffusion.sigma_min, diffusion.sigma_max)
+
+        def blocks(count, conditioned):
+            return nn.ModuleList(
+                Block(dim, model.n_heads, model.mlp_ratio, conditioned, model.attention) for _ in range(count)
+            )
+
+        self.embedding = nn.Embedding(model.vocab_size, dim)
+        self.prelude = blocks(model.n_prelude, False)
+        self.core = blocks(model.n_core, True)
+        self.coda = blocks(model.n_coda, False)
+        self.rotary = Rotary(dim // model.n_heads, model.context)
+        self.sigma_embedder = SigmaEmbedder(dim)
+        self.clean_condition = nn.Parameter(torch.zeros(dim))  # the core's conditioning for the clean stream
+        self.injection = nn.Linear(2 * dim, dim, bias=False) if model.injection == "concat" else None
+        self.core_norm = RMSNorm(dim)
+        self.denoiser_out = nn.Linear(dim, dim, bias=False)  # F's output projection
+        self.final_norm = RMSNorm(dim)
+        self.head = None if model.tie_head else nn.Linear(dim, model.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.weight.abs().sum() > 0:  # keep adaLN-Zero's zeros
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.zeros_(self.denoiser_out.weight)  # D starts as c_skip * z (EDM)
+
+    # -- tables -----------------------------------------------------------------------
+    def target_table(self) -> torch.Tensor:
+        """Unit-norm embedding rows: the training targets AND the table of Dhat."""
+        return F.normalize(self.embedding.weight, dim=-1)
+
+    def targets(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(next_tokens, self.target_table())
+
+    def soft_denoised(self, logits: torch.Tensor) -> torch.Tensor:
+        """Dhat = softmax(logits) @ normalize(E) (METHOD 2, discrete targets)."""
+        table = self.target_table()
+        return torch.softmax(logits.float(), dim=-1).to(table.dtype) @ table
+
+    def logits_from(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.final_norm(hidden)
+        return hidden @ self.embedding.weight.t() if self.head is None else self.head(hidden)
+
+    # -- clean stream -----------------------------------------------------------------
+    def encode(self, tokens: torch.Tensor, cache: CleanContext | None = None) -> CleanContext:
+        """Run the clean stream over ``tokens`` (B, T), appending to ``cache`` if given."""
+        start = 0 if cache is None else cache.length
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        cos, sin = self.rotary(positions)
+        key_positions = torch.arange(0, start + tokens.shape[1], device=tokens.device)
+        mask = None if cache is None else causal_mask(positions, key_positions)  # None: plain causal fast path
+
+        def run(layers, hidden, past, cond=None):
+            new_kv = []
+            for index, layer in enumerate(layers):
+                prefix = None if cache is None else past[index]
+                hidden, (k, v) = layer(hidden, cos, sin, cond=cond, kv_prefix=prefix, mask=mask)
+                if prefix is not None:
+                    k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+                new_kv.append((k, v))
+            return hidden, new_kv
+
+        embedded, prelude_kv = run(self.prelude, self.embedding(tokens), None if cache is None else cache.prelude_kv)
+        clean_cond = self.clean_condition.to(embedded.dtype).expand(tokens.shape[0], -1)
+        hidden, core_kv = run(self.core, embedded, None if cache is None else cache.core_kv, clean_cond)
+        _, coda_kv = run(self.coda, hidden, None if cache is None else cache.coda_kv)
+        return CleanContext(prelude_kv, core_kv, coda_kv, embedded, start + tokens.shape[1])
+
+    # -- noisy stream: one denoiser evaluation --------------------------------------------
+    def denoise(self, z: torch.Tensor, sigma, context: CleanContext) -> torch.Tensor:
+        """Logits of the denoiser at noise level sigma for the LAST z.shape[1] positions of context.
+
+        z: (B, Tq, C) noisy next-token embeddings; sigma: float or (B,) tensor.
+        """
+        batch, length = z.shape[0], z.shape[1]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(batch)
+        pre = precondition(sigma, self.sigma_data)
+        positions = torch.arange(context.length - length, context.length, device=z.device)
+        cos, sin = self.rotary(positions)
+        mask = clean_context_mask(positions, torch.arange(context.length, device=z.device))
+        embedded = context.embedded[:, -length:]
+
+        scaled = (pre.c_in[:, None, None] * z).to(embedded.dtype)
+        hidden = self.injection(torch.cat([scaled, embedded], -1)) if self.injection is not None else scaled + embedded
+        cond = self.sigma_embedder(pre.c_noise)
+        for layer, kv in zip(self.core, context.core_kv):
+            hidden, _ = layer(hidden, cos, sin, cond=cond, kv_prefix=kv, mask=mask)
+        denoised = pre.c_skip[:, None, None] * z + pre.c_out[:, None, None] * self.denoiser_out(self.core_norm(hidden))
+        hidden = (denoised / self.sigma_data).to(embedded.dtype)  # the coda sees unit-scale input
+        for layer, kv in zip(self.coda, context.coda_kv):
+            hidden, _ = layer(hidden, cos, sin, kv_prefix=kv, mask=mask)
+        return self.logits_from(hidden)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Training pass: clean stream over ``inputs`` then one denoiser evaluation on every position."""
+        return self.denoise(noisy, sigma, self.encode(inputs))
