@@ -198,8 +198,8 @@ def _demo() -> Config:
     """The README's main job: under 10 minutes on 2 CPU cores."""
     config = Config()
     config.model = ModelConfig(context=128, d_model=192, n_heads=6, n_prelude=1, n_core=2, n_coda=1)
-    config.train = TrainConfig(batch_size=32, max_steps=1000, warmup_steps=50, lr=2e-3, eval_every=250,
-                               eval_windows=16, checkpoint_every=250)
+    config.train = TrainConfig(batch_size=32, max_steps=600, warmup_steps=50, lr=2e-3, eval_every=200,
+                               eval_windows=16, checkpoint_every=200)
     return config
 
 

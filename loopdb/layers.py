@@ -23,8 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x):
-        out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return out
+        weight = None if self.weight is None else self.weight.to(x.dtype)  # keeps the fused kernel under autocast
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
 class Rotary(nn.Module):
