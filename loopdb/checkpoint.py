@@ -102,8 +102,9 @@ def run_data_dir(run_dir) -> Path:
 def load_model(run_dir, device="cpu"):
     """The run's newest model, in eval mode on ``device``; returns (model, config)."""
     from .looped import LoopedLM
+    from .objectives import make_objective
 
     config, checkpoint = open_run(run_dir)
-    model = LoopedLM(config.model, config.diffusion)
+    model = LoopedLM(config.model, config.diffusion, make_objective(config.train))
     load_weights(model, checkpoint)
     return model.to(device).eval(), config

@@ -57,16 +57,25 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def resolve_data_dir(data: str | None, vocab_size: int) -> Path:
+    """--data, or the default corpus, prepared on first use."""
+    from .data import prepare
+
+    if data:
+        return Path(data)
+    data_dir = default_data_dir(vocab_size)
+    if not (data_dir / "meta.json").exists():
+        print(f"preparing the default corpus into {data_dir} (once)", file=sys.stderr)
+        prepare(data_dir, vocab_size=vocab_size)
+    return data_dir
+
+
 def cmd_train(args, overrides) -> int:
     from .config import preset
-    from .data import prepare
     from .trainer import Trainer
 
     config = preset(args.preset).apply_overrides(overrides)
-    data_dir = Path(args.data) if args.data else default_data_dir(config.train.data_vocab_size)
-    if args.data is None and not (data_dir / "meta.json").exists():
-        print(f"preparing the default corpus into {data_dir} (once)", file=sys.stderr)
-        prepare(data_dir, vocab_size=config.train.data_vocab_size)
+    data_dir = resolve_data_dir(args.data, config.train.data_vocab_size)
     trainer = Trainer(config, data_dir, args.out, resume=args.resume, progress=not args.quiet)
     print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {trainer.device}; run folder {args.out}",
           file=sys.stderr)
@@ -135,6 +144,24 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_compare(args, overrides) -> int:
+    from .compare import run_compare
+    from .config import preset
+
+    if (args.budget_minutes is None) == (args.steps is None):
+        raise UsageError("give exactly one of --budget-minutes M (equal time) or --steps N (equal steps)")
+    if (args.budget_minutes or 1) <= 0 or (args.steps or 1) < 1:
+        raise UsageError("--budget-minutes must be > 0 and --steps >= 1")
+    loops = parse_loops(args.loops)
+    config = preset(args.preset).apply_overrides(overrides)  # fail fast on bad keys, before any training
+    data_dir = resolve_data_dir(args.data, config.train.data_vocab_size)
+    results = run_compare(args.preset, args.out, data_dir, args.budget_minutes, args.steps, loops, args.samples,
+                          args.max_windows, args.seed, [f"--{k}={v}" for k, v in overrides.items()])
+    print((Path(args.out) / "results.md").read_text())
+    print(f"DiffusionBlocks step / BPTT step = {results['step_ratio_diffusion_vs_bptt']:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopdb", description="Looped transformers trained with DiffusionBlocks.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = commands.add_parser("compare", help="DiffusionBlocks vs BPTT vs dense at equal time (or steps)",
+                            epilog="example: loopdb compare --preset tiny --budget-minutes 2 --out runs/cmp")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--budget-minutes", type=float, default=None, help="training time per model")
+    p.add_argument("--steps", type=int, default=None, help="train each model for this many steps instead")
+    p.add_argument("--loops", default="1,2,4,8,16,32,64")
+    p.add_argument("--samples", type=int, default=2, help="noise draws per token when scoring")
+    p.add_argument("--max-windows", type=int, default=64, help="test windows scored (evenly spaced)")
+    p.add_argument("--seed", type=int, default=0)
 
     p = commands.add_parser("score", help="bits per byte at several loop counts")
     p.add_argument("run")
@@ -186,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, parse_overrides(extra))
+        if args.command == "compare":
+            return cmd_compare(args, parse_overrides(extra))
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return {"prepare": cmd_prepare, "score": cmd_score, "sample": cmd_sample}[args.command](args)

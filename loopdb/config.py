@@ -50,7 +50,11 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = "diffusion"
+    objective: str = "diffusion"     # diffusion (DiffusionBlocks) | bptt (Huginn) | dense
+    mean_depth: int = 32            # bptt: mean recurrent depth r_bar
+    backprop_depth: int = 8         # bptt: gradients through the last k iterations
+    depth_sampler: str = "poisson_lognormal"  # bptt: poisson_lognormal (Huginn) | fixed | uniform
+    time_budget_minutes: float = 0.0  # > 0: train for this much training time (max_steps is then estimated)
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int = 1000
@@ -138,7 +142,11 @@ class Config:
             (d.loss_weight in ("unit", "edm"), f"loss_weight must be unit or edm, got {d.loss_weight!r}"),
             (d.grid in ("equiprob", "karras"), f"grid must be equiprob or karras, got {d.grid!r}"),
             (d.solver in ("euler", "heun"), f"solver must be euler or heun, got {d.solver!r}"),
-            (t.objective in ("diffusion",), f"objective must be diffusion, got {t.objective!r}"),
+            (t.objective in ("diffusion", "bptt", "dense"),
+             f"objective must be diffusion, bptt or dense, got {t.objective!r}"),
+            (t.mean_depth >= 1 and t.backprop_depth >= 1, "mean_depth and backprop_depth must be >= 1"),
+            (t.depth_sampler in ("poisson_lognormal", "fixed", "uniform"),
+             f"depth_sampler must be poisson_lognormal, fixed or uniform, got {t.depth_sampler!r}"),
             (t.batch_size >= 1 and t.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (t.max_steps >= 1, "max_steps must be >= 1"),
             (t.lr > 0, "lr must be positive"),
@@ -188,7 +196,7 @@ def _parse(raw: str, kind: type, name: str):
 def _tiny() -> Config:
     """Under 2 minutes on 2 CPU cores, data preparation included."""
     config = Config()
-    config.model = ModelConfig(context=64, d_model=128, n_heads=4, n_prelude=1, n_core=1, n_coda=1)
+    config.model = ModelConfig(context=64, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1)
     config.train = TrainConfig(batch_size=32, max_steps=300, warmup_steps=30, lr=3e-3, eval_every=100,
                                eval_loops=(1, 4, 16), eval_windows=8, checkpoint_every=100)
     return config

@@ -1,8 +1,10 @@
 """Inference with a looped model at any loop count: scoring and cached generation.
 
-K loops = K sampler steps on a sigma grid computed from K (loopdb.edm.sigma_grid).
-The clean stream is encoded once per sequence (or once per new token with the
-cache) and shared by every loop.
+K loops = K sampler steps on a sigma grid computed from K for DiffusionBlocks,
+K recurrent iterations for BPTT, and one plain pass for a dense model: each
+model's objective (loopdb.objectives) says what a loop is, so every family is
+scored and sampled here through the same functions. The clean stream is encoded
+once per sequence (or once per new token with the cache) and shared by every loop.
 
 Scoring (METHOD 5, "predictive"): a deterministic sampler commits to one token per
 noise draw, so the last step's distribution for ONE draw is not the model's
@@ -16,27 +18,15 @@ import math
 
 import torch
 
-from .edm import initial_state, sigma_grid
-from .sampler import run_sampler
-
-
-def loop_grid(model, num_loops: int) -> list[float]:
-    diffusion = model.diffusion
-    return sigma_grid(num_loops, model.schedule, diffusion.grid, diffusion.grid_sigma_last or None)
 
 
 def loop_logits(model, context, z: torch.Tensor, num_loops: int) -> torch.Tensor:
-    """Run ``num_loops`` denoiser steps from z; return the logits of the last evaluation."""
-
-    def step(state, sigma):
-        logits = model.denoise(state, sigma, context)
-        return model.soft_denoised(logits).to(state.dtype), logits
-
-    return run_sampler(step, z, loop_grid(model, num_loops), model.diffusion.solver)
+    """Run ``num_loops`` loops from z; return the logits of the last one (the model's objective says how)."""
+    return model.objective.final_logits(model, context, z, num_loops)
 
 
-def initial_noise(model, shape, num_loops: int, generator: torch.Generator, device) -> torch.Tensor:
-    return initial_state(shape, loop_grid(model, num_loops)[0], model.sigma_data, generator, device)
+def initial_noise(model, shape, num_loops: int, generator: torch.Generator, device):
+    return model.objective.initial_state(model, shape, num_loops, generator, device)
 
 
 @torch.no_grad()
@@ -124,3 +114,39 @@ def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temp
         elif use_cache:
             context = model.encode(torch.tensor([[token]], device=device), cache=context)
     return new_tokens
+
+
+# -- per-row noise and whole distributions (used by loopdb.harness, the lm-eval adapter) --------------
+@torch.no_grad()
+def predictive_distribution(model, inputs: torch.Tensor, num_loops: int, samples: int,
+                            generators: list, lengths: list | None = None) -> torch.Tensor:
+    """log of the mean over ``samples`` noise draws of the last loop's next-token distribution
+    at EVERY position and for every token: inputs (B, T) -> (B, T, V) log-probabilities.
+
+    Row i draws its noise from its own ``generators[i]`` for its first ``lengths[i]`` positions
+    (default: all T); the rest of the row is right padding, which a causal model never shows to
+    earlier positions. So a row's numbers do not depend on the other rows of the batch. For one
+    full-length row, gathering the next tokens gives ``predictive_logprobs`` of the same window
+    with an identically seeded generator (the same draws in the same order). A model whose
+    objective draws no noise (initial state None) is evaluated once.
+    """
+    batch, length = inputs.shape
+    lengths = [length] * batch if lengths is None else [int(n) for n in lengths]
+    if len(generators) != batch or len(lengths) != batch:
+        raise ValueError(f"need one generator and one length per row: {batch} rows, "
+                         f"{len(generators)} generators, {len(lengths)} lengths")
+    context = model.encode(inputs)
+    width = model.config.d_model
+    draws = []
+    for _ in range(samples):
+        rows = [initial_noise(model, (1, n, width), num_loops, generator, inputs.device)
+                for generator, n in zip(generators, lengths)]
+        z = None
+        if rows[0] is not None:
+            z = torch.zeros(batch, length, width, dtype=rows[0].dtype, device=inputs.device)
+            for index, (row, n) in enumerate(zip(rows, lengths)):
+                z[index, :n] = row[0]
+        draws.append(torch.log_softmax(loop_logits(model, context, z, num_loops).float(), dim=-1))
+        if z is None:  # deterministic: every draw would be the same
+            return draws[0]
+    return torch.logsumexp(torch.stack(draws), dim=0) - math.log(samples)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .config import DiffusionConfig, ModelConfig
 from .edm import NoiseSchedule, precondition
 from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask
+from .objectives import DiffusionObjective
 
 
 @dataclass
@@ -44,13 +45,16 @@ class CleanContext:
     core_kv: list
     coda_kv: list
     embedded: torch.Tensor
+    final_hidden: torch.Tensor
     length: int
 
 
 class LoopedLM(nn.Module):
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig):
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, objective=None):
         super().__init__()
         self.config, self.diffusion = model, diffusion
+        # what a loop means at inference (loopdb.objectives); a plain object, not a module
+        self.objective = objective if objective is not None else DiffusionObjective()
         dim = model.d_model
         self.sigma_data = diffusion.sigma_data or dim**-0.5
         self.schedule = NoiseSchedule(diffusion.p_mean, diffusion.p_std, diffusion.sigma_min, diffusion.sigma_max)
@@ -122,37 +126,67 @@ class LoopedLM(nn.Module):
         embedded, prelude_kv = run(self.prelude, self.embedding(tokens), None if cache is None else cache.prelude_kv)
         clean_cond = self.clean_condition.to(embedded.dtype).expand(tokens.shape[0], -1)
         hidden, core_kv = run(self.core, embedded, None if cache is None else cache.core_kv, clean_cond)
-        _, coda_kv = run(self.coda, hidden, None if cache is None else cache.coda_kv)
-        return CleanContext(prelude_kv, core_kv, coda_kv, embedded, start + tokens.shape[1])
+        final_hidden, coda_kv = run(self.coda, hidden, None if cache is None else cache.coda_kv)
+        return CleanContext(prelude_kv, core_kv, coda_kv, embedded, final_hidden, start + tokens.shape[1])
 
-    # -- noisy stream: one denoiser evaluation --------------------------------------------
-    def denoise(self, z: torch.Tensor, sigma, context: CleanContext) -> torch.Tensor:
-        """Logits of the denoiser at noise level sigma for the LAST z.shape[1] positions of context.
-
-        z: (B, Tq, C) noisy next-token embeddings; sigma: float or (B,) tensor.
-        """
-        batch, length = z.shape[0], z.shape[1]
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(batch)
-        pre = precondition(sigma, self.sigma_data)
-        positions = torch.arange(context.length - length, context.length, device=z.device)
+    # -- noisy stream ----------------------------------------------------------------------
+    def _noisy_positions(self, length: int, context: CleanContext, device):
+        positions = torch.arange(context.length - length, context.length, device=device)
         cos, sin = self.rotary(positions)
-        mask = clean_context_mask(positions, torch.arange(context.length, device=z.device))
-        embedded = context.embedded[:, -length:]
+        mask = clean_context_mask(positions, torch.arange(context.length, device=device))
+        return cos, sin, mask
 
-        scaled = (pre.c_in[:, None, None] * z).to(embedded.dtype)
-        hidden = self.injection(torch.cat([scaled, embedded], -1)) if self.injection is not None else scaled + embedded
-        cond = self.sigma_embedder(pre.c_noise)
+    def _run_core(self, hidden, cond, context: CleanContext, cos, sin, mask):
         for layer, kv in zip(self.core, context.core_kv):
             hidden, _ = layer(hidden, cos, sin, cond=cond, kv_prefix=kv, mask=mask)
-        denoised = pre.c_skip[:, None, None] * z + pre.c_out[:, None, None] * self.denoiser_out(self.core_norm(hidden))
-        hidden = (denoised / self.sigma_data).to(embedded.dtype)  # the coda sees unit-scale input
+        return hidden
+
+    def _run_coda(self, hidden, context: CleanContext, cos, sin, mask):
         for layer, kv in zip(self.coda, context.coda_kv):
             hidden, _ = layer(hidden, cos, sin, kv_prefix=kv, mask=mask)
         return self.logits_from(hidden)
+
+    def _inject(self, state, embedded):
+        state = state.to(embedded.dtype)
+        return self.injection(torch.cat([state, embedded], -1)) if self.injection is not None else state + embedded
+
+    def denoise(self, z: torch.Tensor, sigma, context: CleanContext) -> torch.Tensor:
+        """DiffusionBlocks: logits of the denoiser at noise level sigma for the LAST
+        z.shape[1] positions of context. z: (B, Tq, C) noisy next-token embeddings;
+        sigma: float or (B,) tensor."""
+        batch, length = z.shape[0], z.shape[1]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(batch)
+        pre = precondition(sigma, self.sigma_data)
+        cos, sin, mask = self._noisy_positions(length, context, z.device)
+        embedded = context.embedded[:, -length:]
+        hidden = self._inject(pre.c_in[:, None, None] * z, embedded)
+        hidden = self._run_core(hidden, self.sigma_embedder(pre.c_noise), context, cos, sin, mask)
+        denoised = pre.c_skip[:, None, None] * z + pre.c_out[:, None, None] * self.denoiser_out(self.core_norm(hidden))
+        return self._run_coda(denoised / self.sigma_data, context, cos, sin, mask)  # the coda sees unit scale
+
+    def recur(self, state: torch.Tensor, context: CleanContext) -> torch.Tensor:
+        """BPTT (Huginn): one plain iteration of the core, state -> next state (unit RMS).
+
+        The recurrent rows use the same layout as the noisy stream and the core's
+        clean conditioning, so every objective shares one model and one cache."""
+        length = state.shape[1]
+        cos, sin, mask = self._noisy_positions(length, context, state.device)
+        hidden = self._inject(state, context.embedded[:, -length:])
+        cond = self.clean_condition.to(hidden.dtype).expand(state.shape[0], -1)
+        return self.core_norm(self._run_core(hidden, cond, context, cos, sin, mask))
+
+    def readout(self, state: torch.Tensor, context: CleanContext) -> torch.Tensor:
+        """BPTT: logits from the recurrent state through the coda."""
+        cos, sin, mask = self._noisy_positions(state.shape[1], context, state.device)
+        return self._run_coda(state, context, cos, sin, mask)
+
+    def dense_logits(self, context: CleanContext) -> torch.Tensor:
+        """Dense: the same layers applied once to the clean stream, as a plain causal LM."""
+        return self.logits_from(context.final_hidden)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Training pass: clean stream over ``inputs`` then one denoiser evaluation on every position."""
+        """DiffusionBlocks training pass: clean stream over ``inputs``, one denoiser evaluation everywhere."""
         return self.denoise(noisy, sigma, self.encode(inputs))

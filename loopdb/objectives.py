@@ -1,31 +1,152 @@
-"""Training objectives for the looped LM.
+"""Training objectives of the looped LM, and what each means at inference.
 
-DiffusionBlocks (METHOD 3.1): one sigma per sequence from the truncated
-log-normal, ONE forward/backward pass through prelude, core (once) and coda,
-loss w(sigma) * CE(head(C(D)), x_{t+1}). No unrolling over loops.
+Each objective says how to train the shared LoopedLM (``loss``) and how K loops
+turn a starting state into logits (``initial_state`` and ``final_logits``), so
+scoring, sampling and the lm-eval adapter run every objective through one path.
+
+- diffusion (DiffusionBlocks, METHOD 3.1): one sigma per sequence, ONE
+  forward/backward pass, w(sigma) * CE(head(C(D)), x_{t+1}); K loops = K Euler steps.
+- bptt (Huginn, baseline 1): random initial state, r iterations of the core with a
+  Poisson-log-normal r (mean r_bar), gradients through the last k only, CE at the
+  final state; K loops = K iterations.
+- dense (baseline 2): the same layers applied once, next-token CE; K is ignored.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .edm import loss_weight
+from .edm import initial_state as edm_initial_state
+from .edm import loss_weight, sigma_grid
+from .sampler import run_sampler
 
 
-def diffusion_blocks_loss(model, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """tokens: (B, T+1). Noise is drawn from ``generator`` (CPU) so a step is reproducible."""
-    inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
-    batch = tokens.shape[0]
-    sigma = model.schedule.sample(batch, generator).to(tokens.device)
-    targets = model.targets(next_tokens)  # (B, T, C) unit-norm
-    noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
-    noisy = targets + sigma[:, None, None] * noise
-    logits = model(inputs, noisy, sigma)
-    cross_entropy = F.cross_entropy(
-        logits.float().flatten(0, 1), next_tokens.flatten(), reduction="none"
-    ).view(batch, -1).mean(dim=1)  # (B,) one value per sequence, i.e. per sigma
-    diffusion = model.diffusion
-    weight = loss_weight(sigma, model.sigma_data, diffusion.loss_weight, diffusion.loss_weight_clamp or None)
-    loss = (weight * cross_entropy).mean()
-    return loss, {"ce": cross_entropy.mean().detach(), "weight": weight.mean().detach()}
+def _cross_entropy(logits, next_tokens) -> torch.Tensor:
+    """Per-sequence mean CE, (B,)."""
+    batch = next_tokens.shape[0]
+    return F.cross_entropy(logits.float().flatten(0, 1), next_tokens.flatten(), reduction="none").view(batch, -1).mean(1)
+
+
+class DiffusionObjective:
+    name = "diffusion"
+    has_loops = True
+
+    def loss(self, model, tokens: torch.Tensor, generator: torch.Generator, step: int = 0):
+        """tokens: (B, T+1). Noise is drawn from ``generator`` (CPU) so a step is reproducible."""
+        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
+        sigma = model.schedule.sample(tokens.shape[0], generator).to(tokens.device)
+        targets = model.targets(next_tokens)  # (B, T, C) unit-norm
+        noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
+        logits = model(inputs, targets + sigma[:, None, None] * noise, sigma)
+        cross_entropy = _cross_entropy(logits, next_tokens)  # one value per sequence, i.e. per sigma
+        diffusion = model.diffusion
+        weight = loss_weight(sigma, model.sigma_data, diffusion.loss_weight, diffusion.loss_weight_clamp or None)
+        loss = (weight * cross_entropy).mean()
+        return loss, {"ce": cross_entropy.mean().detach(), "weight": weight.mean().detach()}
+
+    def grid(self, model, num_loops: int) -> list[float]:
+        diffusion = model.diffusion
+        return sigma_grid(num_loops, model.schedule, diffusion.grid, diffusion.grid_sigma_last or None)
+
+    def initial_state(self, model, shape, num_loops, generator, device):
+        return edm_initial_state(shape, self.grid(model, num_loops)[0], model.sigma_data, generator, device)
+
+    def final_logits(self, model, context, z, num_loops: int):
+        def step(state, sigma):
+            logits = model.denoise(state, sigma, context)
+            return model.soft_denoised(logits).to(state.dtype), logits
+
+        return run_sampler(step, z, self.grid(model, num_loops), model.diffusion.solver)
+
+
+# -- BPTT (Huginn) ---------------------------------------------------------------------------------
+def sample_depth(kind: str, mean_depth: int, generator: torch.Generator) -> int:
+    """Number of recurrent iterations for one training step.
+
+    poisson_lognormal (Huginn): tau ~ N(ln(r_bar - 1) - s^2/2, s), s = 1/2;
+    r = 1 + Poisson(e^tau), so E[r] = r_bar and r >= 1. fixed: r = r_bar.
+    uniform: r ~ U{1, ..., 2 r_bar - 1} (mean r_bar).
+    """
+    if kind == "fixed" or mean_depth <= 1:
+        return max(1, mean_depth)
+    if kind == "uniform":
+        return int(torch.randint(1, 2 * mean_depth, (1,), generator=generator))
+    if kind != "poisson_lognormal":
+        raise ValueError(f"unknown depth sampler {kind!r}; choose poisson_lognormal, fixed or uniform")
+    spread = 0.5
+    tau = torch.randn(1, generator=generator, dtype=torch.float64) * spread + math.log(mean_depth - 1) - spread**2 / 2
+    return 1 + int(torch.poisson(tau.exp(), generator=generator))
+
+
+class BPTTObjective:
+    name = "bptt"
+    has_loops = True
+
+    def __init__(self, mean_depth: int = 32, backprop_depth: int = 8, depth_sampler: str = "poisson_lognormal"):
+        self.mean_depth, self.backprop_depth, self.depth_sampler = mean_depth, backprop_depth, depth_sampler
+
+    def loss(self, model, tokens, generator, step: int = 0):
+        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
+        depth = sample_depth(self.depth_sampler, self.mean_depth, generator)
+        context = model.encode(inputs)
+        state = self.initial_state(model, (*inputs.shape, model.config.d_model), depth, generator, tokens.device)
+        state = self.iterate(model, context, state, depth)
+        cross_entropy = _cross_entropy(model.readout(state, context), next_tokens)
+        return cross_entropy.mean(), {"ce": cross_entropy.mean().detach(), "depth": torch.tensor(float(depth))}
+
+    def iterate(self, model, context, state, depth: int):
+        """``depth`` iterations; only the last ``backprop_depth`` are differentiated (truncated BPTT)."""
+        no_grad_steps = max(0, depth - self.backprop_depth)
+        with torch.no_grad():
+            for _ in range(no_grad_steps):
+                state = model.recur(state, context)
+        for _ in range(depth - no_grad_steps):
+            state = model.recur(state, context)
+        return state
+
+    def initial_state(self, model, shape, num_loops, generator, device):
+        # Huginn starts from a random state; the recurrence normalises it to unit RMS after one step
+        return torch.randn(shape, generator=generator).to(device)
+
+    def final_logits(self, model, context, z, num_loops: int):
+        for _ in range(num_loops):
+            z = model.recur(z, context)
+        return model.readout(z, context)
+
+
+class DenseObjective:
+    name = "dense"
+    has_loops = False  # every loop count gives the same logits: score it at K = 1
+
+    def loss(self, model, tokens, generator, step: int = 0):
+        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
+        cross_entropy = _cross_entropy(model.dense_logits(model.encode(inputs)), next_tokens)
+        return cross_entropy.mean(), {"ce": cross_entropy.mean().detach()}
+
+    def initial_state(self, model, shape, num_loops, generator, device):
+        return None  # no state and no noise: K is ignored
+
+    def final_logits(self, model, context, z, num_loops: int):
+        return model.dense_logits(context)[:, -(context.length if z is None else z.shape[1]):]
+
+
+OBJECTIVES = ("diffusion", "bptt", "dense")
+
+
+def make_objective(train_config) -> "DiffusionObjective | BPTTObjective | DenseObjective":
+    name = train_config.objective
+    if name == "diffusion":
+        return DiffusionObjective()
+    if name == "bptt":
+        return BPTTObjective(train_config.mean_depth, train_config.backprop_depth, train_config.depth_sampler)
+    if name == "dense":
+        return DenseObjective()
+    raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+
+
+def diffusion_blocks_loss(model, tokens, generator):
+    """The DiffusionBlocks loss of METHOD 3.1 (kept as a function for direct use)."""
+    return DiffusionObjective().loss(model, tokens, generator)

@@ -22,7 +22,7 @@ from . import engine
 from .checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from .config import Config, ConfigError
 from .looped import LoopedLM
-from .objectives import diffusion_blocks_loss
+from .objectives import make_objective
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,7 +83,8 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.train.device)
         torch.manual_seed(config.train.seed)
-        self.model = LoopedLM(config.model, config.diffusion).to(self.device)
+        self.objective = make_objective(config.train)
+        self.model = LoopedLM(config.model, config.diffusion, self.objective).to(self.device)
         self.optimizer = make_optimizer(self.model, config)
         self.step = 0
         if checkpoint is not None:
@@ -115,21 +116,21 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        total_loss, total_ce = 0.0, 0.0
+        totals = {"loss": 0.0}
         for micro in range(train.grad_accum):
             generator = step_generator(train.seed, self.step, micro)
             tokens = data_lib.sample_windows(self.train_tokens, train.batch_size, self.config.model.context + 1,
                                              generator).to(self.device)
             with self.autocast():
-                loss, stats = diffusion_blocks_loss(self._loss_model(), tokens, generator)
+                loss, stats = self.objective.loss(self._loss_model(), tokens, generator, self.step)
             (loss / train.grad_accum).backward()
-            total_loss += loss.item() / train.grad_accum
-            total_ce += stats["ce"].item() / train.grad_accum
+            for key, value in {"loss": loss, **stats}.items():
+                totals[key] = totals.get(key, 0.0) + float(torch.as_tensor(value).detach()) / train.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": total_loss, "ce": total_ce, "lr": lr, "grad_norm": grad_norm}
+        return {**totals, "lr": lr, "grad_norm": grad_norm}
 
     def _loss_model(self):
         # the loss calls model(...) for the training pass and model attributes otherwise
@@ -144,7 +145,7 @@ class Trainer:
         self.model.eval()
         results = {}
         with self.autocast():
-            for loops in train.eval_loops:
+            for loops in train.eval_loops if self.objective.has_loops else (1,):
                 results[f"val/bpb@{loops}"] = engine.bits_per_byte(
                     self.model, windows, self.token_bytes, loops, samples=train.eval_samples,
                     seed=train.seed, device=self.device)
@@ -181,12 +182,16 @@ class Trainer:
         bar = tqdm(total=train.max_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         tokens_per_step = train.batch_size * train.grad_accum * self.config.model.context
         last_eval = {}
+        step_seconds = []
         try:
             while self.step < train.max_steps and not interrupted["flag"]:
                 started = time.perf_counter()
                 stats = self.train_step()
                 elapsed = time.perf_counter() - started
+                step_seconds.append(elapsed)
                 stats["tokens_per_s"] = tokens_per_step / elapsed
+                if train.time_budget_minutes > 0:
+                    self._fit_budget(step_seconds, bar)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", gnorm=f"{stats['grad_norm']:.2f}",
                                 tok_s=f"{stats['tokens_per_s']:.0f}")
@@ -213,7 +218,37 @@ class Trainer:
                 self.writer.flush()
         if interrupted["flag"]:
             self.save()
+        self._write_summary(step_seconds, tokens_per_step)
         return last_eval
+
+    def _fit_budget(self, step_seconds: list[float], bar) -> None:
+        """With a time budget, set max_steps from the measured step time (re-estimated every
+        10 steps, so the cosine schedule ends when the budget does). Evaluation time is not counted."""
+        train = self.config.train
+        budget, spent = train.time_budget_minutes * 60, sum(step_seconds)
+        if spent >= budget:
+            train.max_steps = self.step
+        elif len(step_seconds) % 10 == 0:
+            recent = sorted(step_seconds[-50:])[len(step_seconds[-50:]) // 2]
+            train.max_steps = max(self.step + 1, self.step + int((budget - spent) / recent))
+        bar.total = train.max_steps
+
+    def _write_summary(self, step_seconds: list[float], tokens_per_step: int) -> None:
+        """What a comparison needs from a finished run: steps, tokens, step time, peak memory."""
+        import resource
+
+        ordered = sorted(step_seconds) or [0.0]
+        summary = {
+            "objective": self.objective.name,
+            "steps": self.step,
+            "tokens_seen": self.step * tokens_per_step,
+            "train_seconds": sum(step_seconds),
+            "step_ms": 1000 * ordered[len(ordered) // 2],
+            # resident-set high-water mark of this process (Linux reports KiB)
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "parameters": self.model.num_parameters(),
+        }
+        (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
 
 class _CompiledForward:

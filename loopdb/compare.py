@@ -1,0 +1,112 @@
+"""``loopdb compare``: DiffusionBlocks vs BPTT (Huginn) vs dense on the same data.
+
+Each objective trains the same LoopedLM from the same seed, in its own process
+(so its peak resident memory is its own), for the same training time, or the same
+number of steps with ``--steps``. Each is then scored on the test split at every
+loop count with the same readout, windows and noise seed. Finished members are
+not retrained when the command is run again, so an interrupted comparison resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from . import data as data_lib
+from . import engine
+from .checkpoint import load_model
+from .objectives import OBJECTIVES
+
+DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def train_member(objective: str, preset: str, out: Path, data_dir: Path, budget_minutes: float | None,
+                 steps: int | None, overrides: list[str]) -> dict:
+    run = out / objective
+    summary_path = run / "train_summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    limit = f"--max_steps={steps}" if steps else f"--time_budget_minutes={budget_minutes}"
+    command = [sys.executable, "-m", "loopdb", "train", "--preset", preset, "--data", str(data_dir),
+               "--out", str(run), "--quiet", f"--objective={objective}", limit,
+               "--eval_every=1000000000", "--eval_loops=1", *overrides]
+    if run.exists():
+        command.append("--resume")
+    print(f"[compare] training {objective}: {' '.join(command[3:])}", file=sys.stderr)
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise RuntimeError(f"training {objective} failed (exit {result.returncode}); its run folder is {run}")
+    return json.loads(summary_path.read_text())
+
+
+def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: int, device="cpu") -> dict:
+    model, config = load_model(run, device)
+    data_dir = Path(json.loads((run / "data.json").read_text())["data_dir"])
+    tokens = data_lib.load_tokens(data_dir, "test")
+    token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
+    windows = data_lib.eval_windows(tokens, config.model.context, max_windows)
+    counts = loops if model.objective.has_loops else (1,)
+    results = {}
+    for num_loops in counts:
+        results[str(num_loops)] = engine.bits_per_byte(model, windows, token_bytes, num_loops, samples=samples,
+                                                       seed=seed, device=device)
+        print(f"[compare] {model.objective.name} K={num_loops}: {results[str(num_loops)]:.4f} bpb", file=sys.stderr)
+    return results
+
+
+def markdown_table(results: dict, loops, unigram: float) -> str:
+    header = "| model | steps | tokens seen | step ms | peak RSS MB | " + " | ".join(f"K={k}" for k in loops) + " |"
+    lines = [header, "|" + "---|" * (5 + len(loops))]
+    for name, member in results["models"].items():
+        cells = [f"{member['bpb'][str(k)]:.3f}" if str(k) in member["bpb"] else "" for k in loops]
+        lines.append(f"| {name} | {member['steps']} | {member['tokens_seen']:,} | {member['step_ms']:.0f} | "
+                     f"{member['peak_rss_mb']:.0f} | " + " | ".join(cells) + " |")
+    budget = results["budget"]
+    lines.append("")
+    lines.append(f"Test bits per byte (predictive readout, {results['samples']} noise draws, "
+                 f"{results['windows']} windows); unigram line {unigram:.3f}. "
+                 + (f"Equal steps: {budget['steps']}." if budget["steps"] else
+                    f"Equal training time: {budget['minutes']} minutes per model."))
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(preset: str, out, data_dir, budget_minutes: float | None = None, steps: int | None = None,
+                loops=DEFAULT_LOOPS, samples: int = 2, max_windows: int | None = 64, seed: int = 0,
+                overrides: list[str] = ()) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = [*overrides, f"--seed={seed}"]
+    models = {}
+    for objective in OBJECTIVES:
+        summary = train_member(objective, preset, out, Path(data_dir), budget_minutes, steps, overrides)
+        models[objective] = {**summary, "bpb": score_member(out / objective, loops, samples, max_windows, seed)}
+    meta = data_lib.load_meta(data_dir)
+    windows = len(data_lib.eval_windows(data_lib.load_tokens(data_dir, "test"),
+                                        load_model(out / OBJECTIVES[0])[1].model.context, max_windows))
+    results = {
+        "models": models,
+        "preset": preset,
+        "budget": {"minutes": budget_minutes, "steps": steps},
+        "readout": "predictive",
+        "samples": samples,
+        "windows": windows,
+        "seed": seed,
+        "unigram_bpb": meta["unigram_test_bpb"],
+        "step_ratio_diffusion_vs_bptt": models["diffusion"]["step_ms"] / models["bptt"]["step_ms"],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown_table(results, loops, meta["unigram_test_bpb"]))
+    try:
+        from .plots import PlotUnavailable, plot_against_loops
+
+        plot_against_loops({name: {int(k): v for k, v in m["bpb"].items()} for name, m in models.items()},
+                           out / "bpb_vs_loops.png", "test bits per byte",
+                           title=f"{preset}: " + (f"{steps} steps each" if steps else f"{budget_minutes} min each"),
+                           reference={"unigram": meta["unigram_test_bpb"]})
+    except PlotUnavailable as error:
+        print(f"[compare] no plot: {error}", file=sys.stderr)
+    return results

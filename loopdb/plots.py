@@ -1,0 +1,42 @@
+"""Line plots of a metric against the loop count (matplotlib, imported only here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PlotUnavailable(RuntimeError):
+    pass
+
+
+def plot_against_loops(curves: dict[str, dict[int, float]], path, ylabel: str, title: str = "",
+                       reference: dict[str, float] | None = None) -> Path:
+    """One line per curve (name -> {K: value}) on a log2 loop axis; ``reference`` draws
+    horizontal lines (e.g. the unigram line). Returns the PNG path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable('plots need matplotlib: pip install -e ".[plot]"') from None
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for name, values in curves.items():
+        loops = sorted(values)
+        marker = "o" if len(loops) > 1 else "s"
+        axes.plot(loops, [values[k] for k in loops], marker=marker, label=name)
+    for name, value in (reference or {}).items():
+        axes.axhline(value, linestyle="--", color="gray", linewidth=1)
+        axes.annotate(name, (1, value), textcoords="offset points", xytext=(2, 3), fontsize=8, color="gray")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("loops K (inference)")
+    axes.set_ylabel(ylabel)
+    if title:
+        axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
