@@ -111,16 +111,19 @@ def cmd_score(args) -> int:
     for num_loops in loops:
         with tqdm(total=len(windows), desc=f"score K={num_loops}", disable=args.json or args.quiet,
                   leave=False) as bar:
-            results[str(num_loops)] = engine.bits_per_byte(
-                model, windows, token_bytes, num_loops, samples=args.samples, seed=args.seed,
-                batch_size=args.batch_size, device=device, progress=bar)
+            try:
+                results[str(num_loops)] = engine.bits_per_byte(
+                    model, windows, token_bytes, num_loops, samples=args.samples, seed=args.seed,
+                    batch_size=args.batch_size, device=device, progress=bar, readout=args.readout)
+            except ValueError as error:  # e.g. the ELBO of a model that is not a diffusion model
+                raise UsageError(str(error)) from None
     meta = data_lib.load_meta(data_dir)
-    report = {"bpb": results, "readout": "predictive", "samples": args.samples, "split": args.split,
+    report = {"bpb": results, "readout": args.readout, "samples": args.samples, "split": args.split,
               "seed": args.seed, "windows": len(windows), "unigram_bpb": meta["unigram_test_bpb"]}
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{args.split} bits per byte (predictive, {args.samples} noise draw(s), {len(windows)} windows):")
+        print(f"{args.split} bits per byte ({args.readout}, {args.samples} noise draw(s), {len(windows)} windows):")
         for num_loops, value in results.items():
             print(f"  K={num_loops:>3}  {value:.4f}")
         print(f"  unigram (test) {meta['unigram_test_bpb']:.4f}")
@@ -195,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--loops", default="1,4,16")
-    p.add_argument("--samples", type=int, default=4, help="noise draws averaged per token (predictive readout)")
+    p.add_argument("--readout", choices=["predictive", "last", "elbo", "elbo_continuous"], default="predictive",
+                   help="predictive: log-mean-exp over draws; last: mean log-prob of the last loop; "
+                        "elbo: K-step diffusion bound; elbo_continuous: continuous-time bound")
+    p.add_argument("--samples", type=int, default=4, help="noise draws averaged per token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-windows", type=int, default=None, help="score only this many windows (evenly spaced)")
     p.add_argument("--batch-size", type=int, default=16)

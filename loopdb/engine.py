@@ -47,18 +47,72 @@ def predictive_logprobs(model, windows: torch.Tensor, num_loops: int, samples: i
     return torch.logsumexp(draws, dim=0) - math.log(samples)
 
 
+READOUTS = ("predictive", "last", "elbo", "elbo_continuous")
+ELBO_CONTINUOUS_SIGMAS = 32  # stratified ln-sigma draws per continuous-ELBO estimate (fixed: numbers compare)
+
+
+@torch.no_grad()
+def elbo_logprobs(model, windows: torch.Tensor, num_loops: int | None, samples: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Minus the diffusion ELBO of each next token (a lower bound on log p), averaged over
+    ``samples`` draws; the K-step discrete bound of the ancestral sampler on the model's
+    grid, or the continuous-time bound when num_loops is None."""
+    from .elbo import continuous_elbo, discrete_elbo
+
+    if model.objective.name != "diffusion":
+        raise ValueError(f"the ELBO readouts need a diffusion model; this one was trained with "
+                         f"objective={model.objective.name} (use readout=predictive)")
+    inputs, next_tokens = windows[:, :-1], windows[:, 1:]
+    context = model.encode(inputs)
+    targets = model.targets(next_tokens)
+
+    def denoise(z, sigma):
+        logits = model.denoise(z, sigma, context)
+        return model.soft_denoised(logits), logits
+
+    bounds = []
+    for _ in range(samples):
+        if num_loops is None:
+            bounds.append(continuous_elbo(denoise, targets, next_tokens, model.schedule.sigma_min,
+                                          model.schedule.sigma_max, model.sigma_data, ELBO_CONTINUOUS_SIGMAS,
+                                          generator))
+        else:
+            bounds.append(discrete_elbo(denoise, targets, next_tokens, model.objective.grid(model, num_loops),
+                                        model.sigma_data, generator))
+    return -torch.stack(bounds).mean(0)
+
+
+def token_logprobs(model, windows: torch.Tensor, num_loops: int, readout: str, samples: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """(B, T) log-likelihood of each next token under a named readout (METHOD 5):
+        predictive       log of the last loop's probability averaged over ``samples`` noise draws;
+        last             the last loop's log-probability averaged over draws (one draw: the biased readout);
+        elbo             minus the K-step diffusion ELBO (a bound: never above the true log p);
+        elbo_continuous  minus the continuous-time ELBO (independent of K)."""
+    if readout == "predictive":
+        return predictive_logprobs(model, windows, num_loops, samples, generator)
+    if readout == "last":
+        return torch.stack([next_token_logprobs(model, windows, num_loops, generator) for _ in range(samples)]).mean(0)
+    if readout == "elbo":
+        return elbo_logprobs(model, windows, num_loops, samples, generator)
+    if readout == "elbo_continuous":
+        return elbo_logprobs(model, windows, None, samples, generator)
+    raise ValueError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
+
+
 @torch.no_grad()
 def bits_per_byte(model, windows: list[torch.Tensor], token_bytes: torch.Tensor, num_loops: int, samples: int = 1,
-                  seed: int = 0, batch_size: int = 16, device="cpu", progress=None) -> float:
-    """Predictive bits per byte over ``windows`` (each (T+1,) tokens; every token after
-    the first of a window is scored). Same seed -> same noise -> same number."""
+                  seed: int = 0, batch_size: int = 16, device="cpu", progress=None,
+                  readout: str = "predictive") -> float:
+    """Bits per byte over ``windows`` (each (T+1,) tokens; every token after the first of
+    a window is scored) under ``readout``. Same seed -> same noise -> same number."""
     generator = torch.Generator().manual_seed(seed)
     total_nats, total_bytes = 0.0, 0
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size]
         for length in sorted({len(w) for w in chunk}):  # a short last window gets its own batch
             batch = torch.stack([w for w in chunk if len(w) == length]).to(device)
-            logprobs = predictive_logprobs(model, batch, num_loops, samples, generator)
+            logprobs = token_logprobs(model, batch, num_loops, readout, samples, generator)
             total_nats -= logprobs.sum().item()
             total_bytes += int(token_bytes[batch[:, 1:].cpu()].sum())
         if progress is not None:
