@@ -46,6 +46,14 @@ class DiffusionConfig:
     grid: str = "equiprob"          # sampler grid: equiprob | karras
     solver: str = "euler"           # euler | heun
     grid_sigma_last: float = 0.0    # last sigma of the sampler grid; 0 = sigma_min
+    # -- remedies for loops that do not pay (METHOD 5); every default is "off" --
+    target_norm: float = 1.0        # norm of the target embeddings; 0 = sigma_data * sqrt(d_model) (per-dim scale sigma_data)
+    estimate: str = "soft"          # Dhat from logits: soft (softmax @ table) | argmax | sample
+    train_grid_fraction: float = 0.0  # share of sequences trained at a sigma of the inference grid (K in 1..16)
+    self_condition: bool = False    # feed the previous Dhat to the core (half of the training steps)
+    rollout_fraction: float = 0.0   # share of steps trained on the sampler's own (detached) states
+    rollout_loops: int = 8          # grid used for those rollouts
+    rollout_max_steps: int = 0      # most sampler steps per rollout; 0 = the whole grid
 
 
 @dataclass
@@ -141,7 +149,12 @@ class Config:
             (0 < d.sigma_min < d.sigma_max, "need 0 < sigma_min < sigma_max"),
             (d.loss_weight in ("unit", "edm"), f"loss_weight must be unit or edm, got {d.loss_weight!r}"),
             (d.grid in ("equiprob", "karras"), f"grid must be equiprob or karras, got {d.grid!r}"),
-            (d.solver in ("euler", "heun"), f"solver must be euler or heun, got {d.solver!r}"),
+            (d.solver in ("euler", "heun", "ancestral"), f"solver must be euler, heun or ancestral, got {d.solver!r}"),
+            (d.estimate in ("soft", "argmax", "sample"), f"estimate must be soft, argmax or sample, got {d.estimate!r}"),
+            (d.target_norm >= 0, "target_norm must be >= 0 (0 = sigma_data * sqrt(d_model))"),
+            (0 <= d.train_grid_fraction <= 1 and 0 <= d.rollout_fraction <= 1,
+             "train_grid_fraction and rollout_fraction must be in [0, 1]"),
+            (d.rollout_loops >= 2 and d.rollout_max_steps >= 0, "rollout_loops must be >= 2, rollout_max_steps >= 0"),
             (t.objective in ("diffusion", "bptt", "dense"),
              f"objective must be diffusion, bptt or dense, got {t.objective!r}"),
             (t.mean_depth >= 1 and t.backprop_depth >= 1, "mean_depth and backprop_depth must be >= 1"),

@@ -13,7 +13,7 @@ Design (METHOD 3.1; [ours] where the paper is silent):
   not depend on sigma or on the loop index, so generation keeps ONE cache per
   layer whatever the loop count.
 - Denoiser (EDM preconditioning): D = c_skip*z + c_out*F with F = out(R(inject(c_in*z, e)));
-  logits = head(C(D / sigma_data)). The sampler's estimate of the clean target is
+  logits = head(C(D / target_scale)). The sampler's estimate of the clean target is
   Dhat = softmax(logits) @ normalize(E) -- the same table the training targets use.
 - ``num_loops`` is an argument of every inference call; the sigma grid is computed
   from it on the fly (loopdb.edm.sigma_grid), never stored.
@@ -72,6 +72,10 @@ class LoopedLM(nn.Module):
         self.sigma_embedder = SigmaEmbedder(dim)
         self.clean_condition = nn.Parameter(torch.zeros(dim))  # the core's conditioning for the clean stream
         self.injection = nn.Linear(2 * dim, dim, bias=False) if model.injection == "concat" else None
+        self.target_norm = diffusion.target_norm or self.sigma_data * dim**0.5
+        self.target_scale = self.target_norm / dim**0.5  # per-dimension scale of the targets
+        # self-conditioning: the previous Dhat enters the core through a zero-initialised projection
+        self.self_condition = nn.Linear(dim, dim, bias=False) if diffusion.self_condition else None
         self.core_norm = RMSNorm(dim)
         self.denoiser_out = nn.Linear(dim, dim, bias=False)  # F's output projection
         self.final_norm = RMSNorm(dim)
@@ -86,11 +90,14 @@ class LoopedLM(nn.Module):
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.embedding.weight, std=0.02)
         nn.init.zeros_(self.denoiser_out.weight)  # D starts as c_skip * z (EDM)
+        if self.self_condition is not None:
+            nn.init.zeros_(self.self_condition.weight)
 
     # -- tables -----------------------------------------------------------------------
     def target_table(self) -> torch.Tensor:
-        """Unit-norm embedding rows: the training targets AND the table of Dhat."""
-        return F.normalize(self.embedding.weight, dim=-1)
+        """Normalised embedding rows (norm ``target_norm``): the training targets AND the table of Dhat."""
+        table = F.normalize(self.embedding.weight, dim=-1)
+        return table if self.target_norm == 1.0 else table * self.target_norm
 
     def targets(self, next_tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(next_tokens, self.target_table())
@@ -150,19 +157,21 @@ class LoopedLM(nn.Module):
         state = state.to(embedded.dtype)
         return self.injection(torch.cat([state, embedded], -1)) if self.injection is not None else state + embedded
 
-    def denoise(self, z: torch.Tensor, sigma, context: CleanContext) -> torch.Tensor:
+    def denoise(self, z: torch.Tensor, sigma, context: CleanContext, previous: torch.Tensor | None = None):
         """DiffusionBlocks: logits of the denoiser at noise level sigma for the LAST
         z.shape[1] positions of context. z: (B, Tq, C) noisy next-token embeddings;
-        sigma: float or (B,) tensor."""
+        sigma: float or (B,) tensor; previous: the last Dhat, with self-conditioning (None = zeros)."""
         batch, length = z.shape[0], z.shape[1]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(batch)
         pre = precondition(sigma, self.sigma_data)
         cos, sin, mask = self._noisy_positions(length, context, z.device)
         embedded = context.embedded[:, -length:]
         hidden = self._inject(pre.c_in[:, None, None] * z, embedded)
+        if self.self_condition is not None and previous is not None:
+            hidden = hidden + self.self_condition((previous / self.target_scale).to(hidden.dtype))
         hidden = self._run_core(hidden, self.sigma_embedder(pre.c_noise), context, cos, sin, mask)
         denoised = pre.c_skip[:, None, None] * z + pre.c_out[:, None, None] * self.denoiser_out(self.core_norm(hidden))
-        return self._run_coda(denoised / self.sigma_data, context, cos, sin, mask)  # the coda sees unit scale
+        return self._run_coda(denoised / self.target_scale, context, cos, sin, mask)  # the coda sees unit scale
 
     def recur(self, state: torch.Tensor, context: CleanContext) -> torch.Tensor:
         """BPTT (Huginn): one plain iteration of the core, state -> next state (unit RMS).
@@ -187,6 +196,6 @@ class LoopedLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, previous=None) -> torch.Tensor:
         """DiffusionBlocks training pass: clean stream over ``inputs``, one denoiser evaluation everywhere."""
-        return self.denoise(noisy, sigma, self.encode(inputs))
+        return self.denoise(noisy, sigma, self.encode(inputs), previous)

@@ -30,23 +30,65 @@ def _cross_entropy(logits, next_tokens) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), next_tokens.flatten(), reduction="none").view(batch, -1).mean(1)
 
 
+GRID_SIZES = (1, 2, 4, 8, 16)  # inference grids whose sigmas train_grid_fraction covers
+
+
 class DiffusionObjective:
+    """DiffusionBlocks for the looped LM, with the remedies of METHOD 5 as config keys
+    (``model.diffusion``); with every remedy off it is exactly the plain method."""
+
     name = "diffusion"
     has_loops = True
 
+    # -- training ------------------------------------------------------------------------------
     def loss(self, model, tokens: torch.Tensor, generator: torch.Generator, step: int = 0):
-        """tokens: (B, T+1). Noise is drawn from ``generator`` (CPU) so a step is reproducible."""
-        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
-        sigma = model.schedule.sample(tokens.shape[0], generator).to(tokens.device)
-        targets = model.targets(next_tokens)  # (B, T, C) unit-norm
-        noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
-        logits = model(inputs, targets + sigma[:, None, None] * noise, sigma)
-        cross_entropy = _cross_entropy(logits, next_tokens)  # one value per sequence, i.e. per sigma
+        """tokens: (B, T+1). All randomness comes from ``generator`` (CPU), so a step is reproducible."""
         diffusion = model.diffusion
+        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
+        sigma = self.training_sigmas(model, tokens.shape[0], generator).to(tokens.device)
+        targets = model.targets(next_tokens)  # (B, T, C)
+        noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
+        noisy = targets + sigma[:, None, None] * noise
+        stats = {}
+        if diffusion.rollout_fraction > 0 and _chance(generator) < diffusion.rollout_fraction:
+            noisy, sigma = self.rollout(model, inputs, generator)
+            stats["rollout_sigma"] = sigma[0].detach()
+        previous = None
+        if diffusion.self_condition and _chance(generator) < 0.5:
+            with torch.no_grad():  # the first pass only provides the estimate to condition on
+                previous = model.soft_denoised(model.denoise(noisy, sigma, model.encode(inputs))).to(noisy.dtype)
+        logits = model(inputs, noisy, sigma, previous)
+        cross_entropy = _cross_entropy(logits, next_tokens)  # one value per sequence, i.e. per sigma
         weight = loss_weight(sigma, model.sigma_data, diffusion.loss_weight, diffusion.loss_weight_clamp or None)
         loss = (weight * cross_entropy).mean()
-        return loss, {"ce": cross_entropy.mean().detach(), "weight": weight.mean().detach()}
+        return loss, {"ce": cross_entropy.mean().detach(), "weight": weight.mean().detach(), **stats}
 
+    def training_sigmas(self, model, batch: int, generator) -> torch.Tensor:
+        """One sigma per sequence from the truncated log-normal; with train_grid_fraction,
+        that share of sequences takes a sigma of an inference grid instead (sigma_max included)."""
+        sigma = model.schedule.sample(batch, generator)
+        fraction = model.diffusion.train_grid_fraction
+        if fraction > 0:
+            on_grid = torch.rand(batch, generator=generator) < fraction
+            for row in torch.nonzero(on_grid).flatten().tolist():
+                grid = self.grid(model, GRID_SIZES[int(torch.randint(len(GRID_SIZES), (1,), generator=generator))])
+                sigma[row] = grid[int(torch.randint(len(grid), (1,), generator=generator))]
+        return sigma
+
+    @torch.no_grad()
+    def rollout(self, model, inputs, generator):
+        """Run k sampler steps (no gradient) from pure noise on the rollout grid and return the
+        state reached and its sigma: the graded pass then sees what inference feeds it."""
+        diffusion = model.diffusion
+        grid = self.grid(model, diffusion.rollout_loops)
+        most = len(grid) - 1 if diffusion.rollout_max_steps == 0 else min(diffusion.rollout_max_steps, len(grid) - 1)
+        steps = 1 + int(torch.randint(most, (1,), generator=generator))
+        shape = (*inputs.shape, model.config.d_model)
+        z = self.initial_state(model, shape, diffusion.rollout_loops, generator, inputs.device)
+        state = self.sample(model, model.encode(inputs), z, grid[:steps + 1], generator, final_evaluation=False)
+        return state, torch.full((inputs.shape[0],), grid[steps], device=inputs.device)
+
+    # -- inference -------------------------------------------------------------------------------
     def grid(self, model, num_loops: int) -> list[float]:
         diffusion = model.diffusion
         return sigma_grid(num_loops, model.schedule, diffusion.grid, diffusion.grid_sigma_last or None)
@@ -54,12 +96,39 @@ class DiffusionObjective:
     def initial_state(self, model, shape, num_loops, generator, device):
         return edm_initial_state(shape, self.grid(model, num_loops)[0], model.sigma_data, generator, device)
 
-    def final_logits(self, model, context, z, num_loops: int):
-        def step(state, sigma):
-            logits = model.denoise(state, sigma, context)
-            return model.soft_denoised(logits).to(state.dtype), logits
+    def estimate(self, model, logits, generator) -> torch.Tensor:
+        """Dhat from logits: the mean of the target table under softmax (soft), or one row of it."""
+        kind = model.diffusion.estimate
+        if kind == "soft":
+            return model.soft_denoised(logits)
+        if kind == "argmax":
+            choice = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits.float(), -1)
+            choice = torch.multinomial(probs.flatten(0, -2).cpu(), 1, generator=generator).view(probs.shape[:-1])
+        return model.target_table()[choice.to(logits.device)]
 
-        return run_sampler(step, z, self.grid(model, num_loops), model.diffusion.solver)
+    def sample(self, model, context, z, grid, generator=None, final_evaluation=True):
+        """The sampler on ``grid``; returns the last logits (or the state, for a rollout)."""
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        carried = {"previous": None}  # self-conditioning: the previous step's Dhat
+
+        def step(state, sigma):
+            logits = model.denoise(state, sigma, context, carried["previous"])
+            denoised = self.estimate(model, logits, generator).to(state.dtype)
+            carried["previous"] = denoised
+            return denoised, logits
+
+        return run_sampler(step, z, grid, model.diffusion.solver,
+                           noise=lambda shape: torch.randn(shape, generator=generator),
+                           final_evaluation=final_evaluation)
+
+    def final_logits(self, model, context, z, num_loops: int, generator=None):
+        return self.sample(model, context, z, self.grid(model, num_loops), generator)
+
+
+def _chance(generator) -> float:
+    return float(torch.rand(1, generator=generator))
 
 
 # -- BPTT (Huginn) ---------------------------------------------------------------------------------
@@ -111,7 +180,7 @@ class BPTTObjective:
         # Huginn starts from a random state; the recurrence normalises it to unit RMS after one step
         return torch.randn(shape, generator=generator).to(device)
 
-    def final_logits(self, model, context, z, num_loops: int):
+    def final_logits(self, model, context, z, num_loops: int, generator=None):
         for _ in range(num_loops):
             z = model.recur(z, context)
         return model.readout(z, context)
@@ -129,7 +198,7 @@ class DenseObjective:
     def initial_state(self, model, shape, num_loops, generator, device):
         return None  # no state and no noise: K is ignored
 
-    def final_logits(self, model, context, z, num_loops: int):
+    def final_logits(self, model, context, z, num_loops: int, generator=None):
         return model.dense_logits(context)[:, -(context.length if z is None else z.shape[1]):]
 
 

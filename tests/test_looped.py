@@ -95,9 +95,9 @@ def test_loop_logits_evaluate_the_grid_in_order(model, monkeypatch):
     seen = []
     original = model.denoise
 
-    def spy(z, sigma, context):
+    def spy(z, sigma, context, previous=None):
         seen.append(sigma)
-        return original(z, sigma, context)
+        return original(z, sigma, context, previous)
 
     monkeypatch.setattr(model, "denoise", spy)
     engine.next_token_logprobs(model, tokens(1, 5), 5, torch.Generator().manual_seed(0))
@@ -130,10 +130,10 @@ def test_cache_size_does_not_depend_on_the_loop_count(model, monkeypatch):
     lengths = {}
     original = engine.loop_logits
 
-    def spy(model_, context, z, num_loops):
+    def spy(model_, context, z, num_loops, generator=None):
         lengths.setdefault(num_loops, []).append(
             sum(k.numel() for k, _ in context.prelude_kv + context.core_kv + context.coda_kv))
-        return original(model_, context, z, num_loops)
+        return original(model_, context, z, num_loops, generator)
 
     monkeypatch.setattr(engine, "loop_logits", spy)
     for loops in (1, 8):
