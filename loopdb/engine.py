@@ -20,9 +20,10 @@ import torch
 
 
 
-def loop_logits(model, context, z: torch.Tensor, num_loops: int) -> torch.Tensor:
-    """Run ``num_loops`` loops from z; return the logits of the last one (the model's objective says how)."""
-    return model.objective.final_logits(model, context, z, num_loops)
+def loop_logits(model, context, z: torch.Tensor, num_loops: int, generator: torch.Generator | None = None):
+    """Run ``num_loops`` loops from z; return the logits of the last one (the model's objective says how).
+    ``generator`` feeds samplers that draw along the way (ancestral steps, sampled estimates)."""
+    return model.objective.final_logits(model, context, z, num_loops, generator)
 
 
 def initial_noise(model, shape, num_loops: int, generator: torch.Generator, device):
@@ -35,7 +36,7 @@ def next_token_logprobs(model, windows: torch.Tensor, num_loops: int, generator:
     inputs, next_tokens = windows[:, :-1], windows[:, 1:]
     context = model.encode(inputs)
     z = initial_noise(model, (*inputs.shape, model.config.d_model), num_loops, generator, windows.device)
-    logits = loop_logits(model, context, z, num_loops)
+    logits = loop_logits(model, context, z, num_loops, generator)
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, next_tokens[..., None]).squeeze(-1)
 
 
@@ -157,7 +158,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temp
         if not use_cache:
             context = model.encode(torch.tensor([tokens[start:]], device=device))
         z = initial_noise(model, (1, 1, model.config.d_model), num_loops, generator, device)
-        logits = loop_logits(model, context, z, num_loops)[0, -1]
+        logits = loop_logits(model, context, z, num_loops, generator)[0, -1]
         token = _choose(logits, temperature, top_k, generator)
         tokens.append(token)
         new_tokens.append(token)
@@ -168,39 +169,3 @@ def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temp
         elif use_cache:
             context = model.encode(torch.tensor([[token]], device=device), cache=context)
     return new_tokens
-
-
-# -- per-row noise and whole distributions (used by loopdb.harness, the lm-eval adapter) --------------
-@torch.no_grad()
-def predictive_distribution(model, inputs: torch.Tensor, num_loops: int, samples: int,
-                            generators: list, lengths: list | None = None) -> torch.Tensor:
-    """log of the mean over ``samples`` noise draws of the last loop's next-token distribution
-    at EVERY position and for every token: inputs (B, T) -> (B, T, V) log-probabilities.
-
-    Row i draws its noise from its own ``generators[i]`` for its first ``lengths[i]`` positions
-    (default: all T); the rest of the row is right padding, which a causal model never shows to
-    earlier positions. So a row's numbers do not depend on the other rows of the batch. For one
-    full-length row, gathering the next tokens gives ``predictive_logprobs`` of the same window
-    with an identically seeded generator (the same draws in the same order). A model whose
-    objective draws no noise (initial state None) is evaluated once.
-    """
-    batch, length = inputs.shape
-    lengths = [length] * batch if lengths is None else [int(n) for n in lengths]
-    if len(generators) != batch or len(lengths) != batch:
-        raise ValueError(f"need one generator and one length per row: {batch} rows, "
-                         f"{len(generators)} generators, {len(lengths)} lengths")
-    context = model.encode(inputs)
-    width = model.config.d_model
-    draws = []
-    for _ in range(samples):
-        rows = [initial_noise(model, (1, n, width), num_loops, generator, inputs.device)
-                for generator, n in zip(generators, lengths)]
-        z = None
-        if rows[0] is not None:
-            z = torch.zeros(batch, length, width, dtype=rows[0].dtype, device=inputs.device)
-            for index, (row, n) in enumerate(zip(rows, lengths)):
-                z[index, :n] = row[0]
-        draws.append(torch.log_softmax(loop_logits(model, context, z, num_loops).float(), dim=-1))
-        if z is None:  # deterministic: every draw would be the same
-            return draws[0]
-    return torch.logsumexp(torch.stack(draws), dim=0) - math.log(samples)
