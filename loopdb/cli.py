@@ -165,6 +165,28 @@ def cmd_compare(args, overrides) -> int:
     return 0
 
 
+
+def cmd_study(args, overrides) -> int:
+    from .config import preset
+    from .study import STUDY_READOUTS, load_variants, run_study
+
+    if overrides:
+        raise UsageError("put config overrides in the variants file, not on the command line")
+    if (args.budget_minutes is None) == (args.steps is None):
+        raise UsageError("give exactly one of --budget-minutes M (equal time) or --steps N (equal steps)")
+    readouts = [r for r in args.readouts.split(",") if r]
+    unknown = [r for r in readouts if r not in STUDY_READOUTS + ("elbo_continuous",)]
+    if unknown:
+        raise UsageError(f"unknown readout(s) {', '.join(unknown)}; choose from predictive, last, elbo, elbo_continuous")
+    load_variants(args.variants)  # a bad file fails here, before any data preparation or training
+    data_dir = resolve_data_dir(args.data, preset(args.preset).train.data_vocab_size)
+    run_study(args.preset, args.out, data_dir, args.variants, args.budget_minutes, args.steps, parse_loops(args.loops),
+              readouts, args.samples, args.max_windows, args.split, args.judge, args.generations,
+              args.generation_length)
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopdb", description="Looped transformers trained with DiffusionBlocks.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2, help="noise draws per token when scoring")
     p.add_argument("--max-windows", type=int, default=64, help="test windows scored (evenly spaced)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = commands.add_parser("study", help="train recipe variants at equal time and score every readout per K",
+                            epilog="example: loopdb study --preset tiny --budget-minutes 2 --variants v.json --out runs/st")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--out", required=True)
+    p.add_argument("--variants", required=True, help='JSON: {"name": {"key": value, ..., "seeds": [0, 1]}, ...}')
+    p.add_argument("--data", default=None)
+    p.add_argument("--budget-minutes", type=float, default=None, help="training time per member")
+    p.add_argument("--steps", type=int, default=None, help="train each member for this many steps instead")
+    p.add_argument("--loops", default="1,2,4,8,16")
+    p.add_argument("--readouts", default="predictive,last,elbo")
+    p.add_argument("--samples", type=int, default=2, help="noise draws per token when scoring")
+    p.add_argument("--max-windows", type=int, default=32)
+    p.add_argument("--split", choices=["val", "test"], default="val")
+    p.add_argument("--judge", default=None, help="a dense run: judges samples by generative perplexity")
+    p.add_argument("--generations", type=int, default=8, help="samples per loop count for sample quality")
+    p.add_argument("--generation-length", type=int, default=48)
 
     p = commands.add_parser("score", help="bits per byte at several loop counts")
     p.add_argument("run")
@@ -233,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, parse_overrides(extra))
         if args.command == "compare":
             return cmd_compare(args, parse_overrides(extra))
+        if args.command == "study":
+            return cmd_study(args, parse_overrides(extra))
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return {"prepare": cmd_prepare, "score": cmd_score, "sample": cmd_sample}[args.command](args)

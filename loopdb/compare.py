@@ -24,37 +24,39 @@ from .objectives import OBJECTIVES
 DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def train_member(objective: str, preset: str, out: Path, data_dir: Path, budget_minutes: float | None,
-                 steps: int | None, overrides: list[str]) -> dict:
-    run = out / objective
+def train_member(run: Path, preset: str, data_dir: Path, budget_minutes: float | None, steps: int | None,
+                 overrides: list[str]) -> dict:
+    """Train one run in its own process (so its peak memory is its own) unless it already finished;
+    an interrupted member resumes from its last checkpoint. Returns its train_summary.json."""
     summary_path = run / "train_summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     limit = f"--max_steps={steps}" if steps else f"--time_budget_minutes={budget_minutes}"
     command = [sys.executable, "-m", "loopdb", "train", "--preset", preset, "--data", str(data_dir),
-               "--out", str(run), "--quiet", f"--objective={objective}", limit,
-               "--eval_every=1000000000", "--eval_loops=1", *overrides]
-    if run.exists():
+               "--out", str(run), "--quiet", limit, "--eval_every=1000000000", "--eval_loops=1", *overrides]
+    if (run / "latest").exists():
         command.append("--resume")
-    print(f"[compare] training {objective}: {' '.join(command[3:])}", file=sys.stderr)
+    print(f"[loopdb] training {run.name}: {' '.join(command[3:])}", file=sys.stderr)
     result = subprocess.run(command)
     if result.returncode != 0:
-        raise RuntimeError(f"training {objective} failed (exit {result.returncode}); its run folder is {run}")
+        raise RuntimeError(f"training {run.name} failed (exit {result.returncode}); its run folder is {run}")
     return json.loads(summary_path.read_text())
 
 
-def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: int, device="cpu") -> dict:
+def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: int, device="cpu",
+                 readout: str = "predictive", split: str = "test") -> dict:
+    """bits per byte of a run's newest model at each loop count (dense: K = 1 only)."""
     model, config = load_model(run, device)
     data_dir = Path(json.loads((run / "data.json").read_text())["data_dir"])
-    tokens = data_lib.load_tokens(data_dir, "test")
+    tokens = data_lib.load_tokens(data_dir, split)
     token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
     windows = data_lib.eval_windows(tokens, config.model.context, max_windows)
     counts = loops if model.objective.has_loops else (1,)
     results = {}
     for num_loops in counts:
         results[str(num_loops)] = engine.bits_per_byte(model, windows, token_bytes, num_loops, samples=samples,
-                                                       seed=seed, device=device)
-        print(f"[compare] {model.objective.name} K={num_loops}: {results[str(num_loops)]:.4f} bpb", file=sys.stderr)
+                                                       seed=seed, device=device, readout=readout)
+        print(f"[loopdb] {run.name} {readout} K={num_loops}: {results[str(num_loops)]:.4f} bpb", file=sys.stderr)
     return results
 
 
@@ -82,7 +84,8 @@ def run_compare(preset: str, out, data_dir, budget_minutes: float | None = None,
     overrides = [*overrides, f"--seed={seed}"]
     models = {}
     for objective in OBJECTIVES:
-        summary = train_member(objective, preset, out, Path(data_dir), budget_minutes, steps, overrides)
+        summary = train_member(out / objective, preset, Path(data_dir), budget_minutes, steps,
+                               [*overrides, f"--objective={objective}"])
         models[objective] = {**summary, "bpb": score_member(out / objective, loops, samples, max_windows, seed)}
     meta = data_lib.load_meta(data_dir)
     windows = len(data_lib.eval_windows(data_lib.load_tokens(data_dir, "test"),

@@ -1,0 +1,166 @@
+"""``loopdb study``: which training recipe makes more loops pay (METHOD 5)?
+
+Trains each variant of a variants file (a JSON object: name -> config overrides,
+optionally with "seeds": [...]) at equal training time (or equal steps), each in
+its own process, then scores every member at each loop count on every readout
+and on sample quality (generative perplexity under a dense judge, distinct-2/3).
+Writes results.json, results.md (one table per readout, mean and spread over
+seeds) and one PNG per readout; logs ``study/<readout>@K`` to each member's
+tensorboard. Finished members are reused, so an interrupted study resumes.
+
+Example variants file:
+    {"plain": {}, "edm-weight": {"loss_weight": "edm"},
+     "rollouts": {"rollout_fraction": 0.5, "seeds": [0, 1]}}
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from . import data as data_lib
+from . import engine
+from .checkpoint import load_model, run_data_dir
+from .compare import score_member, train_member
+from .config import ConfigError, preset
+
+STUDY_READOUTS = ("predictive", "last", "elbo")
+
+
+def load_variants(path) -> dict[str, dict]:
+    """Variants file -> {name: {"overrides": {...}, "seeds": [...]}}; ConfigError for anything off."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"variants file {path} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"variants file {path} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"variants file {path} must be a JSON object of name -> overrides")
+    variants = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"variant {name!r}: expected an object of config overrides")
+        spec = dict(spec)
+        seeds = spec.pop("seeds", [0])
+        overrides = {key: ",".join(map(str, v)) if isinstance(v, list) else str(v).lower() if isinstance(v, bool)
+                     else str(v) for key, v in spec.items()}
+        preset("tiny").apply_overrides(dict(overrides))  # reject unknown keys before any training
+        variants[name] = {"overrides": overrides, "seeds": [int(s) for s in seeds]}
+    return variants
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: float | None = None,
+              steps: int | None = None, loops=(1, 2, 4, 8, 16), readouts=STUDY_READOUTS, samples: int = 2,
+              max_windows: int | None = 32, split: str = "val", judge: str | None = None,
+              generations: int = 8, generation_length: int = 48) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = load_variants(variants_file)
+    judge_model = load_model(judge)[0] if judge else None
+    if judge and Path(run_data_dir(judge)).resolve() != Path(data_dir).resolve():
+        raise ConfigError(f"the judge {judge} was trained on other data ({run_data_dir(judge)}); "
+                          "it must share the study's tokenizer")
+    newline = data_lib.load_tokenizer(data_dir).encode("\n")
+    results = {"preset": preset_name, "budget": {"minutes": budget_minutes, "steps": steps}, "split": split,
+               "samples": samples, "max_windows": max_windows, "judge": judge, "variants": {}}
+    for name, variant in variants.items():
+        members = {}
+        for seed in variant["seeds"]:
+            run = out / f"{name}-s{seed}"
+            overrides = [f"--{k}={v}" for k, v in variant["overrides"].items()] + [f"--seed={seed}"]
+            summary = train_member(run, preset_name, Path(data_dir), budget_minutes, steps, overrides)
+            member = {"train": summary, "readouts": {}}
+            for readout in readouts:
+                try:
+                    member["readouts"][readout] = score_member(run, loops, samples, max_windows, 0,
+                                                               readout=readout, split=split)
+                except ValueError as error:  # e.g. the ELBO of a dense or BPTT variant
+                    print(f"[study] {run.name}: {readout} skipped: {error}", file=sys.stderr)
+            if judge_model is not None:
+                model = load_model(run)[0]
+                counts = loops if model.objective.has_loops else (1,)
+                member["samples"] = {str(k): engine.sample_quality(model, judge_model, newline, k, generations,
+                                                                   generation_length) for k in counts}
+            _log_member(run, member)
+            members[str(seed)] = member
+        results["variants"][name] = {"overrides": variant["overrides"], "seeds": members}
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # after each variant: nothing lost
+    (out / "results.md").write_text(markdown_tables(results, loops))
+    _plots(results, out, loops)
+    return results
+
+
+def _log_member(run: Path, member: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run / "tb"))
+    step = member["train"]["steps"]
+    for readout, values in member["readouts"].items():
+        for k, value in values.items():
+            writer.add_scalar(f"study/{readout}@{k}", value, step)
+    for k, quality in member.get("samples", {}).items():
+        for metric in ("gen_ppl", "distinct2", "distinct3"):
+            writer.add_scalar(f"study/{metric}@{k}", quality[metric], step)
+    writer.close()
+
+
+def _curves(results: dict, metric) -> dict[str, dict[int, tuple[float, float]]]:
+    """variant -> {K: (mean, half-range over seeds)} for metric(member) -> {K: value}."""
+    curves = {}
+    for name, variant in results["variants"].items():
+        per_seed = [metric(member) for member in variant["seeds"].values()]
+        per_seed = [values for values in per_seed if values]
+        if not per_seed:
+            continue
+        shared = set.intersection(*(set(values) for values in per_seed))
+        curves[name] = {int(k): _spread([values[k] for values in per_seed]) for k in shared}
+    return curves
+
+
+def _metrics(results: dict) -> dict[str, callable]:
+    readouts = sorted({r for v in results["variants"].values() for m in v["seeds"].values() for r in m["readouts"]})
+    metrics = {f"{r} bits per byte": (lambda m, r=r: m["readouts"].get(r, {})) for r in readouts}
+    if results.get("judge"):
+        metrics["generative perplexity"] = lambda m: {k: q["gen_ppl"] for k, q in m.get("samples", {}).items()}
+        metrics["distinct-2"] = lambda m: {k: q["distinct2"] for k, q in m.get("samples", {}).items()}
+    return metrics
+
+
+def markdown_tables(results: dict, loops) -> str:
+    budget = results["budget"]
+    lines = [f"Preset {results['preset']}, " + (f"{budget['steps']} steps" if budget["steps"] else
+                                                  f"{budget['minutes']} training minutes") + " per member; "
+             f"{results['split']} split, {results['max_windows']} windows, {results['samples']} noise draws. "
+             "Cells: mean over seeds (+- half the range when there are several)."]
+    for title, metric in _metrics(results).items():
+        curves = _curves(results, metric)
+        lines += ["", f"### {title}", "", "| variant | seeds | " + " | ".join(f"K={k}" for k in loops) + " |",
+                  "|" + "---|" * (2 + len(loops))]
+        for name, curve in curves.items():
+            seeds = len(results["variants"][name]["seeds"])
+            cells = [f"{curve[k][0]:.3f}" + (f" +- {curve[k][1]:.3f}" if curve[k][1] else "") if k in curve else ""
+                     for k in loops]
+            lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(results: dict, out: Path, loops) -> None:
+    from .plots import PlotUnavailable, plot_against_loops
+
+    for title, metric in _metrics(results).items():
+        curves = {name: {k: mean for k, (mean, _) in curve.items()} for name, curve in _curves(results, metric).items()}
+        filename = title.replace(" ", "_").replace("-", "") + "_vs_loops.png"
+        try:
+            plot_against_loops(curves, out / filename, title, title=f"study: {results['preset']}")
+        except PlotUnavailable as error:
+            print(f"[study] no plots: {error}", file=sys.stderr)
+            return

@@ -1,0 +1,47 @@
+import json
+
+from conftest import SMALL_RUN
+from loopdb import engine
+from loopdb.cli import main
+
+
+def test_study_trains_variants_and_scores_every_readout(capsys, data_dir, tmp_path):
+    judge = tmp_path / "judge"
+    assert main(["train", "--preset", "tiny", "--data", str(data_dir), "--out", str(judge), "--quiet",
+                 *SMALL_RUN, "--max_steps=2", "--objective=dense"]) == 0
+    small = {arg[2:].split("=")[0]: arg.split("=")[1] for arg in SMALL_RUN}
+    variants = tmp_path / "variants.json"
+    variants.write_text(json.dumps({
+        "plain": small,
+        "rollouts": {**small, "rollout_fraction": 1.0, "rollout_loops": 4, "seeds": [0, 1]},
+    }))
+    out = tmp_path / "study"
+    code = main(["study", "--preset", "tiny", "--data", str(data_dir), "--out", str(out), "--steps", "2",
+                 "--variants", str(variants), "--loops", "1,2", "--max-windows", "2", "--samples", "1",
+                 "--judge", str(judge), "--generations", "2", "--generation-length", "5"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["variants"]) == {"plain", "rollouts"}
+    assert set(results["variants"]["rollouts"]["seeds"]) == {"0", "1"}
+    member = results["variants"]["plain"]["seeds"]["0"]
+    assert set(member["readouts"]) == {"predictive", "last", "elbo"}
+    assert set(member["readouts"]["elbo"]) == {"1", "2"}
+    assert member["samples"]["2"]["gen_ppl"] > 1 and 0 < member["samples"]["2"]["distinct2"] <= 1
+    table = (out / "results.md").read_text()
+    assert "### elbo bits per byte" in table and "| rollouts | 2 |" in table and "+-" in table
+    assert (out / "predictive_bits_per_byte_vs_loops.png").exists()
+    assert (out / "generative_perplexity_vs_loops.png").exists()
+
+
+def test_study_rejects_a_bad_variants_file(capsys, tmp_path):
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"typo": {"rollout_fraktion": 0.5}}))
+    code = main(["study", "--out", str(tmp_path / "s"), "--steps", "2", "--variants", str(variants)])
+    assert code == 2 and "unknown config key 'rollout_fraktion'" in capsys.readouterr().err
+    variants.write_text("{not json")
+    assert main(["study", "--out", str(tmp_path / "s"), "--steps", "2", "--variants", str(variants)]) == 2
+
+
+def test_distinct_n():
+    assert engine.distinct_n([[1, 2, 3, 4]], 2) == 1.0
+    assert engine.distinct_n([[1, 1, 1, 1]], 2) == 1 / 3
