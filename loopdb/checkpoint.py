@@ -99,12 +99,24 @@ def run_data_dir(run_dir) -> Path:
     return Path(json.loads(path.read_text())["data_dir"])
 
 
-def load_model(run_dir, device="cpu"):
-    """The run's newest model, in eval mode on ``device``; returns (model, config)."""
+SAMPLER_KEYS = ("grid", "solver", "grid_sigma_last", "estimate")  # may change after training
+
+
+def load_model(run_dir, device="cpu", sampler: dict[str, str] | None = None):
+    """The run's newest model, in eval mode on ``device``; returns (model, config).
+
+    ``sampler`` overrides inference-only settings (SAMPLER_KEYS), e.g. {"grid_sigma_last": "0.5"}."""
+    from .config import ConfigError
     from .looped import LoopedLM
     from .objectives import make_objective
 
     config, checkpoint = open_run(run_dir)
+    if sampler:
+        fixed = sorted(set(sampler) - set(SAMPLER_KEYS))
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)} cannot change after training; at inference only "
+                              f"{', '.join(SAMPLER_KEYS)} can")
+        config.apply_overrides(sampler)
     model = LoopedLM(config.model, config.diffusion, make_objective(config.train))
     load_weights(model, checkpoint)
     return model.to(device).eval(), config

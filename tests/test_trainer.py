@@ -136,3 +136,15 @@ def test_cli_train_score_sample(capsys, data_dir, tmp_path):
 
     code, out, _ = run_cli(capsys, "sample", run, "--loops", "2", "--prompt", "KING:", "--max-new-tokens", "5")
     assert code == 0 and out.startswith("KING:")
+
+    # sampler settings may change at inference; the grid's last sigma moves K=2's number, not K=1's
+    def score(*extra):
+        code, out, _ = run_cli(capsys, "score", run, "--loops", "1,2", "--samples", "1", "--max-windows", "3",
+                               "--json", *extra)
+        assert code == 0
+        return json.loads(out)["bpb"]
+
+    plain, stopped = score(), score("--grid_sigma_last=1.0")
+    assert plain["1"] == stopped["1"] and plain["2"] != stopped["2"]
+    code, _, err = run_cli(capsys, "score", run, "--d_model=64")
+    assert code == 2 and "cannot change after training" in err
