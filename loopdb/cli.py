@@ -89,7 +89,7 @@ def cmd_train(args, overrides) -> int:
     return 0
 
 
-def cmd_score(args) -> int:
+def cmd_score(args, sampler) -> int:
     import torch
     from tqdm import tqdm
 
@@ -102,7 +102,7 @@ def cmd_score(args) -> int:
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples}: need at least one noise draw")
     device = resolve_device(args.device)
-    model, config = load_model(args.run, device)
+    model, config = load_model(args.run, device, sampler)
     data_dir = run_data_dir(args.run)
     tokens = data_lib.load_tokens(data_dir, args.split)
     token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
@@ -130,7 +130,7 @@ def cmd_score(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
+def cmd_sample(args, sampler) -> int:
     from . import data as data_lib
     from . import engine
     from .checkpoint import load_model, run_data_dir
@@ -138,7 +138,7 @@ def cmd_sample(args) -> int:
 
     if args.loops < 1:
         raise UsageError(f"--loops {args.loops}: the loop count must be >= 1")
-    model, _ = load_model(args.run, resolve_device(args.device))
+    model, _ = load_model(args.run, resolve_device(args.device), sampler)
     tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
     prompt = tokenizer.encode(args.prompt or "\n")
     ids = engine.generate(model, prompt, args.max_new_tokens, args.loops, temperature=args.temperature,
@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, default=8, help="samples per loop count for sample quality")
     p.add_argument("--generation-length", type=int, default=48)
 
-    p = commands.add_parser("score", help="bits per byte at several loop counts")
+    p = commands.add_parser("score", help="bits per byte at several loop counts",
+                            epilog="sampler settings can be changed here: --grid=karras --solver=heun "
+                                   "--grid_sigma_last=0.5 --estimate=soft")
     p.add_argument("run")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--loops", default="1,4,16")
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args, parse_overrides(extra))
         if args.command == "study":
             return cmd_study(args, parse_overrides(extra))
+        if args.command in ("score", "sample"):  # sampler settings may change at inference
+            return {"score": cmd_score, "sample": cmd_sample}[args.command](args, parse_overrides(extra))
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         return {"prepare": cmd_prepare, "score": cmd_score, "sample": cmd_sample}[args.command](args)
