@@ -165,6 +165,39 @@ def cmd_compare(args, overrides) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """lm-evaluation-harness tasks at several loop counts (loopdb.harness); offline by default."""
+    import logging
+
+    from .checkpoint import open_run
+
+    loops = parse_loops(args.loops)
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    if not tasks:
+        raise UsageError("--tasks: name at least one task, e.g. shakespeare_bpb,shakespeare_cloze")
+    for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be >= 1")
+    open_run(args.run)  # a missing or empty run folder fails here, before any task is built
+    try:
+        from . import harness
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    if not args.verbose:  # the harness's and the hub client's chatter; errors still show
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # read when huggingface_hub configures its logger
+        for name in ("lm_eval", "huggingface_hub", "datasets"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        report = harness.run_eval(args.run, tasks, loops, args.output, include_paths=args.include_path or [],
+                                  limit=args.limit, batch_size=args.batch_size, samples=args.samples, seed=args.seed,
+                                  stderr=args.stderr, device=args.device)
+    except (harness.EvalError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    print(report["table"])
+    print(f"wrote {args.output}, plot {report['plot']}, tensorboard {report.get('tensorboard')} "
+          f"(readout {report['readout']}, {report['samples']} noise draw(s), seed {report['seed']})", file=sys.stderr)
+    return 0
+
 
 def cmd_study(args, overrides) -> int:
     from .config import preset
@@ -259,6 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+
+    p = commands.add_parser("eval", help="lm-evaluation-harness tasks at several loop counts",
+                            epilog="example: loopdb eval runs/demo --tasks shakespeare_bpb,shakespeare_cloze "
+                                   "--loops 1,2,4,8 --output runs/demo/eval.json")
+    p.add_argument("run")
+    p.add_argument("--tasks", required=True, help="comma-separated task names (local ones, or lm-eval's own)")
+    p.add_argument("--loops", default="1,2,4,8")
+    p.add_argument("--output", required=True, help="results JSON; the plot is written next to it (.png)")
+    p.add_argument("--include-path", action="append", default=None, help="extra task folder (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--samples", type=int, default=4, help="noise draws averaged per token (predictive readout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stderr", action="store_true", help="compute standard errors (bootstrap for non-mean metrics)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--verbose", action="store_true", help="show the harness's own log messages")
     return parser
 
 
@@ -280,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"score": cmd_score, "sample": cmd_sample}[args.command](args, parse_overrides(extra))
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
-        return {"prepare": cmd_prepare, "score": cmd_score, "sample": cmd_sample}[args.command](args)
+        return {"prepare": cmd_prepare, "score": cmd_score, "sample": cmd_sample, "eval": cmd_eval}[args.command](args)
     except (UsageError, ConfigError, DataError, RunError) as error:
         print(f"loopdb {args.command}: error: {error}", file=sys.stderr)
         return USER_ERROR

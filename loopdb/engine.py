@@ -195,3 +195,61 @@ def sample_quality(model, judge, prompt: list[int], num_loops: int, num_samples:
         total_tokens += scored.numel()
     return {"gen_ppl": math.exp(total_nats / max(1, total_tokens)), "distinct2": distinct_n(samples, 2),
             "distinct3": distinct_n(samples, 3), "samples": num_samples, "length": length}
+
+
+# -- per-row noise and whole distributions (used by loopdb.harness, the lm-eval adapter) --------------
+@torch.no_grad()
+def predictive_distribution(model, inputs: torch.Tensor, num_loops: int, samples: int,
+                            generators: list, lengths: list | None = None) -> torch.Tensor:
+    """log of the mean over ``samples`` noise draws of the last loop's next-token distribution
+    at EVERY position and for every token: inputs (B, T) -> (B, T, V) log-probabilities.
+
+    Row i draws its noise from its own ``generators[i]`` for its first ``lengths[i]`` positions
+    (default: all T); the rest of the row is right padding, which a causal model never shows to
+    earlier positions (its outputs there are meaningless). So a row's numbers do not depend on
+    the other rows of the batch. A sampler that also draws along the way (ancestral steps,
+    sampled estimates) gets the row's generator too: directly for one row; for several rows the
+    call notices that the loop consumed randomness and recomputes the rows one at a time. For
+    one full-length row, gathering the next tokens gives ``predictive_logprobs`` of the same
+    window with an identically seeded generator (the same draws in the same order). A model
+    whose objective draws no noise (initial state None) is evaluated once.
+    """
+    batch, length = inputs.shape
+    lengths = [length] * batch if lengths is None else [int(n) for n in lengths]
+    if len(generators) != batch or len(lengths) != batch:
+        raise ValueError(f"need one generator and one length per row: {batch} rows, "
+                         f"{len(generators)} generators, {len(lengths)} lengths")
+    if batch == 1:
+        return _predictive_rows(model, inputs, num_loops, samples, generators, lengths, generators[0])
+    states = [generator.get_state() for generator in generators]
+    probe = torch.Generator().manual_seed(0)
+    unused = probe.get_state()
+    result = _predictive_rows(model, inputs, num_loops, samples, generators, lengths, probe)
+    if torch.equal(probe.get_state(), unused):
+        return result
+    for generator, state in zip(generators, states):  # the loop draws: one row at a time instead
+        generator.set_state(state)
+    for row, (generator, n) in enumerate(zip(generators, lengths)):
+        result[row, :n] = _predictive_rows(model, inputs[row:row + 1, :n], num_loops, samples, [generator], [n],
+                                           generator)[0]
+    return result
+
+
+def _predictive_rows(model, inputs, num_loops, samples, generators, lengths, loop_generator) -> torch.Tensor:
+    batch, length = inputs.shape
+    context = model.encode(inputs)
+    width = model.config.d_model
+    total = None
+    for _ in range(samples):
+        rows = [initial_noise(model, (1, n, width), num_loops, generator, inputs.device)
+                for generator, n in zip(generators, lengths)]
+        z = None
+        if rows[0] is not None:
+            z = torch.zeros(batch, length, width, dtype=rows[0].dtype, device=inputs.device)
+            for index, (row, n) in enumerate(zip(rows, lengths)):
+                z[index, :n] = row[0]
+        draw = torch.log_softmax(loop_logits(model, context, z, num_loops, loop_generator).float(), dim=-1)
+        if z is None:  # deterministic: every draw would be the same
+            return draw
+        total = draw if total is None else torch.logaddexp(total, draw)  # running log-sum: one (B, T, V) kept
+    return total - math.log(samples)

@@ -1,0 +1,524 @@
+"""loopdb as a model of EleutherAI's lm-evaluation-harness, and ``loopdb eval``.
+
+The model class ``LoopDBLM`` is registered with the harness as ``loopdb``::
+
+    import loopdb.harness  # registers "loopdb"
+    lm_eval.simple_evaluate(model="loopdb", model_args="run=runs/demo,num_loops=4,samples=4,seed=0",
+                            tasks=[...], task_manager=TaskManager(include_path="eval/tasks"))
+
+Model args: ``run`` (run folder), ``num_loops`` (K, default 1), ``samples`` (noise draws of the
+predictive readout, default 4), ``readout`` (only ``predictive``), ``seed`` (default 0),
+``batch_size`` (default 16), ``device`` (``cpu``, ``cuda``, ``auto``; default ``cpu``).
+
+How a loopdb model answers the harness (METHOD 5: the "predictive" readout):
+
+- The model is used ONLY through ``loopdb.checkpoint.load_model`` and ``loopdb.engine``
+  (``predictive_distribution`` for scoring, ``generate`` for generation), so every model
+  family the engine serves (looped DiffusionBlocks, BPTT, dense, ...) runs unchanged.
+- Scoring unit: a window of at most ``context + 1`` tokens plus how many of its LAST
+  tokens to score. log p(token) = log of the mean over ``samples`` noise draws of the last
+  loop's probability (log-mean-exp). A request whose context + continuation is longer
+  than the window is left-truncated; a continuation longer than the window is scored in
+  several windows (each token once, each with as much left context as fits).
+- Noise: each window's noise comes from its own generator, seeded by (seed, sha256 of the
+  window's INPUT tokens, i.e. all but its last token: what the model reads). Results
+  therefore do not depend on batch composition or order, and batched and unbatched runs
+  agree (to float rounding: rows of a batch are right-padded, which a causal model never
+  lets earlier positions see). The scored token itself never picks the noise, so the
+  candidates of a multiple-choice question with one-token answers are scored under the
+  same noise draws, and the same input always gets the same noise, in every task. A sampler
+  that draws along the way (ancestral steps, sampled estimates) uses the row's generator too
+  (``engine.predictive_distribution`` then scores the rows one at a time).
+- ``is_greedy``: every continuation token is the argmax of the predictive distribution
+  (the mean over the noise draws), i.e. of the same distribution that is scored.
+- Document start: the loopdb tokenizer puts no BOS/EOS in the text stream, so the
+  newline piece (``Tokenizer.newline_id``) is ``prefix_token_id`` and ``eot_token_id``: it is
+  the token an empty context is conditioned on and the first input of a rolling window.
+  It is NOT a stop token: generation stops only at the task's ``until`` strings or
+  ``max_gen_toks``.
+- ``loglikelihood_rolling``: the harness's disjoint rolling windows with context_len 1,
+  i.e. the same windows as ``loopdb score`` (a window of T+1 tokens predicts its last T)
+  after a newline prefix; each token is scored once.
+- ``generate_until``: ``engine.generate`` (the cached generation), greedy unless the
+  task sets ``do_sample: true`` (then ``temperature``, default 1, and ``top_k``). Greedy
+  means the argmax of the last loop's logits for one noise draw, the token the sampler
+  commits to. Tokens are produced in chunks of min(GEN_CHUNK, context // 4) tokens; after
+  each chunk the text is checked for the stop strings (early stop). Each chunk's prompt is
+  left-truncated to ``context - chunk`` tokens so the chunk fits in the window (no sliding
+  inside a chunk) and is seeded by (seed, sha256 of that prompt), so the output does not
+  depend on the batch or the order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import Collator
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as error:  # tests/test_harness.py hides lm_eval to check this message
+    raise ImportError(
+        f"EleutherAI's lm-evaluation-harness is not available ({error}); install it with pip install -e \".[eval]\""
+    ) from error
+
+import numpy as np
+import torch
+
+from . import engine
+
+READOUTS = ("predictive",)
+GEN_CHUNK = 16
+DEFAULT_MAX_GEN_TOKS = 256
+TASKS_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
+STDERR_BOOTSTRAP_ITERS = 1000
+
+
+class EvalError(ValueError):
+    """A user error of ``loopdb eval``: one line, exit code 2."""
+
+
+def window_seed(seed: int, tokens) -> int:
+    """Seed of the noise generator for model inputs ``tokens`` (a scoring window without its last
+    token, or a generation prompt): stable across processes, machines and batch layouts."""
+    digest = hashlib.sha256(np.asarray(list(tokens), dtype="<i8").tobytes() + int(seed).to_bytes(8, "little", signed=True))
+    return int.from_bytes(digest.digest()[:8], "little") % (2**63)
+
+
+def _resolve_device(name) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but CUDA is not available here; use device=cpu")
+    return device
+
+
+def _positive_int(name: str, value) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: expected a positive integer") from None
+    if number < 1 or (isinstance(value, float) and value != number):
+        raise ValueError(f"{name}={value!r}: expected a positive integer")
+    return number
+
+
+@register_model("loopdb")
+class LoopDBLM(TemplateLM):
+    """A loopdb run folder as an lm-eval language model at a chosen loop count.
+
+    Either ``run`` (a run folder: the model comes from ``loopdb.checkpoint.load_model``, the
+    tokenizer from the run's data folder) or, from Python, an already built ``model`` and
+    ``tokenizer`` (a ``loopdb.data.Tokenizer``).
+    """
+
+    def __init__(self, run=None, num_loops=1, samples=4, readout="predictive", seed=0, batch_size=16,
+                 device="cpu", max_batch_size=None, model=None, tokenizer=None):
+        super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout={readout!r} is not available; the only readout is 'predictive' "
+                             "(log-mean-exp over noise draws of the last loop's probability, METHOD 5)")
+        self.readout = readout
+        self.num_loops = num_loops
+        self.samples = _positive_int("samples", samples)
+        self.seed = int(seed)
+        self.batch_size = 16 if batch_size in (None, "auto") else _positive_int("batch_size", batch_size)
+        self._device = _resolve_device(device)
+        if model is None:
+            if run is None:
+                raise ValueError("the loopdb model needs run=PATH (a run folder made by `loopdb train`)")
+            from . import data as data_lib
+            from .checkpoint import load_model, run_data_dir
+
+            model, _ = load_model(run, self._device)
+            tokenizer = data_lib.load_tokenizer(run_data_dir(run))
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer along with an in-memory model")
+        self.run = None if run is None else str(run)
+        self.model = model.to(self._device).eval()
+        self.tok = tokenizer
+        vocab = getattr(model.config, "vocab_size", tokenizer.vocab_size)
+        if tokenizer.vocab_size != vocab:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model {vocab}; "
+                             "the run's data.json points at the wrong data folder")
+        self.window = int(model.config.context)
+
+    # -- settings -----------------------------------------------------------------------------------
+    @property
+    def num_loops(self) -> int:
+        return self._num_loops
+
+    @num_loops.setter
+    def num_loops(self, value) -> None:
+        self._num_loops = _positive_int("num_loops", value)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.newline_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.newline_id
+
+    @property
+    def max_length(self) -> int:
+        return self.window
+
+    @property
+    def max_gen_toks(self) -> int:
+        return DEFAULT_MAX_GEN_TOKS
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"loopdb-sentencepiece-{self.tok.vocab_size}"
+
+    def get_model_info(self) -> dict:
+        return {"loopdb_run": self.run, "num_loops": self.num_loops, "samples": self.samples,
+                "readout": self.readout, "seed": self.seed, "context": self.window,
+                "parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+        return self.tok.encode(string)
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.tok.decode(tokens)
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def windows_for(self, context: list[int], continuation: list[int]) -> list[tuple[list[int], int]]:
+        """Scoring units of a request: (window of <= T+1 tokens, number of its last tokens to score).
+
+        One window when the continuation fits (left-truncated context), else consecutive
+        windows that score T continuation tokens each with the T tokens before them as context.
+        """
+        context = list(context) or [self.prefix_token_id]
+        full = context + list(continuation)
+        units, first = [], len(context)
+        while first < len(full):
+            end = min(first + self.window, len(full))
+            units.append((full[max(0, end - self.window - 1):end], end - first))
+            first = end
+        return units
+
+    def score_windows(self, units: list[tuple[list[int], int]], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+        """(sum of log p, every token greedy) of the scored tokens of each (window, count) unit."""
+        from tqdm import tqdm
+
+        collator = Collator(units, sort_fn=lambda unit: (-len(unit[0]), tuple(unit[0])))
+        results = []
+        batches = collator.get_batched(n=self.batch_size)
+        progress = tqdm(total=len(units), desc=f"loopdb K={self.num_loops}", disable=disable_tqdm)
+        for batch in batches:
+            lengths = [len(tokens) - 1 for tokens, _ in batch]
+            width = max(lengths)
+            inputs = torch.full((len(batch), width), self.prefix_token_id, dtype=torch.long)
+            for row, (tokens, _) in enumerate(batch):
+                inputs[row, :len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
+            generators = [torch.Generator().manual_seed(window_seed(self.seed, tokens[:-1])) for tokens, _ in batch]
+            logprobs = engine.predictive_distribution(self.model, inputs.to(self._device), self.num_loops,
+                                                      self.samples, generators, lengths).cpu()
+            for row, (tokens, count) in enumerate(batch):
+                length = len(tokens) - 1
+                targets = torch.tensor(tokens[-count:], dtype=torch.long)
+                scored = logprobs[row, length - count:length]
+                picked = scored.gather(-1, targets[:, None]).squeeze(-1)
+                results.append((float(picked.double().sum()), bool((scored.argmax(-1) == targets).all())))
+            progress.update(len(batch))
+        progress.close()
+        return collator.get_original(results)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        units, owners = [], []
+        for index, (_, context, continuation) in enumerate(requests):
+            for unit in self.windows_for(context, continuation):
+                units.append(unit)
+                owners.append(index)
+        scores = self.score_windows(units, disable_tqdm=disable_tqdm)
+        totals = [[0.0, True] for _ in requests]
+        for owner, (logprob, greedy) in zip(owners, scores):
+            totals[owner][0] += logprob
+            totals[owner][1] = totals[owner][1] and greedy
+        answers = [(logprob, greedy) for logprob, greedy in totals]
+        for (strings, _, _), answer in zip(requests, answers):
+            if strings is not None:
+                self.cache_hook.add_partial("loglikelihood", strings, answer)
+        return answers
+
+    def rolling_windows(self, tokens: list[int]) -> list[tuple[list[int], int]]:
+        """The harness's disjoint rolling windows (context_len 1) of a document, as scoring units."""
+        pairs = get_rolling_token_windows(token_list=list(tokens), prefix_token=self.prefix_token_id,
+                                          max_seq_len=self.window, context_len=1)
+        return [((context + continuation)[-(self.window + 1):], len(continuation))
+                for context, continuation in map(make_disjoint_window, pairs)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        units, owners = [], []
+        for index, request in enumerate(requests):
+            for unit in self.rolling_windows(self.tok_encode(request.args[0])):
+                units.append(unit)
+                owners.append(index)
+        scores = self.score_windows(units, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, scores):
+            totals[owner] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # -- generation ---------------------------------------------------------------------------------
+    def _generation_settings(self, gen_kwargs: dict) -> tuple[list[str], int, float, int | None]:
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_gen_toks = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+        do_sample = bool(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 1.0 if do_sample else 0.0))
+        if not do_sample:
+            temperature = 0.0
+        top_k = kwargs.pop("top_k", None)
+        top_k = int(top_k) if top_k else None
+        if kwargs:
+            logging.getLogger(__name__).warning("loopdb ignores generation kwargs %s", sorted(kwargs))
+        return until, max_gen_toks, temperature, top_k
+
+    def generate_tokens(self, context: str, until: list[str], max_gen_toks: int, temperature: float = 0.0,
+                        top_k: int | None = None) -> tuple[list[int], str]:
+        """(new token ids, their text cut before the first stop string). Generation runs in chunks
+        (see the module docstring) and ends after the chunk where a stop string appears, or at
+        max_gen_toks."""
+        prompt = self.tok_encode(context) or [self.prefix_token_id]
+        chunk = max(1, min(GEN_CHUNK, self.window // 4))
+        new: list[int] = []
+        text = ""
+        while len(new) < max_gen_toks:
+            count = min(chunk, max_gen_toks - len(new))
+            # left-truncate so a whole chunk fits in the window: every new token sees at least
+            # window - chunk tokens of context and engine.generate never has to slide. The prompt
+            # does not depend on count, so a shorter run is a prefix of a longer one.
+            so_far = (prompt + new)[-max(1, self.window - chunk):]
+            new += engine.generate(self.model, so_far, count, self.num_loops, temperature=temperature, top_k=top_k,
+                                   seed=window_seed(self.seed, so_far))
+            text = self.tok_decode(new)
+            if any(stop and stop in text for stop in until):
+                break
+        cuts = [text.find(stop) for stop in until if stop and stop in text]
+        return new, text[:min(cuts)] if cuts else text
+
+    def generate_text(self, context: str, until: list[str], max_gen_toks: int, temperature: float = 0.0,
+                      top_k: int | None = None) -> str:
+        """Continue ``context`` until a stop string (cut off, not returned) or ``max_gen_toks`` tokens."""
+        return self.generate_tokens(context, until, max_gen_toks, temperature, top_k)[1]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from tqdm import tqdm
+
+        answers = []
+        for request in tqdm(requests, desc=f"loopdb generate K={self.num_loops}", disable=disable_tqdm):
+            context, gen_kwargs = request.args
+            until, max_gen_toks, temperature, top_k = self._generation_settings(gen_kwargs)
+            answer = self.generate_text(context, until, max_gen_toks, temperature, top_k)
+            self.cache_hook.add_partial("generate_until", request.args, answer)
+            answers.append(answer)
+        return answers
+
+
+# == loopdb eval ========================================================================================
+def local_task_dirs(include_paths=()) -> list[Path]:
+    dirs = [TASKS_DIR] if TASKS_DIR.is_dir() else []
+    for raw in include_paths:
+        path = Path(raw).expanduser().resolve()
+        if not path.is_dir():
+            raise EvalError(f"--include-path {raw}: no such folder")
+        dirs.append(path)
+    return dirs
+
+
+def task_manager_for(tasks: list[str], include_paths=()):
+    """An offline TaskManager (our tasks + --include-path folders) unless a built-in task is asked for."""
+    from lm_eval.tasks import TaskManager
+
+    dirs = local_task_dirs(include_paths)
+    local = TaskManager(include_path=[str(d) for d in dirs] or None, include_defaults=False)
+    missing = [name for name in tasks if name not in local.all_tasks]
+    if not missing:
+        return local
+    available = ", ".join(local.all_subtasks) or "none"
+    full = TaskManager(include_path=[str(d) for d in dirs] or None, include_defaults=True)
+    unknown = [name for name in missing if name not in full.all_tasks]
+    if unknown:
+        raise EvalError(f"unknown task(s) {', '.join(unknown)}; local tasks: {available} "
+                        "(add folders with --include-path; lm-eval's own task names work too, with the hub)")
+    return full
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def metric_values(results: dict, stderr: bool = False) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from an lm-eval results dict (numbers only); with ``stderr``, the
+    standard errors instead (only the metrics the harness gives one for)."""
+    table = {}
+    for task, values in (results.get("results") or {}).items():
+        row = {}
+        for key, value in values.items():
+            if "," not in key or ("_stderr," in key) != stderr:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric, filter_name = key.replace("_stderr,", ",").split(",", 1)
+            row[metric if filter_name == "none" else f"{metric}/{filter_name}"] = float(value)
+        table[task] = row
+    return table
+
+
+def jsonable(value):
+    """A JSON-safe copy: str keys, lists for tuples/sets, plain numbers, None for NaN/inf, repr for the rest."""
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, (np.generic, torch.Tensor)) and np.ndim(value) == 0:
+        value = value.item()
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
+    return str(value)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def format_table(summary: dict, loops: list[int], stderrs: dict | None = None) -> str:
+    """Markdown table: one row per task/metric, one column per loop count (value ± stderr if known)."""
+    lines = ["| task | metric | " + " | ".join(f"K={k}" for k in loops) + " |",
+             "|---|---|" + "---|" * len(loops)]
+    for task, metrics in summary.items():
+        for metric, by_loops in metrics.items():
+            cells = []
+            for k in loops:
+                cell = _fmt(by_loops.get(str(k)))
+                error = ((stderrs or {}).get(task, {}).get(metric) or {}).get(str(k))
+                cells.append(cell if error is None else f"{cell} ± {_fmt(error)}")
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_metrics(summary: dict, loops: list[int], path: Path) -> Path:
+    """One panel per task/metric against the loop count (log2 axis); saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(task, metric, by_loops) for task, metrics in summary.items() for metric, by_loops in metrics.items()]
+    columns = min(3, max(1, len(panels)))
+    rows = max(1, math.ceil(len(panels) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for axis, (task, metric, by_loops) in zip(axes.flat, panels):
+        xs = [k for k in loops if by_loops.get(str(k)) is not None]
+        ys = [by_loops[str(k)] for k in xs]
+        axis.plot(xs, ys, marker="o")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(loops, [str(k) for k in loops])
+        if "perplexity" in metric and ys and min(ys) > 0:
+            axis.set_yscale("log")
+        axis.set_title(f"{task}\n{metric}", fontsize=9)
+        axis.set_xlabel("loops K")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _checkpoint_step(run) -> int:
+    from .checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run)
+    match = re.search(r"(\d+)$", checkpoint.name) if checkpoint is not None else None
+    return int(match.group(1)) if match else 0
+
+
+def log_tensorboard(run, summary: dict, step: int) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    path = Path(run) / "tb"
+    writer = SummaryWriter(str(path))
+    for task, metrics in summary.items():
+        for metric, by_loops in metrics.items():
+            for loops, value in by_loops.items():
+                if value is not None:
+                    writer.add_scalar(f"eval/{task}/{metric}@{loops}", value, step)
+    writer.close()
+    return path
+
+
+def run_eval(run, tasks: list[str], loops: list[int], output, include_paths=(), limit=None, batch_size=16,
+             samples=4, seed=0, stderr=False, device="cpu", lm=None, tensorboard=True, say=None) -> dict:
+    """Evaluate ``run`` on ``tasks`` once per loop count; write the JSON, the PNG and tensorboard.
+
+    Returns the report written to ``output``: {"loops": {"K": lm-eval results}, "summary":
+    {task: {metric: {"K": value}}}, ...}. ``lm`` replaces loading ``run`` (tests).
+    """
+    from lm_eval import simple_evaluate
+
+    say = say or (lambda message: print(message, file=sys.stderr))
+    if not tasks:
+        raise EvalError("--tasks is empty; name at least one task")
+    if not loops or min(loops) < 1:
+        raise EvalError("every loop count must be >= 1")
+    output = Path(output)
+    manager = task_manager_for(tasks, include_paths)
+    try:  # build every task once up front: data problems (e.g. the hub offline) surface here
+        manager.load(list(tasks))
+    except Exception as error:  # the harness's own error, reported in one line
+        raise EvalError(f"could not load task(s) {', '.join(tasks)}: {_one_line(error)}") from error
+    if lm is None:
+        lm = LoopDBLM(run=run, num_loops=loops[0], samples=samples, seed=seed, batch_size=batch_size, device=device)
+    by_loops, summary, stderrs = {}, {}, {}
+    for num_loops in loops:
+        lm.num_loops = num_loops
+        say(f"loopdb eval: K={num_loops} ({', '.join(tasks)})")
+        results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                  bootstrap_iters=STDERR_BOOTSTRAP_ITERS if stderr else 0, log_samples=False,
+                                  batch_size=lm.batch_size)
+        by_loops[str(num_loops)] = jsonable(results)
+        for target, errors in ((summary, False), (stderrs, True)):
+            for task, metrics in metric_values(results, stderr=errors).items():
+                for metric, value in metrics.items():
+                    target.setdefault(task, {}).setdefault(metric, {})[str(num_loops)] = value
+    output.parent.mkdir(parents=True, exist_ok=True)
+    plot = plot_metrics(summary, loops, output.with_suffix(".png"))
+    report = {"loops": by_loops, "summary": summary, "summary_stderr": stderrs if stderr else None,
+              "run": None if run is None else str(run), "tasks": list(tasks), "readout": lm.readout,
+              "samples": lm.samples, "seed": lm.seed, "limit": limit, "plot": str(plot)}
+    output.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
+    if tensorboard and run is not None:
+        report["tensorboard"] = str(log_tensorboard(run, summary, _checkpoint_step(run)))
+    report["table"] = format_table(summary, loops, stderrs if stderr else None)
+    return report
