@@ -1,4 +1,4 @@
-"""The ``loopdb`` command line: prepare, train, score, sample.
+"""The ``loopdb`` command line: prepare, train, score, sample, eval, compare, study.
 
 Any user error (unknown preset or key, missing run folder, K < 1, bad data)
 prints one line to stderr and exits with code 2.
