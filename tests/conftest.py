@@ -23,6 +23,20 @@ def tiny_model(seed: int = 0, **overrides) -> LoopedLM:
     return model.eval()
 
 
+def record_denoise_calls(monkeypatch, model) -> list:
+    """Spy on model.denoise: each call appends (sigma, z, previous, logits)."""
+    calls = []
+    original = model.denoise
+
+    def spy(z, sigma, context, previous=None):
+        logits = original(z, sigma, context, previous)
+        calls.append((sigma, z, previous, logits))
+        return logits
+
+    monkeypatch.setattr(model, "denoise", spy)
+    return calls
+
+
 @pytest.fixture
 def model():
     return tiny_model()

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, record_denoise_calls, tiny_model
 from loopdb import engine
 from loopdb.edm import sigma_grid
 from loopdb.layers import clean_context_mask
@@ -92,16 +92,9 @@ def test_loop_count_changes_the_computation(model):
 
 
 def test_loop_logits_evaluate_the_grid_in_order(model, monkeypatch):
-    seen = []
-    original = model.denoise
-
-    def spy(z, sigma, context, previous=None):
-        seen.append(sigma)
-        return original(z, sigma, context, previous)
-
-    monkeypatch.setattr(model, "denoise", spy)
+    calls = record_denoise_calls(monkeypatch, model)
     engine.next_token_logprobs(model, tokens(1, 5), 5, torch.Generator().manual_seed(0))
-    assert seen == sigma_grid(5, model.schedule)
+    assert [sigma for sigma, *_ in calls] == sigma_grid(5, model.schedule)
 
 
 def test_predictive_logprobs_average_probabilities_over_draws(model):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, record_denoise_calls, tiny_model
 from loopdb import engine
 from loopdb.objectives import GRID_SIZES, DiffusionObjective
 
@@ -88,31 +88,18 @@ def test_rollout_returns_a_detached_sampler_state_at_a_grid_sigma():
 
 def test_self_conditioning_feeds_the_previous_estimate(monkeypatch):
     model = tiny_model(self_condition=True)
-    seen = []
-    original = model.denoise
-
-    def spy(z, sigma, context, previous=None):
-        seen.append(previous)
-        return original(z, sigma, context, previous)
-
-    monkeypatch.setattr(model, "denoise", spy)
+    calls = record_denoise_calls(monkeypatch, model)
     engine.next_token_logprobs(model, batch(), 3, torch.Generator().manual_seed(0))
+    seen = [previous for _, _, previous, _ in calls]
     assert seen[0] is None and all(p is not None for p in seen[1:]) and len(seen) == 3
 
 
 def test_ancestral_step_renoises_the_chosen_estimate(monkeypatch):
     model = tiny_model(solver="ancestral", estimate="argmax")
-    calls = []
-    original = model.denoise
-
-    def spy(z, sigma, context, previous=None):
-        logits = original(z, sigma, context, previous)
-        calls.append((sigma, z, logits))
-        return logits
-
-    monkeypatch.setattr(model, "denoise", spy)
+    recorded = record_denoise_calls(monkeypatch, model)
     engine.next_token_logprobs(model, batch(), 5, torch.Generator().manual_seed(0))
     table = model.target_table()
+    calls = [(sigma, z, logits) for sigma, z, _, logits in recorded]
     for (_, _, logits), (sigma_next, z_next, _) in zip(calls, calls[1:]):
         residual = z_next - table[logits.argmax(-1)]  # z_{i+1} = Dhat_i + sigma_{i+1} * eps
         assert residual.std().item() == pytest.approx(sigma_next, rel=0.1)
