@@ -44,9 +44,10 @@ def train_member(run: Path, preset: str, data_dir: Path, budget_minutes: float |
 
 
 def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: int, device="cpu",
-                 readout: str = "predictive", split: str = "test") -> dict:
-    """bits per byte of a run's newest model at each loop count (dense: K = 1 only)."""
-    model, config = load_model(run, device)
+                 readout: str = "predictive", split: str = "test", sampler: dict | None = None) -> dict:
+    """bits per byte of a run's newest model at each loop count (dense: K = 1 only); ``sampler`` overrides
+    inference-only settings (see checkpoint.load_model)."""
+    model, config = load_model(run, device, sampler)
     data_dir = Path(json.loads((run / "data.json").read_text())["data_dir"])
     tokens = data_lib.load_tokens(data_dir, split)
     token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)

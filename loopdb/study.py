@@ -7,6 +7,8 @@ and on sample quality (generative perplexity under a dense judge, distinct-2/3).
 Writes results.json, results.md (one table per readout, mean and spread over
 seeds) and one PNG per readout; logs ``study/<readout>@K`` to each member's
 tensorboard. Finished members are reused, so an interrupted study resumes.
+Variants that differ only in inference settings (INFERENCE_ONLY keys, e.g. the
+grid's last sigma) share one trained member and are scored with their own sampler.
 
 Example variants file:
     {"plain": {}, "edm-weight": {"loss_weight": "edm"},
@@ -27,6 +29,7 @@ from .compare import score_member, train_member
 from .config import ConfigError, preset
 
 STUDY_READOUTS = ("predictive", "last", "elbo")
+INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last")  # change the sampler, not the trained weights
 
 
 def load_variants(path) -> dict[str, dict]:
@@ -49,7 +52,8 @@ def load_variants(path) -> dict[str, dict]:
         overrides = {key: ",".join(map(str, v)) if isinstance(v, list) else str(v).lower() if isinstance(v, bool)
                      else str(v) for key, v in spec.items()}
         preset("tiny").apply_overrides(dict(overrides))  # reject unknown keys before any training
-        variants[name] = {"overrides": overrides, "seeds": [int(s) for s in seeds]}
+        sampler = {key: overrides.pop(key) for key in INFERENCE_ONLY if key in overrides}
+        variants[name] = {"overrides": overrides, "sampler": sampler, "seeds": [int(s) for s in seeds]}
     return variants
 
 
@@ -72,44 +76,45 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
     newline = data_lib.load_tokenizer(data_dir).encode("\n")
     results = {"preset": preset_name, "budget": {"minutes": budget_minutes, "steps": steps}, "split": split,
                "samples": samples, "max_windows": max_windows, "judge": judge, "variants": {}}
+    trained_runs = {}  # (training overrides, seed) -> run folder, so inference-only variants share it
     for name, variant in variants.items():
         members = {}
         for seed in variant["seeds"]:
-            run = out / f"{name}-s{seed}"
+            run = trained_runs.setdefault((tuple(sorted(variant["overrides"].items())), seed), out / f"{name}-s{seed}")
             overrides = [f"--{k}={v}" for k, v in variant["overrides"].items()] + [f"--seed={seed}"]
             summary = train_member(run, preset_name, Path(data_dir), budget_minutes, steps, overrides)
-            member = {"train": summary, "readouts": {}}
+            member = {"run": run.name, "train": summary, "readouts": {}}
             for readout in readouts:
                 try:
-                    member["readouts"][readout] = score_member(run, loops, samples, max_windows, 0,
-                                                               readout=readout, split=split)
+                    member["readouts"][readout] = score_member(run, loops, samples, max_windows, 0, readout=readout,
+                                                               split=split, sampler=variant["sampler"])
                 except ValueError as error:  # e.g. the ELBO of a dense or BPTT variant
-                    print(f"[study] {run.name}: {readout} skipped: {error}", file=sys.stderr)
+                    print(f"[study] {name}: {readout} skipped: {error}", file=sys.stderr)
             if judge_model is not None:
-                model = load_model(run)[0]
+                model = load_model(run, sampler=variant["sampler"])[0]
                 counts = loops if model.objective.has_loops else (1,)
                 member["samples"] = {str(k): engine.sample_quality(model, judge_model, newline, k, generations,
                                                                    generation_length) for k in counts}
-            _log_member(run, member)
+            _log_member(run, name, member)
             members[str(seed)] = member
-        results["variants"][name] = {"overrides": variant["overrides"], "seeds": members}
+        results["variants"][name] = {"overrides": {**variant["overrides"], **variant["sampler"]}, "seeds": members}
         (out / "results.json").write_text(json.dumps(results, indent=2))  # after each variant: nothing lost
     (out / "results.md").write_text(markdown_tables(results, loops))
     _plots(results, out, loops)
     return results
 
 
-def _log_member(run: Path, member: dict) -> None:
+def _log_member(run: Path, variant: str, member: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run / "tb"))
     step = member["train"]["steps"]
     for readout, values in member["readouts"].items():
         for k, value in values.items():
-            writer.add_scalar(f"study/{readout}@{k}", value, step)
+            writer.add_scalar(f"study/{variant}/{readout}@{k}", value, step)
     for k, quality in member.get("samples", {}).items():
         for metric in ("gen_ppl", "distinct2", "distinct3"):
-            writer.add_scalar(f"study/{metric}@{k}", quality[metric], step)
+            writer.add_scalar(f"study/{variant}/{metric}@{k}", quality[metric], step)
     writer.close()
 
 

@@ -14,6 +14,7 @@ def test_study_trains_variants_and_scores_every_readout(capsys, data_dir, tmp_pa
     variants.write_text(json.dumps({
         "plain": small,
         "rollouts": {**small, "rollout_fraction": 1.0, "rollout_loops": 4, "seeds": [0, 1]},
+        "plain-stop-early": {**small, "grid_sigma_last": 1.0},  # inference only: shares plain's training
     }))
     out = tmp_path / "study"
     code = main(["study", "--preset", "tiny", "--data", str(data_dir), "--out", str(out), "--steps", "2",
@@ -21,7 +22,11 @@ def test_study_trains_variants_and_scores_every_readout(capsys, data_dir, tmp_pa
                  "--judge", str(judge), "--generations", "2", "--generation-length", "5"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["variants"]) == {"plain", "rollouts"}
+    assert set(results["variants"]) == {"plain", "rollouts", "plain-stop-early"}
+    early = results["variants"]["plain-stop-early"]["seeds"]["0"]
+    assert early["run"] == "plain-s0" and not (out / "plain-stop-early-s0").exists()
+    assert early["readouts"]["predictive"]["1"] == member_of(results, "plain")["readouts"]["predictive"]["1"]
+    assert early["readouts"]["predictive"]["2"] != member_of(results, "plain")["readouts"]["predictive"]["2"]
     assert set(results["variants"]["rollouts"]["seeds"]) == {"0", "1"}
     member = results["variants"]["plain"]["seeds"]["0"]
     assert set(member["readouts"]) == {"predictive", "last", "elbo"}
@@ -31,6 +36,10 @@ def test_study_trains_variants_and_scores_every_readout(capsys, data_dir, tmp_pa
     assert "### elbo bits per byte" in table and "| rollouts | 2 |" in table and "+-" in table
     assert (out / "predictive_bits_per_byte_vs_loops.png").exists()
     assert (out / "generative_perplexity_vs_loops.png").exists()
+
+
+def member_of(results, name, seed="0"):
+    return results["variants"][name]["seeds"][seed]
 
 
 def test_study_rejects_a_bad_variants_file(capsys, tmp_path):
