@@ -107,8 +107,7 @@ def load_model(run_dir, device="cpu", sampler: dict[str, str] | None = None):
 
     ``sampler`` overrides inference-only settings (SAMPLER_KEYS), e.g. {"grid_sigma_last": "0.5"}."""
     from .config import ConfigError
-    from .looped import LoopedLM
-    from .objectives import make_objective
+    from .families import build_model
 
     config, checkpoint = open_run(run_dir)
     if sampler:
@@ -117,6 +116,6 @@ def load_model(run_dir, device="cpu", sampler: dict[str, str] | None = None):
             raise ConfigError(f"{', '.join(fixed)} cannot change after training; at inference only "
                               f"{', '.join(SAMPLER_KEYS)} can")
         config.apply_overrides(sampler)
-    model = LoopedLM(config.model, config.diffusion, make_objective(config.train))
+    model = build_model(config)
     load_weights(model, checkpoint)
     return model.to(device).eval(), config

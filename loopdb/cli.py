@@ -70,6 +70,14 @@ def resolve_data_dir(data: str | None, vocab_size: int) -> Path:
     return data_dir
 
 
+def run_family(run):
+    """The model family of a trained run (loopdb.families), for commands that differ by family."""
+    from .checkpoint import open_run
+    from .families import family_of
+
+    return family_of(open_run(run)[0])
+
+
 def cmd_train(args, overrides) -> int:
     from .config import preset
     from .trainer import Trainer
@@ -98,6 +106,9 @@ def cmd_score(args, sampler) -> int:
     from .checkpoint import load_model, run_data_dir
     from .trainer import resolve_device
 
+    family = run_family(args.run)
+    if family.score is not None:
+        return family.score(args, sampler)
     loops = parse_loops(args.loops)
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples}: need at least one noise draw")
@@ -136,6 +147,9 @@ def cmd_sample(args, sampler) -> int:
     from .checkpoint import load_model, run_data_dir
     from .trainer import resolve_device
 
+    family = run_family(args.run)
+    if family.sample is not None:
+        return family.sample(args, sampler)
     if args.loops < 1:
         raise UsageError(f"--loops {args.loops}: the loop count must be >= 1")
     model, _ = load_model(args.run, resolve_device(args.device), sampler)

@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    family: str = "looped"          # a key of loopdb.families.FAMILIES
     vocab_size: int = 4096          # taken from the prepared data
     context: int = 128              # tokens per training window
     d_model: int = 192
@@ -137,7 +138,10 @@ class Config:
 
     def validate(self) -> None:
         m, d, t = self.model, self.diffusion, self.train
+        from .families import FAMILIES
+
         checks = [
+            (m.family in FAMILIES, f"family must be one of {', '.join(FAMILIES)}, got {m.family!r}"),
             (m.d_model % m.n_heads == 0, f"d_model={m.d_model} must be divisible by n_heads={m.n_heads}"),
             ((m.d_model // m.n_heads) % 2 == 0, "d_model/n_heads must be even (rotary embedding)"),
             (m.n_core >= 1, "n_core must be >= 1"),

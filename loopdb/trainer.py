@@ -17,12 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import data as data_lib
-from . import engine
 from .checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from .config import Config, ConfigError
-from .looped import LoopedLM
-from .objectives import make_objective
+from .families import build_model, family_of
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,13 +59,6 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.data_dir = Path(data_dir)
         self.progress = progress
-        meta = data_lib.load_meta(self.data_dir)
-        self.train_tokens = data_lib.load_tokens(self.data_dir, "train")
-        self.val_tokens = data_lib.load_tokens(self.data_dir, "val")
-        self.tokenizer = data_lib.load_tokenizer(self.data_dir)
-        self.token_bytes = torch.as_tensor(self.tokenizer.token_bytes)
-        self.unigram_test_bpb = meta.get("unigram_test_bpb")
-
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint is None:
             raise ConfigError(f"--resume: {self.run_dir} has no checkpoint to resume from")
@@ -78,13 +68,13 @@ class Trainer:
             config = Config.load(checkpoint / "config.json").apply_overrides(
                 {"max_steps": str(config.train.max_steps)}  # resuming may extend a run, nothing else
             )
-        config.model.vocab_size = meta["vocab_size"]
+        self.task = family_of(config).task(config, self.data_dir)  # may fill in data-given fields (vocab_size)
         config.validate()
         self.config = config
         self.device = resolve_device(config.train.device)
         torch.manual_seed(config.train.seed)
-        self.objective = make_objective(config.train)
-        self.model = LoopedLM(config.model, config.diffusion, self.objective).to(self.device)
+        self.model = build_model(config).to(self.device)
+        self.objective = self.model.objective
         self.optimizer = make_optimizer(self.model, config)
         self.step = 0
         if checkpoint is not None:
@@ -119,10 +109,9 @@ class Trainer:
         totals = {"loss": 0.0}
         for micro in range(train.grad_accum):
             generator = step_generator(train.seed, self.step, micro)
-            tokens = data_lib.sample_windows(self.train_tokens, train.batch_size, self.config.model.context + 1,
-                                             generator).to(self.device)
+            batch = self.task.batch(generator, self.device)
             with self.autocast():
-                loss, stats = self.objective.loss(self._loss_model(), tokens, generator, self.step)
+                loss, stats = self.objective.loss(self._loss_model(), batch, generator, self.step)
             (loss / train.grad_accum).backward()
             for key, value in {"loss": loss, **stats}.items():
                 totals[key] = totals.get(key, 0.0) + float(torch.as_tensor(value).detach()) / train.grad_accum
@@ -140,23 +129,13 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self) -> dict:
-        train = self.config.train
-        windows = data_lib.eval_windows(self.val_tokens, self.config.model.context, train.eval_windows)
         self.model.eval()
-        results = {}
-        with self.autocast():
-            for loops in train.eval_loops if self.objective.has_loops else (1,):
-                results[f"val/bpb@{loops}"] = engine.bits_per_byte(
-                    self.model, windows, self.token_bytes, loops, samples=train.eval_samples,
-                    seed=train.seed, device=self.device)
-        return results
+        return self.task.evaluate(self.model, self.device, self.autocast)
 
-    def sample_text(self, num_loops: int = 4, tokens: int = 48) -> str:
+    def sample_text(self) -> str | None:
         self.model.eval()
-        prompt = self.tokenizer.encode("\n")
         with self.autocast():
-            ids = engine.generate(self.model, prompt, tokens, num_loops, temperature=1.0, top_k=50, seed=self.step)
-        return self.tokenizer.decode(ids)
+            return self.task.sample(self.model, self.step)
 
     # -- the loop ---------------------------------------------------------------------------
     def save(self):
@@ -203,8 +182,9 @@ class Trainer:
                     last_eval = self.evaluate()
                     self.log({"train/loss": stats["loss"], **last_eval})
                     bar.write(f"step {self.step}: " + "  ".join(f"{k}={v:.3f}" for k, v in last_eval.items()))
-                    if self.writer is not None:
-                        self.writer.add_text("sample", self.sample_text(), self.step)
+                    sample = self.sample_text()
+                    if self.writer is not None and sample is not None:
+                        self.writer.add_text("sample", sample, self.step)
                 if self.step % train.checkpoint_every == 0 or done:
                     self.save()
         except KeyboardInterrupt:
