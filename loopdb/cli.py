@@ -204,7 +204,7 @@ def cmd_eval(args) -> int:
     try:
         report = harness.run_eval(args.run, tasks, loops, args.output, include_paths=args.include_path or [],
                                   limit=args.limit, batch_size=args.batch_size, samples=args.samples, seed=args.seed,
-                                  stderr=args.stderr, device=args.device)
+                                  stderr=args.stderr, device=args.device, readout=args.readout)
     except (harness.EvalError, ValueError) as error:
         raise UsageError(str(error)) from None
     print(report["table"])
@@ -317,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", action="append", default=None, help="extra task folder (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--samples", type=int, default=4, help="noise draws averaged per token (predictive readout)")
+    p.add_argument("--samples", type=int, default=4, help="noise draws averaged per token")
+    p.add_argument("--readout", choices=["predictive", "last", "elbo", "elbo_continuous"], default="predictive",
+                   help="how a token's log-likelihood is read from the loops (METHOD 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stderr", action="store_true", help="compute standard errors (bootstrap for non-mean metrics)")
     p.add_argument("--device", default="auto")

@@ -7,7 +7,8 @@ The model class ``LoopDBLM`` is registered with the harness as ``loopdb``::
                             tasks=[...], task_manager=TaskManager(include_path="eval/tasks"))
 
 Model args: ``run`` (run folder), ``num_loops`` (K, default 1), ``samples`` (noise draws of the
-predictive readout, default 4), ``readout`` (only ``predictive``), ``seed`` (default 0),
+readout, default 4), ``readout`` (``predictive`` (default), ``last``, ``elbo`` or ``elbo_continuous``:
+see ``engine.token_logprobs``), ``seed`` (default 0),
 ``batch_size`` (default 16), ``device`` (``cpu``, ``cuda``, ``auto``; default ``cpu``).
 
 How a loopdb model answers the harness (METHOD 5: the "predictive" readout):
@@ -30,7 +31,11 @@ How a loopdb model answers the harness (METHOD 5: the "predictive" readout):
   that draws along the way (ancestral steps, sampled estimates) uses the row's generator too
   (``engine.predictive_distribution`` then scores the rows one at a time).
 - ``is_greedy``: every continuation token is the argmax of the predictive distribution
-  (the mean over the noise draws), i.e. of the same distribution that is scored.
+  (the mean over the noise draws), whatever the readout: the bounds (``elbo``) score only
+  the observed token, so they have no argmax of their own.
+- Other readouts (``readout=last|elbo|elbo_continuous``) replace the log-likelihood of
+  each scored token with ``engine.token_logprobs`` under that readout, one window at a
+  time, with a generator seeded like the predictive one.
 - Document start: the loopdb tokenizer puts no BOS/EOS in the text stream, so the
   newline piece (``Tokenizer.newline_id``) is ``prefix_token_id`` and ``eot_token_id``: it is
   the token an empty context is conditioned on and the first input of a rolling window.
@@ -74,7 +79,7 @@ import torch
 
 from . import engine
 
-READOUTS = ("predictive",)
+READOUTS = engine.READOUTS
 GEN_CHUNK = 16
 DEFAULT_MAX_GEN_TOKS = 256
 TASKS_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
@@ -124,8 +129,7 @@ class LoopDBLM(TemplateLM):
                  device="cpu", max_batch_size=None, model=None, tokenizer=None):
         super().__init__()
         if readout not in READOUTS:
-            raise ValueError(f"readout={readout!r} is not available; the only readout is 'predictive' "
-                             "(log-mean-exp over noise draws of the last loop's probability, METHOD 5)")
+            raise ValueError(f"readout={readout!r} is not available; choose one of {', '.join(READOUTS)} (METHOD 5)")
         self.readout = readout
         self.num_loops = num_loops
         self.samples = _positive_int("samples", samples)
@@ -233,10 +237,22 @@ class LoopDBLM(TemplateLM):
                 targets = torch.tensor(tokens[-count:], dtype=torch.long)
                 scored = logprobs[row, length - count:length]
                 picked = scored.gather(-1, targets[:, None]).squeeze(-1)
+                if self.readout != "predictive":
+                    picked = self.readout_logprobs(tokens)[-count:]
                 results.append((float(picked.double().sum()), bool((scored.argmax(-1) == targets).all())))
             progress.update(len(batch))
         progress.close()
         return collator.get_original(results)
+
+    def readout_logprobs(self, tokens: list[int]) -> torch.Tensor:
+        """log p of each of the window's next tokens under ``self.readout``; (len(tokens) - 1,)."""
+        window = torch.tensor(tokens, dtype=torch.long, device=self._device)[None]
+        generator = torch.Generator().manual_seed(window_seed(self.seed, tokens[:-1]))
+        try:
+            return engine.token_logprobs(self.model, window, self.num_loops, self.readout, self.samples,
+                                         generator)[0].double().cpu()
+        except ValueError as error:  # e.g. the ELBO of a model that is not a diffusion model
+            raise ValueError(f"readout={self.readout}: {error}") from None
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         units, owners = [], []
@@ -479,7 +495,8 @@ def log_tensorboard(run, summary: dict, step: int) -> Path:
 
 
 def run_eval(run, tasks: list[str], loops: list[int], output, include_paths=(), limit=None, batch_size=16,
-             samples=4, seed=0, stderr=False, device="cpu", lm=None, tensorboard=True, say=None) -> dict:
+             samples=4, seed=0, stderr=False, device="cpu", lm=None, tensorboard=True, say=None,
+             readout="predictive") -> dict:
     """Evaluate ``run`` on ``tasks`` once per loop count; write the JSON, the PNG and tensorboard.
 
     Returns the report written to ``output``: {"loops": {"K": lm-eval results}, "summary":
@@ -499,7 +516,8 @@ def run_eval(run, tasks: list[str], loops: list[int], output, include_paths=(), 
     except Exception as error:  # the harness's own error, reported in one line
         raise EvalError(f"could not load task(s) {', '.join(tasks)}: {_one_line(error)}") from error
     if lm is None:
-        lm = LoopDBLM(run=run, num_loops=loops[0], samples=samples, seed=seed, batch_size=batch_size, device=device)
+        lm = LoopDBLM(run=run, num_loops=loops[0], samples=samples, seed=seed, batch_size=batch_size, device=device,
+                      readout=readout)
     by_loops, summary, stderrs = {}, {}, {}
     for num_loops in loops:
         lm.num_loops = num_loops

@@ -166,12 +166,29 @@ def test_generate_until_stops_at_the_stop_string(tiny_lm):
     assert isinstance(uni, str)
 
 
+def test_readout_model_arg_scores_under_that_readout(tokenizer):
+    from loopdb import engine
+    from loopdb.harness import LoopDBLM, window_seed
+
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    context, continuation = [5, 9, 17, 3, 40], [11, 12, 13]
+    tokens = context + continuation
+    scores = {}
+    for readout in ("predictive", "last", "elbo"):
+        lm = LoopDBLM(model=model, tokenizer=tokenizer, readout=readout, num_loops=2, samples=2, seed=3)
+        ((scores[readout], greedy),) = lm._loglikelihood_tokens([(None, context, continuation)])
+        generator = torch.Generator().manual_seed(window_seed(3, tokens[:-1]))
+        expected = engine.token_logprobs(model, torch.tensor([tokens]), 2, readout, 2, generator)[0, -3:].sum()
+        assert scores[readout] == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+    assert len({round(v, 4) for v in scores.values()}) == 3  # three readouts, three different numbers
+
+
 def test_bad_model_args_are_clear(tokenizer):
     from loopdb.harness import LoopDBLM
 
     model = tiny_model(vocab_size=tokenizer.vocab_size)
-    with pytest.raises(ValueError, match="only readout is 'predictive'"):
-        LoopDBLM(model=model, tokenizer=tokenizer, readout="elbo")
+    with pytest.raises(ValueError, match="readout='median' is not available; choose one of predictive, last"):
+        LoopDBLM(model=model, tokenizer=tokenizer, readout="median")
     with pytest.raises(ValueError, match="num_loops"):
         LoopDBLM(model=model, tokenizer=tokenizer, num_loops=0)
     with pytest.raises(ValueError, match="run=PATH"):
