@@ -6,7 +6,9 @@ its own process, then scores every member at each loop count on every readout
 and on sample quality (generative perplexity under a dense judge, distinct-2/3).
 Writes results.json, results.md (one table per readout, mean and spread over
 seeds) and one PNG per readout; logs ``study/<readout>@K`` to each member's
-tensorboard. Finished members are reused, so an interrupted study resumes.
+tensorboard. Finished members are reused, and so are their scores when results.json
+already holds them under the same settings, so an interrupted or extended study
+(say, more seeds for the best variants) only trains and scores what is new.
 Variants that differ only in inference settings (INFERENCE_ONLY keys, e.g. the
 grid's last sigma) share one trained member and are scored with their own sampler.
 
@@ -76,6 +78,7 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
     newline = data_lib.load_tokenizer(data_dir).encode("\n")
     results = {"preset": preset_name, "budget": {"minutes": budget_minutes, "steps": steps}, "split": split,
                "samples": samples, "max_windows": max_windows, "judge": judge, "variants": {}}
+    previous = _previous_scores(out / "results.json", results)
     trained_runs = {}  # (training overrides, seed) -> run folder, so inference-only variants share it
     for name, variant in variants.items():
         members = {}
@@ -83,12 +86,18 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
             run = trained_runs.setdefault((tuple(sorted(variant["overrides"].items())), seed), out / f"{name}-s{seed}")
             overrides = [f"--{k}={v}" for k, v in variant["overrides"].items()] + [f"--seed={seed}"]
             summary = train_member(run, preset_name, Path(data_dir), budget_minutes, steps, overrides)
+            member = previous.get((name, str(seed)))
+            if _covers(member, summary, readouts, loops, judge):
+                print(f"[study] {name} seed {seed}: scores reused from results.json", file=sys.stderr)
+                members[str(seed)] = member
+                continue
             member = {"run": run.name, "train": summary, "readouts": {}}
             for readout in readouts:
                 try:
                     member["readouts"][readout] = score_member(run, loops, samples, max_windows, 0, readout=readout,
                                                                split=split, sampler=variant["sampler"])
                 except ValueError as error:  # e.g. the ELBO of a dense or BPTT variant
+                    member.setdefault("skipped", []).append(readout)
                     print(f"[study] {name}: {readout} skipped: {error}", file=sys.stderr)
             if judge_model is not None:
                 model = load_model(run, sampler=variant["sampler"])[0]
@@ -102,6 +111,26 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
     (out / "results.md").write_text(markdown_tables(results, loops))
     _plots(results, out, loops)
     return results
+
+
+def _previous_scores(path: Path, settings: dict) -> dict:
+    """(variant, seed) -> member of an earlier results.json made with the same settings."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if any(earlier.get(key) != settings[key] for key in settings if key != "variants"):
+        return {}
+    return {(name, seed): member for name, variant in earlier.get("variants", {}).items()
+            for seed, member in variant["seeds"].items()}
+
+
+def _covers(member: dict | None, summary: dict, readouts, loops, judge) -> bool:
+    """Does an earlier member's record hold every score asked for, of this very training run?"""
+    if member is None or member.get("train") != summary:
+        return False
+    counts = {"1"} if summary.get("objective") == "dense" else {str(k) for k in loops}
+    scored = all(r in member.get("skipped", []) or counts <= set(member["readouts"].get(r, {})) for r in readouts)
+    return scored and (not judge or counts <= set(member.get("samples", {})))
 
 
 def _log_member(run: Path, variant: str, member: dict) -> None:

@@ -37,6 +37,17 @@ def test_study_trains_variants_and_scores_every_readout(capsys, data_dir, tmp_pa
     assert (out / "predictive_bits_per_byte_vs_loops.png").exists()
     assert (out / "generative_perplexity_vs_loops.png").exists()
 
+    # extending the study (one more seed for "plain") trains and scores only the new member
+    variants.write_text(json.dumps({"plain": {**small, "seeds": [0, 1]}}))
+    capsys.readouterr()
+    assert main(["study", "--preset", "tiny", "--data", str(data_dir), "--out", str(out), "--steps", "2",
+                 "--variants", str(variants), "--loops", "1,2", "--max-windows", "2", "--samples", "1",
+                 "--judge", str(judge), "--generations", "2", "--generation-length", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "plain seed 0: scores reused" in err and "plain seed 1: scores reused" not in err
+    again = json.loads((out / "results.json").read_text())
+    assert again["variants"]["plain"]["seeds"]["0"] == member and set(again["variants"]["plain"]["seeds"]) == {"0", "1"}
+
 
 def member_of(results, name, seed="0"):
     return results["variants"][name]["seeds"][seed]
