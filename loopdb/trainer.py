@@ -47,8 +47,10 @@ def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     train = config.train
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # frozen parameters (e.g. the blocks a stacked run does not train) get no group and no state
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2))
 
