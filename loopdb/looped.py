@@ -82,12 +82,17 @@ class NextTokenDenoiser:
         return sum(p.numel() for p in self.parameters())
 
     def _init_linears_and_embedding(self):
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.weight.abs().sum() > 0:  # keep adaLN-Zero's zeros
-                nn.init.normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_linears(self)
         nn.init.normal_(self.embedding.weight, std=0.02)
+
+
+def init_linears(root: nn.Module, generator: torch.Generator | None = None) -> None:
+    """N(0, 0.02) for every linear layer under ``root``, except those left at zero (adaLN-Zero)."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear) and module.weight.abs().sum() > 0:  # keep adaLN-Zero's zeros
+            nn.init.normal_(module.weight, std=0.02, generator=generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 class LoopedLM(NextTokenDenoiser, nn.Module):

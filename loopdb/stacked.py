@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import DiffusionConfig, ModelConfig
 from .edm import NoiseSchedule, precondition
 from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, run_clean_layers
-from .looped import NextTokenDenoiser
+from .looped import NextTokenDenoiser, init_linears
 from .objectives import DenseObjective, DiffusionObjective, noised_targets, weighted_cross_entropy
 
 
@@ -74,13 +74,24 @@ class DiffusionBlock(nn.Module):
         self.norm = RMSNorm(dim)
         self.denoiser_out = nn.Linear(dim, dim, bias=False)
 
+    @property
+    def held(self) -> bool:
+        """False for a block this process does not hold (its tensors are on the meta device)."""
+        return not self.clean_condition.is_meta
+
+    def _apply(self, fn, *args, **kwargs):
+        return super()._apply(fn, *args, **kwargs) if self.held else self  # .to(device) leaves a released block alone
+
     def inject(self, state, embedded):
         state = state.to(embedded.dtype)
         return self.injection(torch.cat([state, embedded], -1)) if self.injection is not None else state + embedded
 
 
 class StackedLM(NextTokenDenoiser, nn.Module):
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, objective=None, checkpointing: bool = False):
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, objective=None, checkpointing: bool = False,
+                 held_blocks=None):
+        """``held_blocks``: the blocks whose weights this process holds (default all); the
+        others stay on the meta device and take no memory (a process that trains one block)."""
         super().__init__()
         self.config, self.diffusion = model, diffusion
         self.objective = objective if objective is not None else StackedDiffusionObjective()
@@ -99,10 +110,26 @@ class StackedLM(NextTokenDenoiser, nn.Module):
         self.head = None if model.tie_head else nn.Linear(dim, model.vocab_size, bias=False)
         # the blocks
         per_block = model.n_layers // model.num_blocks
-        self.blocks = nn.ModuleList(DiffusionBlock(model, per_block) for _ in range(model.num_blocks))
-        self._init_linears_and_embedding()
-        for block in self.blocks:
-            nn.init.zeros_(block.denoiser_out.weight)  # D starts as c_skip * z (EDM)
+        held = set(range(model.num_blocks)) if held_blocks is None else set(held_blocks)
+        # shared parameters from the global RNG; each block from its own generator seeded from it,
+        # so a block's initial weights do not depend on which other blocks a process holds
+        block_seed = int(torch.randint(2**62, (1,)))
+        self.blocks = nn.ModuleList()
+        with torch.random.fork_rng(devices=[]):  # building a block (on CPU or meta) leaves the global RNG alone
+            for index in range(model.num_blocks):
+                with torch.device("cpu" if index in held else "meta"):
+                    self.blocks.append(DiffusionBlock(model, per_block))
+        init_linears(self.sigma_embedder)
+        if self.head is not None:
+            init_linears(self.head)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        for index in sorted(held):
+            self.init_block(index, block_seed)
+
+    def init_block(self, block_index: int, block_seed: int) -> None:
+        block = self.blocks[block_index]
+        init_linears(block, torch.Generator().manual_seed(block_seed + block_index))
+        nn.init.zeros_(block.denoiser_out.weight)  # D starts as c_skip * z (EDM)
 
     # -- which parameters belong to which block -------------------------------------------
     def block_parameters(self, block_index: int) -> list[nn.Parameter]:
@@ -210,12 +237,14 @@ class StackedDiffusionObjective(DiffusionObjective):
         return loss, {**stats, "block": torch.tensor(float(block_index))}
 
 
-def build_stacked(config) -> StackedLM:
+def build_stacked(config, held_blocks=None) -> StackedLM:
     """The stacked family's model; parameters this run does not train are frozen
-    (requires_grad False), so the optimizer holds no state for them."""
+    (requires_grad False), so the optimizer holds no state for them. ``held_blocks``:
+    see StackedLM (the others are not even allocated)."""
     train = config.train
     objective = DenseObjective() if train.objective == "dense" else StackedDiffusionObjective(train.train_blocks)
-    model = StackedLM(config.model, config.diffusion, objective, checkpointing=train.checkpointing)
+    model = StackedLM(config.model, config.diffusion, objective, checkpointing=train.checkpointing,
+                      held_blocks=held_blocks)
     if train.objective == "diffusion" and train.train_blocks:
         for index in set(range(config.model.num_blocks)) - set(train.train_blocks):
             model.blocks[index].requires_grad_(False)

@@ -195,3 +195,133 @@ def test_cli_trains_scores_and_samples_a_stacked_run(capsys, data_dir, tmp_path)
     assert set(report["bpb"]) == {"1", "2"} and all(0 < v < 20 for v in report["bpb"].values())
     assert main(["sample", str(run), "--loops", "2", "--prompt", "KING:", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("KING:")
+
+
+# -- memory benchmark ------------------------------------------------------------------------------
+TINY_BENCH = {"vocab_size": 64, "context": 8, "d_model": 32, "n_heads": 4, "n_layers": 8}
+
+
+def test_bench_memory_measures_a_process_that_holds_one_block_only():
+    from loopdb.bench import measure
+
+    e2e, b4 = measure("e2e", "cpu", TINY_BENCH), measure("diffusion_b4", "cpu", TINY_BENCH)
+    assert e2e["parameters_trained"] == e2e["parameters_held"]
+    assert b4["parameters_trained"] == b4["parameters_held"]  # no weights of the blocks it does not train
+    per_block = (e2e["parameters_held"] - b4["parameters_held"]) / 3  # the three blocks b4 does not hold
+    assert per_block > 0 and b4["parameters_held"] - per_block < per_block  # shared parts smaller than a block
+    for result in (e2e, b4):
+        assert result["peak_mb"] >= result["baseline_mb"] > 0 and result["measure"] == "ru_maxrss"
+
+
+@pytest.mark.slow
+def test_bench_memory_json_meets_the_target(capsys):
+    """The real bench, each config in its own process (about 2 minutes on one core)."""
+    import json
+
+    from loopdb.bench import CONFIGS
+    from loopdb.cli import main
+
+    assert main(["bench", "memory", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in report["configs"]] == list(CONFIGS)
+    assert set(report["ratios"]) == {"diffusion_b4_vs_e2e", "diffusion_b2_vs_e2e", "diffusion_b4_vs_e2e_checkpointed"}
+    by_name = {c["name"]: c for c in report["configs"]}
+    assert report["ratios"]["diffusion_b4_vs_e2e"] == pytest.approx(
+        by_name["diffusion_b4"]["peak_mb"] / by_name["e2e"]["peak_mb"], abs=1e-3)
+    assert all(c["peak_mb"] > c["baseline_mb"] > 0 for c in report["configs"])
+    assert report["ratios"]["diffusion_b4_vs_e2e"] <= 0.40
+
+
+# -- several processes (torchrun, gloo) ---------------------------------------------------------
+def torchrun(*argv):
+    """``torchrun --nproc-per-node 2 -m loopdb ...`` from this checkout (inherits this process's CPU pinning)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "loopdb", *[str(a) for a in argv]]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def two_block_run(**extra):
+    from conftest import SMALL_RUN
+
+    keys = {"n_layers": 4, "num_blocks": 2, "max_steps": 3, "eval_every": 100, "checkpoint_every": 100, **extra}
+    return [*SMALL_RUN, *[f"--{k}={v}" for k, v in keys.items()]]
+
+
+def test_a_model_holding_one_block_has_that_block_as_the_full_model_has_it():
+    from loopdb.stacked import build_stacked
+
+    config = stacked_config()
+    torch.manual_seed(0)
+    full = build_stacked(config)
+    torch.manual_seed(0)
+    partial = build_stacked(config, held_blocks=(1,))
+    assert not partial.blocks[0].held and partial.blocks[1].held
+    assert all(p.is_meta for p in partial.blocks[0].parameters())
+    for (name, a), b in zip(full.blocks[1].state_dict().items(), partial.blocks[1].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(full.embedding.weight, partial.embedding.weight)
+
+
+def test_block_parallel_on_two_processes_equals_training_the_blocks_one_after_another(capsys, data_dir, tmp_path):
+    """Shared parameters frozen (train_shared=false), so each block's trajectory depends on itself only."""
+    from loopdb.checkpoint import load_model
+    from loopdb.cli import parse_overrides
+    from loopdb.config import preset
+    from loopdb.trainer import Trainer
+
+    argv = two_block_run(train_shared="false")
+    train_on_two_processes(data_dir, tmp_path / "parallel", "--block-parallel", *argv)
+    assembled, _ = load_model(tmp_path / "parallel")
+    overrides = parse_overrides(argv)
+    initial = None
+    for block in (0, 1):
+        config = preset("tiny-stacked").apply_overrides({**overrides, "train_blocks": str(block)})
+        trainer = Trainer(config, data_dir, tmp_path / f"block{block}", progress=False, log_tensorboard=False)
+        initial = initial or {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        for _ in range(3):
+            trainer.train_step()
+        for key, value in trainer.model.blocks[block].state_dict().items():
+            assert torch.allclose(assembled.blocks[block].state_dict()[key], value, atol=1e-6, rtol=0), key
+    state = assembled.state_dict()
+    assert not torch.equal(state["blocks.0.layers.0.attn.qkv.weight"], initial["blocks.0.layers.0.attn.qkv.weight"])
+    assert torch.equal(state["embedding.weight"], initial["embedding.weight"])  # frozen shared parts
+    score_and_sample(capsys, tmp_path / "parallel")  # the assembled checkpoint is a normal run
+
+
+def score_and_sample(capsys, run):
+    import json
+
+    from loopdb.cli import main
+
+    assert main(["score", str(run), "--loops", "2", "--samples", "1", "--max-windows", "2", "--json"]) == 0
+    assert 0 < json.loads(capsys.readouterr().out)["bpb"]["2"] < 20
+    assert main(["sample", str(run), "--loops", "2", "--prompt", "KING:", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("KING:")
+
+
+def train_on_two_processes(data_dir, run, *extra) -> dict:
+    import json
+
+    result = torchrun("train", "--preset", "tiny-stacked", "--data", data_dir, "--out", run, "--quiet", *extra)
+    return json.loads(result.stdout.strip().splitlines()[-1])  # printed once, by rank 0
+
+
+def test_data_parallel_on_two_processes_trains_scores_and_samples(capsys, data_dir, tmp_path):
+    assert train_on_two_processes(data_dir, tmp_path / "ddp", *two_block_run(max_steps=2))["step"] == 2
+    score_and_sample(capsys, tmp_path / "ddp")
+
+
+@pytest.mark.slow
+def test_block_parallel_with_shared_parameters_trains_scores_and_samples(capsys, data_dir, tmp_path):
+    run = tmp_path / "blocks"
+    assert train_on_two_processes(data_dir, run, "--block-parallel", *two_block_run(max_steps=2))["step"] == 2
+    score_and_sample(capsys, run)
