@@ -96,6 +96,7 @@ class StackedLM(NextTokenDenoiser, nn.Module):
         self.config, self.diffusion = model, diffusion
         self.objective = objective if objective is not None else StackedDiffusionObjective()
         self.checkpointing = checkpointing
+        self.offload = None  # a HostOffload on GPU: only the block in use on the device
         dim = model.d_model
         self.sigma_data = diffusion.sigma_data or dim**-0.5
         self.schedule = NoiseSchedule(diffusion.p_mean, diffusion.p_std, diffusion.sigma_min, diffusion.sigma_max)
@@ -146,6 +147,11 @@ class StackedLM(NextTokenDenoiser, nn.Module):
     def block_for_sigma(self, sigma: float) -> int:
         return self.schedule.block_for_sigma(self.boundaries, sigma)
 
+    def _use_block(self, block_index: int) -> DiffusionBlock:
+        if self.offload is not None:
+            self.offload.activate(block_index)
+        return self.blocks[block_index]
+
     @property
     def chained(self) -> bool:
         return self.objective.name == "dense"
@@ -170,7 +176,7 @@ class StackedLM(NextTokenDenoiser, nn.Module):
         block_kv = [None] * len(self.blocks)
         hidden = embedded
         for index in wanted:
-            block = self.blocks[index]
+            block = self._use_block(index)
             cond = block.clean_condition.to(embedded.dtype).expand(tokens.shape[0], -1)
             past = None if cache is None else cache.block_kv[index]
             source = hidden if self.chained else embedded  # DiffusionBlocks: every block starts from e
@@ -196,7 +202,7 @@ class StackedLM(NextTokenDenoiser, nn.Module):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(batch)
         pre = precondition(sigma, self.sigma_data)
         cos, sin, mask = self._noisy_positions(length, context, z.device)
-        block = self.blocks[block_index]
+        block = self._use_block(block_index)
         hidden = block.inject(pre.c_in[:, None, None] * z, context.embedded[:, -length:])
         cond = self.sigma_embedder(pre.c_noise)
         for layer, kv in zip(block.layers, context.block_kv[block_index]):
@@ -213,6 +219,35 @@ class StackedLM(NextTokenDenoiser, nn.Module):
     def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, block_index: int):
         """Training pass of ONE block: its clean stream over ``inputs`` and its denoiser on ``noisy``."""
         return self.denoise_block(block_index, noisy, sigma, self.encode(inputs, blocks=[block_index]))
+
+
+class HostOffload:
+    """On a GPU, keep every block's weights and optimizer state in host memory except the
+    block in use, which is moved to the device when a forward pass needs it (single-process
+    block-wise training: one block per step). Parameters keep their identity when moved, so
+    the optimizer's state, keyed by them, follows with ``_move``. Untested here (no GPU)."""
+
+    def __init__(self, model: StackedLM, optimizer: torch.optim.Optimizer, device, host="cpu"):
+        self.model, self.optimizer, self.device, self.host = model, optimizer, torch.device(device), host
+        self.active = None
+        for block in model.blocks:
+            self._move(block, host)
+
+    def _move(self, block: DiffusionBlock, device) -> None:
+        block.to(device)
+        for parameter in block.parameters():
+            state = self.optimizer.state.get(parameter, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(device, non_blocking=True)
+
+    def activate(self, block_index: int) -> None:
+        if block_index == self.active:
+            return
+        if self.active is not None:
+            self._move(self.model.blocks[self.active], self.host)
+        self._move(self.model.blocks[block_index], self.device)
+        self.active = block_index
 
 
 class StackedDiffusionObjective(DiffusionObjective):

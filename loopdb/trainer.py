@@ -92,6 +92,11 @@ class Trainer:
             self.model = build_stacked(own, held_blocks=self.owned_blocks).to(self.device)
         self.objective = self.model.objective
         self.optimizer = make_optimizer(self.model, config)
+        if self.device.type == "cuda" and config.model.family == "stacked" and config.train.objective == "diffusion" \
+                and not block_parallel:  # inactive blocks' weights and optimizer state wait in host memory
+            from .stacked import HostOffload
+
+            self.model.offload = HostOffload(self.model, self.optimizer, self.device)
         self.step = 0
         if checkpoint is not None:
             load_weights(self.model, checkpoint)

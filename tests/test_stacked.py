@@ -325,3 +325,4 @@ def test_block_parallel_with_shared_parameters_trains_scores_and_samples(capsys,
     run = tmp_path / "blocks"
     assert train_on_two_processes(data_dir, run, "--block-parallel", *two_block_run(max_steps=2))["step"] == 2
     score_and_sample(capsys, run)
+
