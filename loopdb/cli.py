@@ -154,9 +154,11 @@ def cmd_sample(args, sampler) -> int:
     family = run_family(args.run)
     if family.sample is not None:
         return family.sample(args, sampler)
-    if args.loops < 1:
+    if args.loops is not None and args.loops < 1:
         raise UsageError(f"--loops {args.loops}: the loop count must be >= 1")
-    model, _ = load_model(args.run, resolve_device(args.device), sampler)
+    model, config = load_model(args.run, resolve_device(args.device), sampler)
+    if args.loops is None:
+        args.loops = config.model.num_blocks if config.model.family == "stacked" else 4
     tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
     prompt = tokenizer.encode(args.prompt or "\n")
     ids = engine.generate(model, prompt, args.max_new_tokens, args.loops, temperature=args.temperature,
@@ -314,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("sample", help="generate text with K loops per token")
     p.add_argument("run")
-    p.add_argument("--loops", type=int, default=4)
+    p.add_argument("--loops", type=int, default=None, help="sampler steps per token (default: 4; a stacked "
+                   "model's num_blocks, so each block runs once)")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0)

@@ -179,7 +179,7 @@ def test_checkpointing_gives_the_same_gradients():
     assert len(grads[0]) == len(grads[1]) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def test_cli_trains_scores_and_samples_a_stacked_run(capsys, data_dir, tmp_path):
+def test_cli_trains_scores_and_samples_a_stacked_run(capsys, monkeypatch, data_dir, tmp_path):
     import json
 
     from conftest import SMALL_RUN
@@ -195,6 +195,9 @@ def test_cli_trains_scores_and_samples_a_stacked_run(capsys, data_dir, tmp_path)
     assert set(report["bpb"]) == {"1", "2"} and all(0 < v < 20 for v in report["bpb"].values())
     assert main(["sample", str(run), "--loops", "2", "--prompt", "KING:", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("KING:")
+    steps = []  # by default a stacked model samples with T = B steps
+    monkeypatch.setattr(engine, "generate", lambda model, prompt, count, loops, **kw: steps.append(loops) or [1])
+    assert main(["sample", str(run), "--max-new-tokens", "2"]) == 0 and steps == [2]
 
 
 # -- memory benchmark ------------------------------------------------------------------------------
