@@ -28,6 +28,10 @@ Design choices ([ours] where the paper is silent; each is a config key or docume
   trains with next-token CE; its logits come from the last layer.
 - ``checkpointing``: activation checkpointing of each layer while training (both
   objectives), for the memory benchmark's baselines.
+- Memory: a process builds only the blocks it holds (``held_blocks``; the others live on
+  the meta device), each block initialised from its own seed so that does not change its
+  weights; blocks a run does not train are frozen (no optimizer state). On a GPU,
+  ``HostOffload`` keeps the blocks not in use, and their AdamW state, in host memory.
 """
 
 from __future__ import annotations
