@@ -1,4 +1,4 @@
-"""The ``loopdb`` command line: prepare, train, score, sample, eval, compare, study.
+"""The ``loopdb`` command line: prepare, train, score, sample, eval, compare, study, bench.
 
 Any user error (unknown preset or key, missing run folder, K < 1, bad data)
 prints one line to stderr and exits with code 2.
@@ -84,16 +84,20 @@ def cmd_train(args, overrides) -> int:
 
     config = preset(args.preset).apply_overrides(overrides)
     data_dir = resolve_data_dir(args.data, config.train.data_vocab_size)
-    trainer = Trainer(config, data_dir, args.out, resume=args.resume, progress=not args.quiet)
-    print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {trainer.device}; run folder {args.out}",
-          file=sys.stderr)
+    trainer = Trainer(config, data_dir, args.out, resume=args.resume, progress=not args.quiet,
+                      block_parallel=args.block_parallel)
+    main_rank = trainer.group.is_main
+    if main_rank:
+        print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {trainer.device}; "
+              f"run folder {args.out}", file=sys.stderr)
     try:
         results = trainer.train()
     except KeyboardInterrupt:
         print(f"stopped at step {trainer.step}; continue with: loopdb train --preset {args.preset} --out {args.out} "
               "--resume", file=sys.stderr)
         return 130
-    print(json.dumps({"step": trainer.step, **results}))
+    if main_rank:
+        print(json.dumps({"step": trainer.step, **results}))
     return 0
 
 
@@ -150,9 +154,11 @@ def cmd_sample(args, sampler) -> int:
     family = run_family(args.run)
     if family.sample is not None:
         return family.sample(args, sampler)
-    if args.loops < 1:
+    if args.loops is not None and args.loops < 1:
         raise UsageError(f"--loops {args.loops}: the loop count must be >= 1")
-    model, _ = load_model(args.run, resolve_device(args.device), sampler)
+    model, config = load_model(args.run, resolve_device(args.device), sampler)
+    if args.loops is None:
+        args.loops = config.model.num_blocks if config.model.family == "stacked" else 4
     tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
     prompt = tokenizer.encode(args.prompt or "\n")
     ids = engine.generate(model, prompt, args.max_new_tokens, args.loops, temperature=args.temperature,
@@ -234,6 +240,15 @@ def cmd_study(args, overrides) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_memory_bench
+    from .trainer import resolve_device
+
+    report = run_memory_bench(str(resolve_device(args.device)))
+    print(json.dumps(report) if args.json else format_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopdb", description="Looped transformers trained with DiffusionBlocks.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--block-parallel", action="store_true",
+                   help="under torchrun: each process trains its own blocks of a stacked DiffusionBlocks model")
 
     p = commands.add_parser("compare", help="DiffusionBlocks vs BPTT vs dense at equal time (or steps)",
                             epilog="example: loopdb compare --preset tiny --budget-minutes 2 --out runs/cmp")
@@ -299,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("sample", help="generate text with K loops per token")
     p.add_argument("run")
-    p.add_argument("--loops", type=int, default=4)
+    p.add_argument("--loops", type=int, default=None, help="sampler steps per token (default: 4; a stacked "
+                   "model's num_blocks, so each block runs once)")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -324,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stderr", action="store_true", help="compute standard errors (bootstrap for non-mean metrics)")
     p.add_argument("--device", default="auto")
     p.add_argument("--verbose", action="store_true", help="show the harness's own log messages")
+
+    p = commands.add_parser("bench", help="benchmarks: `bench memory` (peak memory, end to end vs block-wise)")
+    p.add_argument("what", choices=["memory"])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu")
     return parser
 
 
@@ -345,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             return {"score": cmd_score, "sample": cmd_sample}[args.command](args, parse_overrides(extra))
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
-        return {"prepare": cmd_prepare, "score": cmd_score, "sample": cmd_sample, "eval": cmd_eval}[args.command](args)
+        return {"prepare": cmd_prepare, "score": cmd_score, "sample": cmd_sample, "eval": cmd_eval,
+                "bench": cmd_bench}[args.command](args)
     except (UsageError, ConfigError, DataError, RunError) as error:
         print(f"loopdb {args.command}: error: {error}", file=sys.stderr)
         return USER_ERROR

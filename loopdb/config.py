@@ -33,6 +33,8 @@ class ModelConfig:
     injection: str = "concat"       # concat: Linear([c_in*z ; e]) (Huginn's adapter) | add: c_in*z + e
     tie_head: bool = True
     attention: str = "auto"         # auto (xformers on CUDA when its probe passes, else SDPA) | sdpa | xformers
+    n_layers: int = 8               # stacked: distinct layers in all
+    num_blocks: int = 4             # stacked: DiffusionBlocks of n_layers/num_blocks contiguous layers each
 
 
 @dataclass
@@ -55,6 +57,9 @@ class DiffusionConfig:
     rollout_fraction: float = 0.0   # share of steps trained on the sampler's own (detached) states
     rollout_loops: int = 8          # grid used for those rollouts
     rollout_max_steps: int = 0      # most sampler steps per rollout; 0 = the whole grid
+    # -- stacked DiffusionBlocks (METHOD 2, 3.2) --
+    partition: str = "equiprob"     # noise ranges of the blocks: equiprob (paper) | uniform (in log sigma; ablation)
+    block_overlap: float = 0.1      # widen each block's training range by this x its log-width per side
 
 
 @dataclass
@@ -84,6 +89,9 @@ class TrainConfig:
     bf16: bool = False              # torch.autocast with bfloat16
     compile: bool = False           # torch.compile the model (first step is slow)
     data_vocab_size: int = 4096     # vocabulary when the default corpus is prepared automatically
+    train_blocks: tuple = ()        # stacked diffusion: the blocks this run trains (one per step, uniformly); () = all
+    train_shared: bool = True       # stacked: train the shared parameters (embedding, sigma embedder, norm, head)
+    checkpointing: bool = False     # stacked: activation checkpointing, one layer at a time
 
 
 @dataclass
@@ -169,6 +177,17 @@ class Config:
             (t.lr > 0, "lr must be positive"),
             (all(k >= 1 for k in t.eval_loops), "eval_loops must all be >= 1"),
             (t.eval_samples >= 1, "eval_samples must be >= 1"),
+            (m.num_blocks >= 1 and m.n_layers % m.num_blocks == 0,
+             f"n_layers={m.n_layers} must be a multiple of num_blocks={m.num_blocks}"),
+            (all(0 <= b < m.num_blocks for b in t.train_blocks),
+             f"train_blocks={t.train_blocks}: blocks are numbered 0..{m.num_blocks - 1}"),
+            (d.partition in ("equiprob", "uniform"), f"partition must be equiprob or uniform, got {d.partition!r}"),
+            (d.block_overlap >= 0, "block_overlap must be >= 0"),
+            (m.family != "stacked" or t.objective in ("diffusion", "dense"),
+             f"the stacked family trains with objective diffusion or dense, not {t.objective!r}"),
+            (m.family != "stacked" or not (d.self_condition or d.rollout_fraction or d.train_grid_fraction),
+             "self_condition, rollout_fraction and train_grid_fraction are looped-model remedies; "
+             "the stacked family does not support them"),
         ]
         for ok, message in checks:
             if not ok:
@@ -237,7 +256,25 @@ def _small() -> Config:
     return config
 
 
-PRESETS = {"tiny": _tiny, "demo": _demo, "small": _small}
+def _tiny_stacked() -> Config:
+    """Stacked LM, 8 layers in 4 DiffusionBlocks: about 1-2 minutes on one core."""
+    config = _tiny()
+    config.model = ModelConfig(family="stacked", context=64, d_model=128, n_heads=4, n_layers=8, num_blocks=4)
+    config.train.eval_loops = (1, 4)
+    return config
+
+
+def _small_stacked() -> Config:
+    """Stacked LM for the B=4 vs end-to-end comparison (tens of minutes on CPU)."""
+    config = Config()
+    config.model = ModelConfig(family="stacked", context=128, d_model=192, n_heads=6, n_layers=8, num_blocks=4)
+    config.train = TrainConfig(batch_size=32, max_steps=1200, warmup_steps=50, lr=2e-3, eval_every=400,
+                               eval_loops=(1, 4), eval_windows=16, checkpoint_every=400)
+    return config
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "small": _small, "tiny-stacked": _tiny_stacked,
+           "small-stacked": _small_stacked}
 
 
 def preset(name: str) -> Config:

@@ -75,8 +75,15 @@ def _looped(config: Config):
     return LoopedLM(config.model, config.diffusion, make_objective(config.train))
 
 
+def _stacked(config: Config):
+    from .stacked import build_stacked
+
+    return build_stacked(config)
+
+
 FAMILIES: dict[str, Family] = {
     "looped": Family(build=_looped),
+    "stacked": Family(build=_stacked),
 }
 
 

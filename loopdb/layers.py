@@ -197,3 +197,21 @@ class Block(nn.Module):
         h, kv = self.attn(self.norm1(x), cos, sin, kv_prefix, mask)
         x = x + h
         return x + self.mlp(self.norm2(x)), kv
+
+
+def run_clean_layers(layers, hidden, cos, sin, past=None, cond=None, mask=None, call=None):
+    """Run a clean (context) stream through ``layers``; ``past``: per layer the cached (k, v)
+    of earlier positions, or None. Returns (hidden, per-layer (k, v) over past and new positions).
+    ``call(layer, hidden, cos, sin, cond, kv_prefix, mask)`` replaces the plain layer call
+    (e.g. with activation checkpointing)."""
+    new_kv = []
+    for index, layer in enumerate(layers):
+        prefix = None if past is None else past[index]
+        if call is None:
+            hidden, (k, v) = layer(hidden, cos, sin, cond=cond, kv_prefix=prefix, mask=mask)
+        else:
+            hidden, (k, v) = call(layer, hidden, cos, sin, cond, prefix, mask)
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+        new_kv.append((k, v))
+    return hidden, new_kv

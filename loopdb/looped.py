@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .config import DiffusionConfig, ModelConfig
 from .edm import NoiseSchedule, precondition
-from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask
+from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, run_clean_layers
 from .objectives import DiffusionObjective
 
 
@@ -49,7 +49,53 @@ class CleanContext:
     length: int
 
 
-class LoopedLM(nn.Module):
+class NextTokenDenoiser:
+    """What every next-token diffusion LM of loopdb shares (the looped and the stacked one):
+    the target table, Dhat, the head, and the noisy stream's positions and mask. Needs
+    ``embedding``, ``rotary``, ``final_norm``, ``head`` and ``target_norm``."""
+
+    # -- tables -----------------------------------------------------------------------
+    def target_table(self) -> torch.Tensor:
+        """Normalised embedding rows (norm ``target_norm``): the training targets AND the table of Dhat."""
+        table = F.normalize(self.embedding.weight, dim=-1)
+        return table if self.target_norm == 1.0 else table * self.target_norm
+
+    def targets(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(next_tokens, self.target_table())
+
+    def soft_denoised(self, logits: torch.Tensor) -> torch.Tensor:
+        """Dhat = softmax(logits) @ normalize(E) (METHOD 2, discrete targets)."""
+        table = self.target_table()
+        return torch.softmax(logits.float(), dim=-1).to(table.dtype) @ table
+
+    def logits_from(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.final_norm(hidden)
+        return hidden @ self.embedding.weight.t() if self.head is None else self.head(hidden)
+
+    def _noisy_positions(self, length: int, context, device):
+        positions = torch.arange(context.length - length, context.length, device=device)
+        cos, sin = self.rotary(positions)
+        mask = clean_context_mask(positions, torch.arange(context.length, device=device))
+        return cos, sin, mask
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _init_linears_and_embedding(self):
+        init_linears(self)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+
+def init_linears(root: nn.Module, generator: torch.Generator | None = None) -> None:
+    """N(0, 0.02) for every linear layer under ``root``, except those left at zero (adaLN-Zero)."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear) and module.weight.abs().sum() > 0:  # keep adaLN-Zero's zeros
+            nn.init.normal_(module.weight, std=0.02, generator=generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class LoopedLM(NextTokenDenoiser, nn.Module):
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, objective=None):
         super().__init__()
         self.config, self.diffusion = model, diffusion
@@ -83,33 +129,10 @@ class LoopedLM(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.weight.abs().sum() > 0:  # keep adaLN-Zero's zeros
-                nn.init.normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        self._init_linears_and_embedding()
         nn.init.zeros_(self.denoiser_out.weight)  # D starts as c_skip * z (EDM)
         if self.self_condition is not None:
             nn.init.zeros_(self.self_condition.weight)
-
-    # -- tables -----------------------------------------------------------------------
-    def target_table(self) -> torch.Tensor:
-        """Normalised embedding rows (norm ``target_norm``): the training targets AND the table of Dhat."""
-        table = F.normalize(self.embedding.weight, dim=-1)
-        return table if self.target_norm == 1.0 else table * self.target_norm
-
-    def targets(self, next_tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(next_tokens, self.target_table())
-
-    def soft_denoised(self, logits: torch.Tensor) -> torch.Tensor:
-        """Dhat = softmax(logits) @ normalize(E) (METHOD 2, discrete targets)."""
-        table = self.target_table()
-        return torch.softmax(logits.float(), dim=-1).to(table.dtype) @ table
-
-    def logits_from(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = self.final_norm(hidden)
-        return hidden @ self.embedding.weight.t() if self.head is None else self.head(hidden)
 
     # -- clean stream -----------------------------------------------------------------
     def encode(self, tokens: torch.Tensor, cache: CleanContext | None = None) -> CleanContext:
@@ -121,14 +144,7 @@ class LoopedLM(nn.Module):
         mask = None if cache is None else causal_mask(positions, key_positions)  # None: plain causal fast path
 
         def run(layers, hidden, past, cond=None):
-            new_kv = []
-            for index, layer in enumerate(layers):
-                prefix = None if cache is None else past[index]
-                hidden, (k, v) = layer(hidden, cos, sin, cond=cond, kv_prefix=prefix, mask=mask)
-                if prefix is not None:
-                    k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
-                new_kv.append((k, v))
-            return hidden, new_kv
+            return run_clean_layers(layers, hidden, cos, sin, past, cond, mask)
 
         embedded, prelude_kv = run(self.prelude, self.embedding(tokens), None if cache is None else cache.prelude_kv)
         clean_cond = self.clean_condition.to(embedded.dtype).expand(tokens.shape[0], -1)
@@ -137,12 +153,6 @@ class LoopedLM(nn.Module):
         return CleanContext(prelude_kv, core_kv, coda_kv, embedded, final_hidden, start + tokens.shape[1])
 
     # -- noisy stream ----------------------------------------------------------------------
-    def _noisy_positions(self, length: int, context: CleanContext, device):
-        positions = torch.arange(context.length - length, context.length, device=device)
-        cos, sin = self.rotary(positions)
-        mask = clean_context_mask(positions, torch.arange(context.length, device=device))
-        return cos, sin, mask
-
     def _run_core(self, hidden, cond, context: CleanContext, cos, sin, mask):
         for layer, kv in zip(self.core, context.core_kv):
             hidden, _ = layer(hidden, cos, sin, cond=cond, kv_prefix=kv, mask=mask)
@@ -192,9 +202,6 @@ class LoopedLM(nn.Module):
     def dense_logits(self, context: CleanContext) -> torch.Tensor:
         """Dense: the same layers applied once to the clean stream, as a plain causal LM."""
         return self.logits_from(context.final_hidden)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, previous=None) -> torch.Tensor:
         """DiffusionBlocks training pass: clean stream over ``inputs``, one denoiser evaluation everywhere."""

@@ -30,6 +30,22 @@ def _cross_entropy(logits, next_tokens) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), next_tokens.flatten(), reduction="none").view(batch, -1).mean(1)
 
 
+def noised_targets(model, next_tokens, sigma, generator) -> torch.Tensor:
+    """z_sigma = y + sigma * eps for the next tokens' target embeddings; (B, T, C)."""
+    targets = model.targets(next_tokens)
+    noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
+    return targets + sigma[:, None, None] * noise
+
+
+def weighted_cross_entropy(model, logits, next_tokens, sigma):
+    """w(sigma) * CE(logits, next token), one sigma per sequence (METHOD 2); returns (loss, stats)."""
+    diffusion = model.diffusion
+    cross_entropy = _cross_entropy(logits, next_tokens)  # one value per sequence, i.e. per sigma
+    weight = loss_weight(sigma, model.sigma_data, diffusion.loss_weight, diffusion.loss_weight_clamp or None)
+    loss = (weight * cross_entropy).mean()
+    return loss, {"ce": cross_entropy.mean().detach(), "weight": weight.mean().detach()}
+
+
 GRID_SIZES = (1, 2, 4, 8, 16)  # inference grids whose sigmas train_grid_fraction covers
 
 
@@ -46,9 +62,7 @@ class DiffusionObjective:
         diffusion = model.diffusion
         inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
         sigma = self.training_sigmas(model, tokens.shape[0], generator).to(tokens.device)
-        targets = model.targets(next_tokens)  # (B, T, C)
-        noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
-        noisy = targets + sigma[:, None, None] * noise
+        noisy = noised_targets(model, next_tokens, sigma, generator)
         stats = {}
         if diffusion.rollout_fraction > 0 and _chance(generator) < diffusion.rollout_fraction:
             noisy, sigma = self.rollout(model, inputs, generator)
@@ -57,11 +71,8 @@ class DiffusionObjective:
         if diffusion.self_condition and _chance(generator) < 0.5:
             with torch.no_grad():  # the first pass only provides the estimate to condition on
                 previous = model.soft_denoised(model.denoise(noisy, sigma, model.encode(inputs))).to(noisy.dtype)
-        logits = model(inputs, noisy, sigma, previous)
-        cross_entropy = _cross_entropy(logits, next_tokens)  # one value per sequence, i.e. per sigma
-        weight = loss_weight(sigma, model.sigma_data, diffusion.loss_weight, diffusion.loss_weight_clamp or None)
-        loss = (weight * cross_entropy).mean()
-        return loss, {"ce": cross_entropy.mean().detach(), "weight": weight.mean().detach(), **stats}
+        loss, loss_stats = weighted_cross_entropy(model, model(inputs, noisy, sigma, previous), next_tokens, sigma)
+        return loss, {**loss_stats, **stats}
 
     def training_sigmas(self, model, batch: int, generator) -> torch.Tensor:
         """One sigma per sequence from the truncated log-normal; with train_grid_fraction,

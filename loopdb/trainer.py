@@ -8,6 +8,7 @@ an uninterrupted one would (Huginn seeds its depth sampler the same way).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -41,21 +42,26 @@ def learning_rate(step: int, config: Config) -> float:
     return floor + 0.5 * (train.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) % (2**63))
+def step_generator(seed: int, step: int, micro: int = 0, stream: int = 0) -> torch.Generator:
+    """The generator of one micro-step; ``stream`` separates the draws of data-parallel ranks."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro + stream * 7_919) % (2**63))
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     train = config.train
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # frozen parameters (e.g. the blocks a stacked run does not train) get no group and no state
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2))
 
 
 class Trainer:
     def __init__(self, config: Config, data_dir, run_dir, resume: bool = False, progress: bool = True,
-                 log_tensorboard: bool = True):
+                 log_tensorboard: bool = True, block_parallel: bool = False):
+        """Under torchrun (WORLD_SIZE > 1) the run is data-parallel, or block-parallel with
+        ``block_parallel`` (loopdb.parallel); rank 0 evaluates, logs and saves."""
         self.run_dir = Path(run_dir)
         self.data_dir = Path(data_dir)
         self.progress = progress
@@ -72,10 +78,25 @@ class Trainer:
         config.validate()
         self.config = config
         self.device = resolve_device(config.train.device)
+        self.group, self.owned_blocks = self._join_processes(config, block_parallel, resume)
+        if self.group.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.group.local_rank)
         torch.manual_seed(config.train.seed)
-        self.model = build_model(config).to(self.device)
+        if self.owned_blocks is None:
+            self.model = build_model(config).to(self.device)
+        else:  # this rank allocates and trains its own blocks only
+            from .stacked import build_stacked
+
+            own = copy.deepcopy(config)
+            own.train.train_blocks = self.owned_blocks
+            self.model = build_stacked(own, held_blocks=self.owned_blocks).to(self.device)
         self.objective = self.model.objective
         self.optimizer = make_optimizer(self.model, config)
+        if self.device.type == "cuda" and config.model.family == "stacked" and config.train.objective == "diffusion" \
+                and not block_parallel:  # inactive blocks' weights and optimizer state wait in host memory
+            from .stacked import HostOffload
+
+            self.model.offload = HostOffload(self.model, self.optimizer, self.device)
         self.step = 0
         if checkpoint is not None:
             load_weights(self.model, checkpoint)
@@ -85,14 +106,40 @@ class Trainer:
             self.step = state["step"]
         self.train_forward = torch.compile(self.model) if config.train.compile else self.model
 
+        self.writer = None
+        if not self.group.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config.save(self.run_dir / "config.json")
         (self.run_dir / "data.json").write_text(json.dumps({"data_dir": str(self.data_dir.resolve())}))
-        self.writer = None
         if log_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    @staticmethod
+    def _join_processes(config: Config, block_parallel: bool, resume: bool):
+        """(group, blocks this rank owns or None): the torchrun job this process belongs to."""
+        from . import parallel
+
+        if block_parallel and (config.model.family != "stacked" or config.train.objective != "diffusion"):
+            raise ConfigError("--block-parallel trains the blocks of a stacked DiffusionBlocks model "
+                              "(family=stacked, objective=diffusion)")
+        if parallel.world_size_from_env() > 1 and config.train.time_budget_minutes > 0:
+            raise ConfigError("time_budget_minutes is single-process only (ranks would stop at different steps)")
+        if block_parallel and resume:
+            raise ConfigError("--block-parallel runs cannot --resume yet; start a new run")
+        group = parallel.init_from_env(resolve_device(config.train.device).type)
+        if not block_parallel:
+            return group, None
+        try:
+            return group, parallel.owned_blocks(config.model.num_blocks, group)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    @property
+    def block_parallel(self) -> bool:
+        return self.owned_blocks is not None
 
     # -- one optimisation step ---------------------------------------------------------
     def autocast(self):
@@ -107,19 +154,39 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         totals = {"loss": 0.0}
+        # data-parallel ranks draw different batches; block-parallel ranks the same one
+        stream = 0 if self.block_parallel else self.group.rank
         for micro in range(train.grad_accum):
-            generator = step_generator(train.seed, self.step, micro)
+            generator = step_generator(train.seed, self.step, micro, stream)
             batch = self.task.batch(generator, self.device)
             with self.autocast():
                 loss, stats = self.objective.loss(self._loss_model(), batch, generator, self.step)
             (loss / train.grad_accum).backward()
             for key, value in {"loss": loss, **stats}.items():
                 totals[key] = totals.get(key, 0.0) + float(torch.as_tensor(value).detach()) / train.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.grad_clip).item()
+        grad_norm = self._synchronise_and_clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {**totals, "lr": lr, "grad_norm": grad_norm}
+
+    def _synchronise_and_clip(self) -> float:
+        """Average gradients over ranks (all of them, or only the shared ones when block-parallel)
+        and clip; block-parallel clips the shared gradients on their own so every rank takes the
+        same shared step. Returns the pre-clip norm of this rank's own gradients."""
+        from . import parallel
+
+        clip = self.config.train.grad_clip
+        if self.group.world_size == 1:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        if not self.block_parallel:
+            parallel.average_gradients(self.model.parameters(), self.group.world_size)
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        shared = self.model.shared_parameters()
+        parallel.average_gradients(shared, self.group.world_size)
+        torch.nn.utils.clip_grad_norm_([p for p in shared if p.grad is not None], clip)
+        owned = [p for index in self.owned_blocks for p in self.model.block_parameters(index) if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(owned, clip).item()
 
     def _loss_model(self):
         # the loss calls model(...) for the training pass and model attributes otherwise
@@ -139,7 +206,9 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def save(self):
-        save_checkpoint(self.run_dir, self.model, self.optimizer, self.step, self.config)
+        # a block-parallel rank's optimizer holds its own blocks only: the assembled checkpoint keeps none
+        optimizer = None if self.block_parallel else self.optimizer
+        save_checkpoint(self.run_dir, self.model, optimizer, self.step, self.config)
 
     def log(self, values: dict):
         if self.writer is not None:
@@ -158,7 +227,8 @@ class Trainer:
             interrupted["flag"] = True
 
         previous = signal.signal(signal.SIGTERM, on_signal)
-        bar = tqdm(total=train.max_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        bar = tqdm(total=train.max_steps, initial=self.step, disable=not (self.progress and self.group.is_main),
+                   desc="train", unit="step")
         tokens_per_step = train.batch_size * train.grad_accum * self.config.model.context
         last_eval = {}
         step_seconds = []
@@ -178,6 +248,10 @@ class Trainer:
                     for key, value in stats.items():
                         self.writer.add_scalar(f"train/{key}", value, self.step)
                 done = self.step == train.max_steps
+                if self.block_parallel and done:
+                    self._assemble()
+                if not self.group.is_main or (self.block_parallel and not done):
+                    continue  # rank 0 evaluates and saves; block-parallel: once the model is assembled
                 if self.step % train.eval_every == 0 or done:
                     last_eval = self.evaluate()
                     self.log({"train/loss": stats["loss"], **last_eval})
@@ -188,18 +262,29 @@ class Trainer:
                 if self.step % train.checkpoint_every == 0 or done:
                     self.save()
         except KeyboardInterrupt:
-            bar.write("interrupted: saving a checkpoint (resume with --resume)")
-            self.save()
+            if self.group.is_main and not self.block_parallel:
+                bar.write("interrupted: saving a checkpoint (resume with --resume)")
+                self.save()
             raise
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
             if self.writer is not None:
                 self.writer.flush()
-        if interrupted["flag"]:
+        if interrupted["flag"] and self.group.is_main and not self.block_parallel:
             self.save()
-        self._write_summary(step_seconds, tokens_per_step)
+        if self.group.is_main:
+            self._write_summary(step_seconds, tokens_per_step)
+        from .parallel import barrier
+
+        barrier(self.group)
         return last_eval
+
+    def _assemble(self) -> None:
+        """Block-parallel: rank 0 gathers every rank's blocks into one whole model."""
+        from .parallel import gather_blocks
+
+        gather_blocks(self.model, self.owned_blocks, self.group)
 
     def _fit_budget(self, step_seconds: list[float], bar) -> None:
         """With a time budget, set max_steps from the measured step time (re-estimated every
