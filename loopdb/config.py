@@ -33,6 +33,13 @@ class ModelConfig:
     injection: str = "concat"       # concat: Linear([c_in*z ; e]) (Huginn's adapter) | add: c_in*z + e
     tie_head: bool = True
     attention: str = "auto"         # auto (xformers on CUDA when its probe passes, else SDPA) | sdpa | xformers
+    # -- vision (families vit, dit) --
+    n_layers: int = 4               # adaLN-Zero layers of the ViT / DiT
+    num_blocks: int = 4             # DiffusionBlocks: n_layers split into this many blocks, one noise range each
+    patch_size: int = 2
+    image_size: int = 8             # taken from the data (square images)
+    channels: int = 1               # taken from the data
+    num_classes: int = 10           # taken from the data
 
 
 @dataclass
@@ -55,6 +62,10 @@ class DiffusionConfig:
     rollout_fraction: float = 0.0   # share of steps trained on the sampler's own (detached) states
     rollout_loops: int = 8          # grid used for those rollouts
     rollout_max_steps: int = 0      # most sampler steps per rollout; 0 = the whole grid
+    # -- vision (families vit, dit) --
+    block_overlap: float = 0.05     # widen each block's training range by this x its log-width per side (METHOD 2)
+    label_dropout: float = 0.1      # dit: share of labels replaced by the null class (classifier-free guidance)
+    cfg_scale: float = 2.0          # dit: guidance scale when evaluating; `loopdb sample/score --cfg` overrides it
 
 
 @dataclass
@@ -169,10 +180,28 @@ class Config:
             (t.lr > 0, "lr must be positive"),
             (all(k >= 1 for k in t.eval_loops), "eval_loops must all be >= 1"),
             (t.eval_samples >= 1, "eval_samples must be >= 1"),
+            *self._vision_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def _vision_checks(self) -> list:
+        m, d, t = self.model, self.diffusion, self.train
+        if m.family not in ("vit", "dit"):
+            return []
+        return [
+            (t.objective in ("diffusion", "dense"), f"family {m.family} trains with objective diffusion or dense, "
+                                                    f"got {t.objective!r}"),
+            (m.n_layers >= 1 and m.num_blocks >= 1, "n_layers and num_blocks must be >= 1"),
+            (m.n_layers % m.num_blocks == 0, f"n_layers={m.n_layers} must be divisible by num_blocks={m.num_blocks}"),
+            (m.patch_size >= 1 and m.image_size % m.patch_size == 0,
+             f"image_size={m.image_size} must be divisible by patch_size={m.patch_size}"),
+            (m.channels >= 1 and m.num_classes >= 2, "channels must be >= 1 and num_classes >= 2"),
+            (d.block_overlap >= 0, "block_overlap must be >= 0"),
+            (0 <= d.label_dropout < 1, "label_dropout must be in [0, 1)"),
+            (d.cfg_scale >= 0, "cfg_scale must be >= 0"),
+        ]
 
     @property
     def sigma_data(self) -> float:
@@ -237,7 +266,26 @@ def _small() -> Config:
     return config
 
 
-PRESETS = {"tiny": _tiny, "demo": _demo, "small": _small}
+def _tiny_vit() -> Config:
+    """ViT classifier on the 8x8 digits, 4 DiffusionBlocks of one layer: about a minute on one core."""
+    config = Config()
+    config.model = ModelConfig(family="vit", d_model=96, n_heads=4, n_layers=4, num_blocks=4, patch_size=2)
+    config.train = TrainConfig(batch_size=64, max_steps=1500, warmup_steps=50, lr=2e-3, weight_decay=0.05,
+                               eval_every=500, eval_loops=(1, 4), checkpoint_every=500)
+    return config
+
+
+def _tiny_dit() -> Config:
+    """Class-conditional DiT on the 8x8 digits, 4 DiffusionBlocks of one layer: a few minutes on one core."""
+    config = Config()
+    config.model = ModelConfig(family="dit", d_model=96, n_heads=4, n_layers=4, num_blocks=4, patch_size=2)
+    config.diffusion = DiffusionConfig(sigma_data=0.5, loss_weight="edm")  # EDM's pixel settings
+    config.train = TrainConfig(batch_size=64, max_steps=3000, warmup_steps=100, lr=1e-3, weight_decay=0.0,
+                               eval_every=3000, eval_loops=(50,), checkpoint_every=500)
+    return config
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "small": _small, "tiny-vit": _tiny_vit, "tiny-dit": _tiny_dit}
 
 
 def preset(name: str) -> Config:

@@ -57,7 +57,7 @@ class Trainer:
     def __init__(self, config: Config, data_dir, run_dir, resume: bool = False, progress: bool = True,
                  log_tensorboard: bool = True):
         self.run_dir = Path(run_dir)
-        self.data_dir = Path(data_dir)
+        self.data_dir = None if data_dir is None else Path(data_dir)  # None: the family's embedded data
         self.progress = progress
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint is None:
@@ -87,7 +87,7 @@ class Trainer:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config.save(self.run_dir / "config.json")
-        (self.run_dir / "data.json").write_text(json.dumps({"data_dir": str(self.data_dir.resolve())}))
+        (self.run_dir / "data.json").write_text(json.dumps({"data_dir": self.data_dir and str(self.data_dir.resolve())}))
         self.writer = None
         if log_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
