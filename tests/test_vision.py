@@ -157,7 +157,7 @@ def test_only_the_sampled_block_gets_gradients(family):
     assert all(p.grad is not None for p in dense.blocks.parameters())  # end to end: every layer
 
 
-def test_vit_dense_ignores_steps_and_diffusion_depends_on_noise():
+def test_vit_dense_ignores_steps_and_diffusion_is_seeded_by_its_noise():
     batch = digit_batch(4)
     dense = build("vit", objective="dense")
     assert torch.equal(dense.classify(batch["images"], 1, torch.Generator().manual_seed(0)),
@@ -165,6 +165,7 @@ def test_vit_dense_ignores_steps_and_diffusion_depends_on_noise():
     model = build("vit")
     first = model.classify(batch["images"], 4, torch.Generator().manual_seed(0))
     assert torch.equal(first, model.classify(batch["images"], 4, torch.Generator().manual_seed(0)))
+    assert not torch.equal(first, model.classify(batch["images"], 4, torch.Generator().manual_seed(1)))
 
 
 # -- DiT ------------------------------------------------------------------------------------------
