@@ -92,11 +92,13 @@ def open_run(run_dir) -> tuple[Config, Path]:
     return Config.load(checkpoint / "config.json"), checkpoint
 
 
-def run_data_dir(run_dir) -> Path:
+def run_data_dir(run_dir) -> Path | None:
+    """The run's data folder (None: the family's embedded data, e.g. the digits)."""
     path = Path(run_dir) / "data.json"
     if not path.exists():
         raise RunError(f"{run_dir} has no data.json; was it made by `loopdb train`?")
-    return Path(json.loads(path.read_text())["data_dir"])
+    data_dir = json.loads(path.read_text())["data_dir"]
+    return None if data_dir is None else Path(data_dir)
 
 
 SAMPLER_KEYS = ("grid", "solver", "grid_sigma_last", "estimate")  # may change after training

@@ -80,10 +80,11 @@ def run_family(run):
 
 def cmd_train(args, overrides) -> int:
     from .config import preset
+    from .families import family_of
     from .trainer import Trainer
 
     config = preset(args.preset).apply_overrides(overrides)
-    data_dir = resolve_data_dir(args.data, config.train.data_vocab_size)
+    data_dir = family_of(config).data_dir(args.data, config)
     trainer = Trainer(config, data_dir, args.out, resume=args.resume, progress=not args.quiet,
                       block_parallel=args.block_parallel)
     main_rank = trainer.group.is_main
@@ -113,7 +114,7 @@ def cmd_score(args, sampler) -> int:
     family = run_family(args.run)
     if family.score is not None:
         return family.score(args, sampler)
-    loops = parse_loops(args.loops)
+    loops = parse_loops(args.loops or "1,4,16")
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples}: need at least one noise draw")
     device = resolve_device(args.device)
@@ -297,12 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, default=8, help="samples per loop count for sample quality")
     p.add_argument("--generation-length", type=int, default=48)
 
-    p = commands.add_parser("score", help="bits per byte at several loop counts",
+    p = commands.add_parser("score", help="bits per byte at several loop counts (vit: test accuracy per T; "
+                                          "dit: sample accuracy and Frechet distance per T)",
                             epilog="sampler settings can be changed here: --grid=karras --solver=heun "
                                    "--grid_sigma_last=0.5 --estimate=soft")
     p.add_argument("run")
     p.add_argument("--split", choices=["val", "test"], default="test")
-    p.add_argument("--loops", default="1,4,16")
+    p.add_argument("--loops", "--steps", dest="loops", default=None,
+                   help="loop counts / sampler steps T (default: 1,4,16; vit: 1,num_blocks; dit: 50)")
+    p.add_argument("--cfg", type=float, default=None, help="dit: classifier-free guidance scale (default: the run's)")
+    p.add_argument("--images-per-class", type=int, default=100, help="dit: generated images per class")
     p.add_argument("--readout", choices=["predictive", "last", "elbo", "elbo_continuous"], default="predictive",
                    help="predictive: log-mean-exp over draws; last: mean log-prob of the last loop; "
                         "elbo: K-step diffusion bound; elbo_continuous: continuous-time bound")
@@ -314,10 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
-    p = commands.add_parser("sample", help="generate text with K loops per token")
+    p = commands.add_parser("sample", help="generate text with K loops per token (dit: an image grid)",
+                            epilog="example: loopdb sample runs/dit --steps 50 --cfg 2.0 --out grid.png")
     p.add_argument("run")
-    p.add_argument("--loops", type=int, default=None, help="sampler steps per token (default: 4; a stacked "
-                   "model's num_blocks, so each block runs once)")
+    p.add_argument("--loops", "--steps", dest="loops", type=int, default=None,
+                   help="loops per token (default 4; a stacked model's num_blocks, so each block runs once); "
+                        "dit: sampler steps (default 50)")
+    p.add_argument("--cfg", type=float, default=None, help="dit: classifier-free guidance scale (default: the run's)")
+    p.add_argument("--out", default=None, help="dit: the PNG grid to write (a row per class)")
+    p.add_argument("--columns", type=int, default=10, help="dit: images per class in the grid")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0)

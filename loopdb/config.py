@@ -33,8 +33,13 @@ class ModelConfig:
     injection: str = "concat"       # concat: Linear([c_in*z ; e]) (Huginn's adapter) | add: c_in*z + e
     tie_head: bool = True
     attention: str = "auto"         # auto (xformers on CUDA when its probe passes, else SDPA) | sdpa | xformers
-    n_layers: int = 8               # stacked: distinct layers in all
-    num_blocks: int = 4             # stacked: DiffusionBlocks of n_layers/num_blocks contiguous layers each
+    n_layers: int = 8               # stacked / vit / dit: distinct layers in all
+    num_blocks: int = 4             # DiffusionBlocks of n_layers/num_blocks contiguous layers each
+    # -- vision (families vit, dit) --
+    patch_size: int = 2
+    image_size: int = 8             # taken from the data (square images)
+    channels: int = 1               # taken from the data
+    num_classes: int = 10           # taken from the data
 
 
 @dataclass
@@ -60,6 +65,9 @@ class DiffusionConfig:
     # -- stacked DiffusionBlocks (METHOD 2, 3.2) --
     partition: str = "equiprob"     # noise ranges of the blocks: equiprob (paper) | uniform (in log sigma; ablation)
     block_overlap: float = 0.1      # widen each block's training range by this x its log-width per side
+    # -- vision (families vit, dit) --
+    label_dropout: float = 0.1      # dit: share of labels replaced by the null class (classifier-free guidance)
+    cfg_scale: float = 2.0          # dit: guidance scale when evaluating; `loopdb sample/score --cfg` overrides it
 
 
 @dataclass
@@ -188,10 +196,25 @@ class Config:
             (m.family != "stacked" or not (d.self_condition or d.rollout_fraction or d.train_grid_fraction),
              "self_condition, rollout_fraction and train_grid_fraction are looped-model remedies; "
              "the stacked family does not support them"),
+            *self._vision_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def _vision_checks(self) -> list:
+        m, d, t = self.model, self.diffusion, self.train
+        if m.family not in ("vit", "dit"):
+            return []
+        return [
+            (t.objective in ("diffusion", "dense"), f"family {m.family} trains with objective diffusion or dense, "
+                                                    f"got {t.objective!r}"),
+            (m.patch_size >= 1 and m.image_size % m.patch_size == 0,
+             f"image_size={m.image_size} must be divisible by patch_size={m.patch_size}"),
+            (m.channels >= 1 and m.num_classes >= 2, "channels must be >= 1 and num_classes >= 2"),
+            (0 <= d.label_dropout < 1, "label_dropout must be in [0, 1)"),
+            (d.cfg_scale >= 0, "cfg_scale must be >= 0"),
+        ]
 
     @property
     def sigma_data(self) -> float:
@@ -273,8 +296,28 @@ def _small_stacked() -> Config:
     return config
 
 
+def _tiny_vit() -> Config:
+    """ViT classifier on the 8x8 digits, 4 DiffusionBlocks of one layer: 2-3 minutes on one core."""
+    config = Config()
+    config.model = ModelConfig(family="vit", d_model=96, n_heads=4, n_layers=4, num_blocks=4, patch_size=2)
+    config.diffusion = DiffusionConfig(block_overlap=0.05)
+    config.train = TrainConfig(batch_size=64, max_steps=3000, warmup_steps=50, lr=2e-3, weight_decay=0.05,
+                               eval_every=1000, eval_loops=(1, 4), checkpoint_every=1000)
+    return config
+
+
+def _tiny_dit() -> Config:
+    """Class-conditional DiT on the 8x8 digits, 4 DiffusionBlocks of one layer: a few minutes on one core."""
+    config = Config()
+    config.model = ModelConfig(family="dit", d_model=96, n_heads=4, n_layers=4, num_blocks=4, patch_size=2)
+    config.diffusion = DiffusionConfig(sigma_data=0.5, loss_weight="edm", block_overlap=0.05)  # EDM's pixel settings
+    config.train = TrainConfig(batch_size=64, max_steps=3000, warmup_steps=100, lr=1e-3, weight_decay=0.0,
+                               eval_every=3000, eval_loops=(50,), checkpoint_every=500)
+    return config
+
+
 PRESETS = {"tiny": _tiny, "demo": _demo, "small": _small, "tiny-stacked": _tiny_stacked,
-           "small-stacked": _small_stacked}
+           "small-stacked": _small_stacked, "tiny-vit": _tiny_vit, "tiny-dit": _tiny_dit}
 
 
 def preset(name: str) -> Config:

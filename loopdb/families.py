@@ -8,6 +8,9 @@
       models): ``batch(generator, device)``, ``evaluate(model, device, autocast)`` and
       ``sample(model, step)``. Building the task may fill config fields taken from the
       data (the vocabulary size), so it runs before ``build``.
+  data_dir(data, config) -> what ``loopdb train --data`` resolves to (text families:
+      a prepared corpus, the default one prepared on first use; image families: the
+      --data path, or None for the embedded digits).
 The CLI's ``score`` and ``sample`` hand a run to ``family.score`` / ``family.sample``
 when the family has its own; otherwise the language-model commands apply.
 """
@@ -60,10 +63,36 @@ class TextTask:
         return self.tokenizer.decode(ids)
 
 
+def text_data_dir(data: str | None, config: Config) -> Path:
+    from .cli import resolve_data_dir
+
+    return resolve_data_dir(data, config.train.data_vocab_size)
+
+
+def image_data_dir(data: str | None, config: Config) -> Path | None:
+    return Path(data) if data else None
+
+
+def _image_task(config: Config, data_dir):
+    from .images import ImageTask
+
+    return ImageTask(config, data_dir)
+
+
+def _image_command(name: str):
+    def command(args, sampler):
+        from . import images
+
+        return getattr(images, name)(args, sampler)
+
+    return command
+
+
 @dataclass(frozen=True)
 class Family:
     build: Callable[[Config], torch.nn.Module]
     task: Callable[[Config, Path], object] = TextTask
+    data_dir: Callable[[str | None, Config], Path | None] = text_data_dir
     score: Callable | None = None   # score(args, sampler) -> exit code, for `loopdb score`
     sample: Callable | None = None  # sample(args, sampler) -> exit code, for `loopdb sample`
 
@@ -81,9 +110,26 @@ def _stacked(config: Config):
     return build_stacked(config)
 
 
+def _vit(config: Config):
+    from .vit import ViTClassifier
+
+    return ViTClassifier(config)
+
+
+def _dit(config: Config):
+    from .dit import DiTDenoiser
+
+    return DiTDenoiser(config)
+
+
+_IMAGES = dict(task=_image_task, data_dir=image_data_dir, score=_image_command("score"),
+               sample=_image_command("sample"))
+
 FAMILIES: dict[str, Family] = {
     "looped": Family(build=_looped),
     "stacked": Family(build=_stacked),
+    "vit": Family(build=_vit, **_IMAGES),
+    "dit": Family(build=_dit, **_IMAGES),
 }
 
 

@@ -63,7 +63,7 @@ class Trainer:
         """Under torchrun (WORLD_SIZE > 1) the run is data-parallel, or block-parallel with
         ``block_parallel`` (loopdb.parallel); rank 0 evaluates, logs and saves."""
         self.run_dir = Path(run_dir)
-        self.data_dir = Path(data_dir)
+        self.data_dir = None if data_dir is None else Path(data_dir)  # None: the family's embedded data
         self.progress = progress
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint is None:
@@ -111,7 +111,7 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config.save(self.run_dir / "config.json")
-        (self.run_dir / "data.json").write_text(json.dumps({"data_dir": str(self.data_dir.resolve())}))
+        (self.run_dir / "data.json").write_text(json.dumps({"data_dir": self.data_dir and str(self.data_dir.resolve())}))
         if log_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -1,0 +1,116 @@
+"""What the two vision families (vit, dit) share: patches, the layer stack split into
+DiffusionBlocks, and the block <-> noise-range assignment used by training AND sampling.
+
+Design (METHOD 2 and 3.4; [ours] where the paper is silent):
+- ``n_layers`` adaLN-Zero layers in ``num_blocks`` contiguous blocks; block 0 is
+  nearest the input and owns the HIGHEST noise range (equi-probability partition of
+  the training log-normal, loopdb.edm.NoiseSchedule.partition).
+- DiffusionBlocks training: one block per step, uniformly, for the whole batch; sigma
+  from that block's range widened by ``block_overlap``; only that block's layers run,
+  on the noisy target and the clean image tokens (never an earlier block's output).
+- Sampling: each grid sigma is run by the block that owns it (``block_for_sigma``, no
+  overlap), so with T = B equi-probability steps every block runs once.
+- The end-to-end (``dense``) baseline runs all layers as one network.
+- Images are bidirectional token sets: no rotary rotation (learned absolute
+  positions [ours]) and an all-True attention mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import Config
+from .edm import NoiseSchedule, initial_state, sigma_grid
+from .layers import Block
+from .sampler import run_sampler
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, C*p*p), patches in row-major order."""
+    batch, channels, height, width = images.shape
+    x = images.reshape(batch, channels, height // patch, patch, width // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // patch) * (width // patch), channels * patch * patch)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, channels: int, size: int) -> torch.Tensor:
+    """Inverse of patchify for square images: (B, N, C*p*p) -> (B, C, size, size)."""
+    side = size // patch
+    x = patches.reshape(patches.shape[0], side, side, channels, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(patches.shape[0], channels, size, size)
+
+
+class BlockPartition:
+    """Which block trains on which sigmas, and which block runs a sampler step."""
+
+    def __init__(self, schedule: NoiseSchedule, num_blocks: int, overlap: float = 0.0):
+        self.schedule, self.num_blocks, self.overlap = schedule, num_blocks, overlap
+        self.boundaries = schedule.partition(num_blocks)  # derived from the config, never stored
+
+    def training_range(self, block_index: int) -> tuple[float, float]:
+        return self.schedule.block_range(self.boundaries, block_index, self.overlap)
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[int, torch.Tensor]:
+        """One block, uniformly, for the whole batch, and one sigma per example from its range."""
+        block_index = int(torch.randint(self.num_blocks, (1,), generator=generator))
+        lo, hi = self.training_range(block_index)
+        return block_index, self.schedule.sample(batch, generator, lo, hi)
+
+    def owner(self, sigma: float) -> int:
+        return self.schedule.block_for_sigma(self.boundaries, sigma)
+
+
+class VisionModel(nn.Module):
+    """Base of ViTClassifier and DiTDenoiser: the schedule, the partition and the layer stack."""
+
+    def __init__(self, config: Config, objective):
+        super().__init__()
+        m, d = config.model, config.diffusion
+        self.config, self.diffusion = m, d
+        self.objective = objective  # how to train it and what a sampler step is; a plain object
+        self.blockwise = objective.name == "diffusion"
+        self.sigma_data = config.sigma_data
+        self.schedule = NoiseSchedule(d.p_mean, d.p_std, d.sigma_min, d.sigma_max)
+        self.partition = BlockPartition(self.schedule, m.num_blocks, d.block_overlap)
+        dim = m.d_model
+        self.num_patches = (m.image_size // m.patch_size) ** 2
+        self.patch_embed = nn.Linear(m.channels * m.patch_size**2, dim)
+        per_block = m.n_layers // m.num_blocks
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(Block(dim, m.n_heads, m.mlp_ratio, conditioned=True, backend=m.attention)
+                          for _ in range(per_block))
+            for _ in range(m.num_blocks)
+        )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(patchify(images, self.config.patch_size))  # (B, N, C)
+
+    def run_layers(self, x: torch.Tensor, cond: torch.Tensor, block_index: int | None) -> torch.Tensor:
+        """Block ``block_index``'s layers only, or every layer (``None``: the end-to-end network)."""
+        blocks = self.blocks if block_index is None else [self.blocks[block_index]]
+        head_dim = self.config.d_model // self.config.n_heads
+        # identity rotation (positions are learned, absolute) and no mask: bidirectional
+        cos = torch.ones(x.shape[1], head_dim // 2, device=x.device)
+        sin = torch.zeros_like(cos)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device)
+        for block in blocks:
+            for layer in block:
+                x, _ = layer(x, cos, sin, cond, mask=mask)
+        return x
+
+    def step_block(self, sigma: float) -> int | None:
+        """The block a sampler step at ``sigma`` runs (None: all layers, the dense baseline)."""
+        return self.partition.owner(sigma) if self.blockwise else None
+
+    def grid(self, num_steps: int) -> list[float]:
+        return sigma_grid(num_steps, self.schedule, self.diffusion.grid, self.diffusion.grid_sigma_last or None)
+
+    def run_grid(self, denoise, shape, num_steps: int, generator: torch.Generator, device):
+        """The sampler from pure noise; ``denoise(z, sigma, block_index) -> (Dhat, output)`` runs one step."""
+        grid = self.grid(num_steps)
+        z = initial_state(shape, grid[0], self.sigma_data, generator, device)
+        return run_sampler(lambda state, sigma: denoise(state, sigma, self.step_block(sigma)), z, grid,
+                           self.diffusion.solver, noise=lambda size: torch.randn(size, generator=generator))
