@@ -49,7 +49,7 @@ def cmd_prepare(args) -> int:
     from .data import prepare
 
     corpus = None if args.corpus in (None, ["shakespeare"]) else args.corpus
-    meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size)
+    meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
     splits = meta["splits"]
     print(f"prepared {args.out}: vocab {meta['vocab_size']}, tokens "
           + ", ".join(f"{name} {splits[name]['tokens']:,}" for name in ("train", "val", "test")))
@@ -155,7 +155,7 @@ def cmd_sample(args, sampler) -> int:
     model, _ = load_model(args.run, resolve_device(args.device), sampler)
     tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
     prompt = tokenizer.encode(args.prompt or "\n")
-    ids = engine.generate(model, prompt, args.max_new_tokens, args.loops, temperature=args.temperature,
+    ids = engine.generate(model, prompt, args.max_new_tokens or 100, args.loops, temperature=args.temperature,
                           top_k=args.top_k or None, seed=args.seed)
     print(args.prompt + tokenizer.decode(ids))
     return 0
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--corpus", nargs="+", default=None, help="'shakespeare' (default) or text files / folders")
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe",
+                   help="bpe (sentencepiece, --vocab-size pieces) or char (one id per character: bits per character)")
 
     p = commands.add_parser("train", help="train a model; extra --key=value override the preset",
                             epilog="example: loopdb train --preset tiny --out runs/tiny --max_steps=500")
@@ -296,16 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--t-samples", type=int, default=None,
+                   help="masked diffusion (family mdm): stratified t draws per window in the ELBO (default 16)")
 
     p = commands.add_parser("sample", help="generate text with K loops per token")
     p.add_argument("run")
     p.add_argument("--loops", type=int, default=4)
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default 100 (family mdm: the rest of the model's window after the prompt)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=None,
+                   help="masked diffusion (family mdm): unmasking steps (default 64)")
 
     p = commands.add_parser("eval", help="lm-evaluation-harness tasks at several loop counts",
                             epilog="example: loopdb eval runs/demo --tasks shakespeare_bpb,shakespeare_cloze "

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .config import DiffusionConfig, ModelConfig
 from .edm import NoiseSchedule, precondition
-from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask
+from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, init_weights
 from .objectives import DiffusionObjective
 
 
@@ -83,12 +83,7 @@ class LoopedLM(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.weight.abs().sum() > 0:  # keep adaLN-Zero's zeros
-                nn.init.normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        init_weights(self)
         nn.init.zeros_(self.denoiser_out.weight)  # D starts as c_skip * z (EDM)
         if self.self_condition is not None:
             nn.init.zeros_(self.self_condition.weight)
