@@ -192,7 +192,10 @@ def cmd_eval(args) -> int:
     for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value}: must be >= 1")
-    open_run(args.run)  # a missing or empty run folder fails here, before any task is built
+    config, _ = open_run(args.run)  # a missing or empty run folder fails here, before any task is built
+    if config.model.family != "looped":
+        raise UsageError(f"loopdb eval runs looped-family models; {args.run} is family {config.model.family} "
+                         "(use loopdb score)")
     try:
         from . import harness
     except ImportError as error:

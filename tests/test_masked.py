@@ -203,6 +203,8 @@ def test_char_tokenizer_round_trips_and_counts_bytes(tmp_path):
     meta = data.prepare(tmp_path / "out", corpus=[tmp_path / n for n in texts], tokenizer="char",
                         show_progress=False)
     tokenizer = data.load_tokenizer(tmp_path / "out")
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert written == set(data.DATASET_FILES) - {data.TOKENIZER_FILE} | {data.CHAR_TOKENIZER_FILE}
     assert isinstance(tokenizer, data.CharTokenizer) and meta["vocab_size"] == tokenizer.vocab_size
     assert tokenizer.vocab_size == len(set("".join(texts.values())))
     for split in data.SPLITS:
