@@ -155,7 +155,8 @@ def cmd_sample(args, sampler) -> int:
     model, _ = load_model(args.run, resolve_device(args.device), sampler)
     tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
     prompt = tokenizer.encode(args.prompt or "\n")
-    ids = engine.generate(model, prompt, args.max_new_tokens or 100, args.loops, temperature=args.temperature,
+    new_tokens = 100 if args.max_new_tokens is None else args.max_new_tokens
+    ids = engine.generate(model, prompt, new_tokens, args.loops, temperature=args.temperature,
                           top_k=args.top_k or None, seed=args.seed)
     print(args.prompt + tokenizer.decode(ids))
     return 0
