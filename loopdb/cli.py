@@ -49,7 +49,7 @@ def cmd_prepare(args) -> int:
     from .data import prepare
 
     corpus = None if args.corpus in (None, ["shakespeare"]) else args.corpus
-    meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size)
+    meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
     splits = meta["splits"]
     print(f"prepared {args.out}: vocab {meta['vocab_size']}, tokens "
           + ", ".join(f"{name} {splits[name]['tokens']:,}" for name in ("train", "val", "test")))
@@ -162,7 +162,8 @@ def cmd_sample(args, sampler) -> int:
         args.loops = config.model.num_blocks if config.model.family == "stacked" else 4
     tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
     prompt = tokenizer.encode(args.prompt or "\n")
-    ids = engine.generate(model, prompt, args.max_new_tokens, args.loops, temperature=args.temperature,
+    new_tokens = 100 if args.max_new_tokens is None else args.max_new_tokens
+    ids = engine.generate(model, prompt, new_tokens, args.loops, temperature=args.temperature,
                           top_k=args.top_k or None, seed=args.seed)
     print(args.prompt + tokenizer.decode(ids))
     return 0
@@ -199,7 +200,10 @@ def cmd_eval(args) -> int:
     for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value}: must be >= 1")
-    open_run(args.run)  # a missing or empty run folder fails here, before any task is built
+    config, _ = open_run(args.run)  # a missing or empty run folder fails here, before any task is built
+    if config.model.family != "looped":
+        raise UsageError(f"loopdb eval runs looped-family models; {args.run} is family {config.model.family} "
+                         "(use loopdb score)")
     try:
         from . import harness
     except ImportError as error:
@@ -258,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--corpus", nargs="+", default=None, help="'shakespeare' (default) or text files / folders")
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe",
+                   help="bpe (sentencepiece, --vocab-size pieces) or char (one id per character: bits per character)")
 
     p = commands.add_parser("train", help="train a model; extra --key=value override the preset",
                             epilog="example: loopdb train --preset tiny --out runs/tiny --max_steps=500")
@@ -318,18 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--t-samples", type=int, default=None,
+                   help="masked diffusion (family mdm): stratified t draws per window in the ELBO (default 16)")
 
     p = commands.add_parser("sample", help="generate text with K loops per token (dit: an image grid)",
                             epilog="example: loopdb sample runs/dit --steps 50 --cfg 2.0 --out grid.png")
     p.add_argument("run")
     p.add_argument("--loops", "--steps", dest="loops", type=int, default=None,
                    help="loops per token (default 4; a stacked model's num_blocks, so each block runs once); "
-                        "dit: sampler steps (default 50)")
+                        "dit: sampler steps (default 50); mdm: unmasking steps (default 64)")
     p.add_argument("--cfg", type=float, default=None, help="dit: classifier-free guidance scale (default: the run's)")
     p.add_argument("--out", default=None, help="dit: the PNG grid to write (a row per class)")
     p.add_argument("--columns", type=int, default=10, help="dit: images per class in the grid")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default 100 (family mdm: the rest of the model's window after the prompt)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)

