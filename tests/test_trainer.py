@@ -144,7 +144,7 @@ def test_cli_train_score_sample(capsys, data_dir, tmp_path):
         assert code == 0
         return json.loads(out)["bpb"]
 
-    plain, stopped = score(), score("--grid_sigma_last=1.0")
+    plain, stopped = score(), score("--grid_sigma_last=0.3")
     assert plain["1"] == stopped["1"] and plain["2"] != stopped["2"]
     code, _, err = run_cli(capsys, "score", run, "--d_model=64")
     assert code == 2 and "cannot change after training" in err
