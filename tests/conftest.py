@@ -64,3 +64,15 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "plays"
     data.prepare(out, corpus=corpus, vocab_size=400, show_progress=False)
     return out
+
+
+def assert_only_block_has_gradients(blocks, trained: int) -> None:
+    """DiffusionBlocks locality (METHOD pitfall 4): ``blocks`` is a list of parameter lists; after
+    a backward pass only block ``trained`` holds gradients, the others' .grad stays None."""
+    for index, params in enumerate(blocks):
+        grads = [p.grad for p in params]
+        if index == trained:
+            assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), \
+                f"block {index} was trained but has no gradient"
+        else:
+            assert all(g is None for g in grads), f"block {index} got gradients while block {trained} trained"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import VOCAB
+from conftest import VOCAB, assert_only_block_has_gradients
 from loopdb import engine
 from loopdb.config import Config, ModelConfig
 from loopdb.edm import precondition, sigma_grid
@@ -48,12 +48,7 @@ def test_only_the_sampled_block_gets_gradients_and_optimizer_state():
         block = int(stats["block"])
         seen.add(block)
         loss.backward()
-        for index, other in enumerate(model.blocks):
-            grads = [p.grad for p in other.parameters()]
-            if index == block:
-                assert all(g is not None for g in grads)
-            else:
-                assert all(g is None for g in grads), f"block {index} got gradients while block {block} trained"
+        assert_only_block_has_gradients([list(b.parameters()) for b in model.blocks], block)
         assert all(p.grad is not None for p in model.shared_parameters() if p is not model.sigma_embedder)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

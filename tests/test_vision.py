@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("sklearn")
 
+from conftest import assert_only_block_has_gradients
 from loopdb import images as images_lib  # noqa: E402
 from loopdb.cli import main  # noqa: E402
 from loopdb.config import Config, ConfigError  # noqa: E402
@@ -144,12 +145,7 @@ def test_only_the_sampled_block_gets_gradients(family):
         loss.backward()
         chosen = int(stats["block"])
         seen.add(chosen)
-        for block_index, block in enumerate(model.blocks):
-            grads = [p.grad for p in block.parameters()]
-            if block_index == chosen:
-                assert all(g is not None for g in grads)
-            else:
-                assert all(g is None for g in grads), f"block {block_index} got gradients while {chosen} trained"
+        assert_only_block_has_gradients([list(b.parameters()) for b in model.blocks], chosen)
     assert len(seen) > 1
     dense = build(family, objective="dense").train()
     loss, _ = dense.objective.loss(dense, digit_batch(), step_generator(0, 0))
