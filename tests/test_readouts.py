@@ -93,3 +93,27 @@ def test_elbo_readouts_run_on_a_model_and_refuse_other_objectives():
         engine.token_logprobs(model, x, 2, "elbo", 1, torch.Generator())
     with pytest.raises(ValueError, match="unknown readout"):
         engine.token_logprobs(model, x, 2, "best", 1, torch.Generator())
+
+
+
+def test_an_exact_denoiser_gains_nothing_from_more_loops_on_the_predictive_readout(toy):
+    """Why more loops cannot lower the predictive readout of ONE next token: averaging the last step's
+    posterior over the sampler's states gives back the distribution the first step (K=1, pure noise)
+    already had, the tower property. An exact denoiser only gets there as K grows: at small K the
+    Euler steps' discretization error makes it worse, the more so the lower the grid ends."""
+    from loopdb.sampler import run_sampler
+
+    table, log_prior, _, _ = toy
+    oracle = exact_denoiser(table, log_prior)
+    z = SCHEDULE.sigma_max * torch.randn(20000, 4, generator=torch.Generator().manual_seed(5))
+
+    def readout(num_loops, sigma_last):  # (distance of the predictive distribution from the prior, sharpness)
+        probs = F.softmax(run_sampler(oracle, z, sigma_grid(num_loops, SCHEDULE, sigma_last=sigma_last)), -1)
+        return (probs.mean(0) - log_prior.exp()).abs().sum().item(), probs.max(-1).values.mean().item()
+
+    assert readout(1, 1.0)[0] < 1e-3
+    for num_loops in (4, 32):
+        distance, sharpness = readout(num_loops, 1.0)
+        assert distance < 0.015 and sharpness > 1.4 * readout(1, 1.0)[1]  # each draw commits, the mean does not
+    errors = [readout(k, 0.1)[0] for k in (2, 8, 32)]
+    assert errors[0] > 0.5 > errors[1] > errors[2]
