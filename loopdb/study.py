@@ -77,60 +77,90 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
                           "it must share the study's tokenizer")
     newline = data_lib.load_tokenizer(data_dir).encode("\n")
     results = {"preset": preset_name, "budget": {"minutes": budget_minutes, "steps": steps}, "split": split,
-               "samples": samples, "max_windows": max_windows, "judge": judge, "variants": {}}
-    previous = _previous_scores(out / "results.json", results)
+               "samples": samples, "max_windows": max_windows, "judge": judge, "generations": generations,
+               "generation_length": generation_length, "variants": {}}
+    previous = _previous_members(out / "results.json", results)
     trained_runs = {}  # (training overrides, seed) -> run folder, so inference-only variants share it
     for name, variant in variants.items():
         members = {}
+        settings = {**variant["overrides"], **variant["sampler"]}
         for seed in variant["seeds"]:
             run = trained_runs.setdefault((tuple(sorted(variant["overrides"].items())), seed), out / f"{name}-s{seed}")
             overrides = [f"--{k}={v}" for k, v in variant["overrides"].items()] + [f"--seed={seed}"]
             summary = train_member(run, preset_name, Path(data_dir), budget_minutes, steps, overrides)
-            member = previous.get((name, str(seed)))
-            if _covers(member, summary, readouts, loops, judge):
-                print(f"[study] {name} seed {seed}: scores reused from results.json", file=sys.stderr)
-                members[str(seed)] = member
-                continue
-            member = {"run": run.name, "train": summary, "readouts": {}}
-            for readout in readouts:
+            earlier = previous.get((name, str(seed)))
+            if earlier is not None and (earlier["train"] != summary or earlier["overrides"] != settings):
+                earlier = None  # retrained, or the variant's settings changed: nothing of it holds
+            member, missing = _reuse(earlier, summary, readouts, loops, judge is not None)
+            member["run"] = run.name
+            if member["readouts"] or "samples" in member:
+                print(f"[study] {name} seed {seed}: scores reused from results.json"
+                      + (f" (scoring {', '.join(missing)} anew)" if missing else ""), file=sys.stderr)
+            for readout in (r for r in readouts if r in missing):
                 try:
                     member["readouts"][readout] = score_member(run, loops, samples, max_windows, 0, readout=readout,
                                                                split=split, sampler=variant["sampler"])
                 except ValueError as error:  # e.g. the ELBO of a dense or BPTT variant
                     member.setdefault("skipped", []).append(readout)
                     print(f"[study] {name}: {readout} skipped: {error}", file=sys.stderr)
-            if judge_model is not None:
+            if "samples" in missing:
                 model = load_model(run, sampler=variant["sampler"])[0]
                 counts = loops if model.objective.has_loops else (1,)
                 member["samples"] = {str(k): engine.sample_quality(model, judge_model, newline, k, generations,
                                                                    generation_length) for k in counts}
-            _log_member(run, name, member)
+            if missing:
+                _log_member(run, name, member)
             members[str(seed)] = member
-        results["variants"][name] = {"overrides": {**variant["overrides"], **variant["sampler"]}, "seeds": members}
+        results["variants"][name] = {"overrides": settings, "seeds": members}
         (out / "results.json").write_text(json.dumps(results, indent=2))  # after each variant: nothing lost
     (out / "results.md").write_text(markdown_tables(results, loops))
     _plots(results, out, loops)
     return results
 
 
-def _previous_scores(path: Path, settings: dict) -> dict:
-    """(variant, seed) -> member of an earlier results.json made with the same settings."""
+SCORE_SETTINGS = ("preset", "budget", "split", "samples", "max_windows")  # the readouts depend on these
+SAMPLE_SETTINGS = ("judge", "generations", "generation_length")           # and sample quality on these too
+
+
+def _previous_members(path: Path, settings: dict) -> dict:
+    """(variant, seed) -> member of an earlier results.json made with the same scoring settings; its
+    samples are dropped unless they were judged the same way."""
     if not path.exists():
         return {}
     earlier = json.loads(path.read_text())
-    if any(earlier.get(key) != settings[key] for key in settings if key != "variants"):
+    if any(earlier.get(key) != settings[key] for key in SCORE_SETTINGS):
         return {}
-    return {(name, seed): member for name, variant in earlier.get("variants", {}).items()
-            for seed, member in variant["seeds"].items()}
+    same_samples = all(earlier.get(key) == settings[key] for key in SAMPLE_SETTINGS)
+    members = {}
+    for name, variant in earlier.get("variants", {}).items():
+        for seed, member in variant["seeds"].items():
+            member = {**member, "overrides": variant["overrides"]}
+            if not same_samples:
+                member.pop("samples", None)
+            members[(name, seed)] = member
+    return members
 
 
-def _covers(member: dict | None, summary: dict, readouts, loops, judge) -> bool:
-    """Does an earlier member's record hold every score asked for, of this very training run?"""
-    if member is None or member.get("train") != summary:
-        return False
+def _reuse(earlier: dict | None, summary: dict, readouts, loops, judged: bool) -> tuple[dict, list[str]]:
+    """A member record holding what ``earlier`` (same run, same settings) already scored, and the list of
+    what is still missing: readout names, and "samples" when a judge is given."""
+    member = {"train": summary, "readouts": {}}
     counts = {"1"} if summary.get("objective") == "dense" else {str(k) for k in loops}
-    scored = all(r in member.get("skipped", []) or counts <= set(member["readouts"].get(r, {})) for r in readouts)
-    return scored and (not judge or counts <= set(member.get("samples", {})))
+    earlier = earlier or {}
+    missing = []
+    for readout in readouts:
+        if readout in earlier.get("skipped", []):
+            member.setdefault("skipped", []).append(readout)
+        elif counts <= set(earlier.get("readouts", {}).get(readout, {})):
+            member["readouts"][readout] = earlier["readouts"][readout]
+        else:
+            missing.append(readout)
+    if judged:
+        if counts <= set(earlier.get("samples", {})):
+            member["samples"] = earlier["samples"]
+        else:
+            missing.append("samples")
+    return member, missing
 
 
 def _log_member(run: Path, variant: str, member: dict) -> None:

@@ -37,16 +37,28 @@ def test_study_trains_variants_and_scores_every_readout(capsys, data_dir, tmp_pa
     assert (out / "predictive_bits_per_byte_vs_loops.png").exists()
     assert (out / "generative_perplexity_vs_loops.png").exists()
 
+    def extend(variant_specs, generations=2):  # run the study again on the same folder
+        variants.write_text(json.dumps(variant_specs))
+        capsys.readouterr()
+        assert main(["study", "--preset", "tiny", "--data", str(data_dir), "--out", str(out), "--steps", "2",
+                     "--variants", str(variants), "--loops", "1,2", "--max-windows", "2", "--samples", "1",
+                     "--judge", str(judge), "--generations", str(generations), "--generation-length", "5"]) == 0
+        return capsys.readouterr().err, json.loads((out / "results.json").read_text())
+
     # extending the study (one more seed for "plain") trains and scores only the new member
-    variants.write_text(json.dumps({"plain": {**small, "seeds": [0, 1]}}))
-    capsys.readouterr()
-    assert main(["study", "--preset", "tiny", "--data", str(data_dir), "--out", str(out), "--steps", "2",
-                 "--variants", str(variants), "--loops", "1,2", "--max-windows", "2", "--samples", "1",
-                 "--judge", str(judge), "--generations", "2", "--generation-length", "5"]) == 0
-    err = capsys.readouterr().err
+    err, again = extend({"plain": {**small, "seeds": [0, 1]}})
     assert "plain seed 0: scores reused" in err and "plain seed 1: scores reused" not in err
-    again = json.loads((out / "results.json").read_text())
     assert again["variants"]["plain"]["seeds"]["0"] == member and set(again["variants"]["plain"]["seeds"]) == {"0", "1"}
+
+    # judging with more generations re-scores the samples only; a variant whose sampler changed is re-scored
+    err, third = extend({"plain": small, "plain-stop-early": {**small, "grid_sigma_last": 0.3}}, generations=3)
+    assert "plain seed 0: scores reused from results.json (scoring samples anew)" in err
+    plain = member_of(third, "plain")
+    assert plain["readouts"] == member["readouts"] and plain["samples"]["2"]["samples"] == 3
+    err, fourth = extend({"plain-stop-early": {**small, "grid_sigma_last": 0.5}}, generations=3)
+    assert "plain-stop-early seed 0: scores reused" not in err
+    stop = member_of(fourth, "plain-stop-early")["readouts"]["predictive"]
+    assert stop["2"] != early["readouts"]["predictive"]["2"] and stop["1"] == early["readouts"]["predictive"]["1"]
 
 
 def member_of(results, name, seed="0"):
