@@ -57,7 +57,7 @@ class DiffusionConfig:
     # -- remedies for loops that do not pay (METHOD 5); every default is "off" --
     target_norm: float = 1.0        # norm of the target embeddings; 0 = sigma_data * sqrt(d_model) (per-dim scale sigma_data)
     estimate: str = "soft"          # Dhat from logits: soft (softmax @ table) | argmax | sample
-    train_grid_fraction: float = 0.0  # share of sequences trained at a sigma of the inference grid (K in 1..16)
+    train_grid_fraction: float = 0.0  # share of sequences trained at a sigma of the inference grid (K in 1..16; LM presets: 0.3)
     self_condition: bool = False    # feed the previous Dhat to the core (half of the training steps)
     rollout_fraction: float = 0.0   # share of steps trained on the sampler's own (detached) states
     rollout_loops: int = 8          # grid used for those rollouts
@@ -251,16 +251,19 @@ def _parse(raw: str, kind: type, name: str):
         raise ConfigError(f"--{name}={raw}: expected {kind.__name__}") from None
 
 
-# the sampler grid of the looped-LM presets stops at sigma = 1: the study's best recipe (README,
-# "Making loops pay"); below it the Euler steps commit to one token and every readout got worse
-LM_GRID_SIGMA_LAST = 1.0
+def _looped_lm_recipe() -> DiffusionConfig:
+    """The looped-LM presets' recipe, the winner of the README study ("Making loops pay"): the sampler
+    grid stops at sigma = 1 (below it the Euler steps commit to one token and every readout got worse),
+    and 30% of the training sequences take a sigma of an inference grid, sigma_max (where K=1 reads
+    out, almost never drawn from the log-normal) included."""
+    return DiffusionConfig(grid_sigma_last=1.0, train_grid_fraction=0.3)
 
 # -- presets -----------------------------------------------------------------------------
 def _tiny() -> Config:
     """Under 2 minutes on 2 CPU cores, data preparation included."""
     config = Config()
     config.model = ModelConfig(context=64, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1)
-    config.diffusion = DiffusionConfig(grid_sigma_last=LM_GRID_SIGMA_LAST)
+    config.diffusion = _looped_lm_recipe()
     config.train = TrainConfig(batch_size=32, max_steps=300, warmup_steps=30, lr=3e-3, eval_every=100,
                                eval_loops=(1, 4, 16), eval_windows=8, checkpoint_every=100)
     return config
@@ -270,7 +273,7 @@ def _demo() -> Config:
     """The README's main job: under 10 minutes on 2 CPU cores."""
     config = Config()
     config.model = ModelConfig(context=128, d_model=192, n_heads=6, n_prelude=1, n_core=2, n_coda=1)
-    config.diffusion = DiffusionConfig(grid_sigma_last=LM_GRID_SIGMA_LAST)
+    config.diffusion = _looped_lm_recipe()
     config.train = TrainConfig(batch_size=32, max_steps=600, warmup_steps=50, lr=2e-3, eval_every=200,
                                eval_windows=16, checkpoint_every=200)
     return config
@@ -280,7 +283,7 @@ def _small() -> Config:
     """A longer run (tens of minutes on CPU)."""
     config = Config()
     config.model = ModelConfig(context=256, d_model=256, n_heads=8, n_prelude=2, n_core=2, n_coda=2)
-    config.diffusion = DiffusionConfig(grid_sigma_last=LM_GRID_SIGMA_LAST)
+    config.diffusion = _looped_lm_recipe()
     config.train = TrainConfig(batch_size=32, max_steps=4000, warmup_steps=100, lr=1.5e-3, eval_every=500,
                                eval_windows=32, checkpoint_every=250)
     return config
@@ -299,6 +302,7 @@ def _tiny_stacked() -> Config:
     """Stacked LM, 8 layers in 4 DiffusionBlocks: about 1-2 minutes on one core."""
     config = _tiny()
     config.model = ModelConfig(family="stacked", context=64, d_model=128, n_heads=4, n_layers=8, num_blocks=4)
+    config.diffusion.train_grid_fraction = 0.0  # a looped-model remedy (the grid's last sigma carries over)
     config.train.eval_loops = (1, 4)
     return config
 
