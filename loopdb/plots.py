@@ -21,10 +21,16 @@ def plot_against_loops(curves: dict[str, dict[int, float]], path, ylabel: str, t
     except ImportError:
         raise PlotUnavailable('plots need matplotlib: pip install -e ".[plot]"') from None
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    every_k = sorted({k for values in curves.values() for k in values})
     for name, values in curves.items():
         loops = sorted(values)
-        marker = "o" if len(loops) > 1 else "s"
-        axes.plot(loops, [values[k] for k in loops], marker=marker, label=name)
+        if len(loops) == 1 and len(every_k) > 1:  # a model without loops (dense): its level at every K
+            axes.plot([every_k[0], every_k[-1]], [values[loops[0]]] * 2, linestyle=":", label=f"{name} (no loops)")
+            continue
+        axes.plot(loops, [values[k] for k in loops], marker="o", label=name)
+    values = [v for curve in curves.values() for v in curve.values() if v > 0]
+    if values and max(values) > 30 * min(values):  # e.g. an ELBO that explodes: keep the rest readable
+        axes.set_yscale("log")
     for name, value in (reference or {}).items():
         axes.axhline(value, linestyle="--", color="gray", linewidth=1)
         axes.annotate(name, (1, value), textcoords="offset points", xytext=(2, 3), fontsize=8, color="gray")
