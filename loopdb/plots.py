@@ -28,8 +28,8 @@ def plot_against_loops(curves: dict[str, dict[int, float]], path, ylabel: str, t
             axes.plot([every_k[0], every_k[-1]], [values[loops[0]]] * 2, linestyle=":", label=f"{name} (no loops)")
             continue
         axes.plot(loops, [values[k] for k in loops], marker="o", label=name)
-    values = [v for curve in curves.values() for v in curve.values() if v > 0]
-    if values and max(values) > 30 * min(values):  # e.g. an ELBO that explodes: keep the rest readable
+    positive = [v for curve in curves.values() for v in curve.values() if v > 0]
+    if positive and max(positive) > 30 * min(positive):  # e.g. an ELBO that explodes: keep the rest readable
         axes.set_yscale("log")
     for name, value in (reference or {}).items():
         axes.axhline(value, linestyle="--", color="gray", linewidth=1)

@@ -95,7 +95,6 @@ def test_elbo_readouts_run_on_a_model_and_refuse_other_objectives():
         engine.token_logprobs(model, x, 2, "best", 1, torch.Generator())
 
 
-
 def test_an_exact_denoiser_gains_nothing_from_more_loops_on_the_predictive_readout(toy):
     """Why more loops cannot lower the predictive readout of ONE next token: averaging the last step's
     posterior over the sampler's states gives back the distribution the first step (K=1, pure noise)
