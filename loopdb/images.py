@@ -243,8 +243,8 @@ class ImageTask:
 
 # -- `loopdb score` and `loopdb sample` for the vision families ----------------------------------
 def _open(args, sampler):
-    from .checkpoint import load_model, run_data_dir
-    from .trainer import resolve_device
+    from .training.checkpoint import load_model, run_data_dir
+    from .training.trainer import resolve_device
 
     device = resolve_device(args.device)
     model, config = load_model(args.run, device, sampler)

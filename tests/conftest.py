@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from loopdb.config import DiffusionConfig, ModelConfig
-from loopdb.looped import LoopedLM
+from loopdb.models.looped import LoopedLM
 
 VOCAB = 97
 

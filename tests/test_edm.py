@@ -4,8 +4,8 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from loopdb import edm
-from loopdb.sampler import run_sampler
+from loopdb.maths import edm
+from loopdb.maths.sampler import run_sampler
 
 SCHEDULE = edm.NoiseSchedule()
 

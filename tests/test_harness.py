@@ -42,7 +42,7 @@ def tokenizer(data_dir):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tokenizer):
-    from loopdb.harness import LoopDBLM
+    from loopdb.evaluation.harness import LoopDBLM
 
     return LoopDBLM(model=tiny_model(vocab_size=tokenizer.vocab_size), tokenizer=tokenizer, num_loops=2, samples=3,
                     seed=7, batch_size=4)
@@ -79,7 +79,7 @@ def test_batched_and_unbatched_loglikelihood_agree(tiny_lm, tokenizer, data_dir,
     """Also for a sampler that draws along the way (ancestral steps), where rows must not share draws."""
     if solver != "euler":
         from loopdb.config import ConfigError, preset
-        from loopdb.harness import LoopDBLM
+        from loopdb.evaluation.harness import LoopDBLM
 
         try:
             preset("tiny").apply_overrides({"solver": solver}).validate()
@@ -112,8 +112,8 @@ def test_batched_and_unbatched_loglikelihood_agree(tiny_lm, tokenizer, data_dir,
 
 
 def test_is_greedy_and_left_truncation(tiny_lm):
-    from loopdb import engine
-    from loopdb.harness import window_seed
+    from loopdb.readouts import scoring as engine
+    from loopdb.evaluation.harness import window_seed
 
     context = list(range(10, 60))  # 50 tokens, longer than the 16-token window
     # the argmax continuation of the predictive distribution is greedy, another token is not
@@ -131,8 +131,8 @@ def test_is_greedy_and_left_truncation(tiny_lm):
 
 
 def test_rolling_loglikelihood_is_the_sum_over_its_windows(tiny_lm, data_dir):
-    from loopdb import engine
-    from loopdb.harness import window_seed
+    from loopdb.readouts import scoring as engine
+    from loopdb.evaluation.harness import window_seed
 
     text = play_text(data_dir, chars=600)
     tokens = tiny_lm.tok_encode(text)
@@ -167,8 +167,8 @@ def test_generate_until_stops_at_the_stop_string(tiny_lm):
 
 
 def test_readout_model_arg_scores_under_that_readout(tokenizer):
-    from loopdb import engine
-    from loopdb.harness import LoopDBLM, window_seed
+    from loopdb.readouts import scoring as engine
+    from loopdb.evaluation.harness import LoopDBLM, window_seed
 
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     context, continuation = [5, 9, 17, 3, 40], [11, 12, 13]
@@ -184,7 +184,7 @@ def test_readout_model_arg_scores_under_that_readout(tokenizer):
 
 
 def test_bad_model_args_are_clear(tokenizer):
-    from loopdb.harness import LoopDBLM
+    from loopdb.evaluation.harness import LoopDBLM
 
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     with pytest.raises(ValueError, match="readout='median' is not available; choose one of predictive, last"):
@@ -197,12 +197,12 @@ def test_bad_model_args_are_clear(tokenizer):
 
 def test_every_objective_runs_through_the_same_adapter(tokenizer):
     """One adapter for every family the engine serves (DiffusionBlocks, BPTT, dense)."""
-    objectives = pytest.importorskip("loopdb.objectives")
+    objectives = pytest.importorskip("loopdb.objectives.next_token")
     if not hasattr(objectives, "make_objective"):
         pytest.skip("this loopdb has a single model family")
     from loopdb.config import DiffusionConfig, ModelConfig, preset
-    from loopdb.harness import LoopDBLM
-    from loopdb.looped import LoopedLM
+    from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.models.looped import LoopedLM
 
     for name in objectives.OBJECTIVES:
         train = preset("tiny").apply_overrides({"objective": name, "mean_depth": "3"}).train
@@ -236,7 +236,7 @@ def test_harness_bits_per_byte_equals_loopdb_score(tiny_lm, data_dir, tmp_path, 
     from lm_eval.tasks import TaskManager
 
     from loopdb import data, engine
-    from loopdb.harness import window_seed
+    from loopdb.evaluation.harness import window_seed
 
     tokenizer = tiny_lm.tok
     test_tokens = [int(t) for t in data.load_tokens(data_dir, "test")[:3000]]
@@ -369,7 +369,7 @@ def test_cli_eval_user_errors_are_one_line_exit_2(tiny_run, tmp_path, capsys, mo
     # lm-eval not installed: say how to get it
     for name in [name for name in sys.modules if name == "lm_eval" or name.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "loopdb.harness", raising=False)
+    monkeypatch.delitem(sys.modules, "loopdb.evaluation.harness", raising=False)
     monkeypatch.delattr(sys.modules["loopdb"], "harness", raising=False)
     code, _, err = run_cli(capsys, "eval", tiny_run, "--tasks", "shakespeare_bpb", "--output", output)
     assert code == 2 and 'pip install -e ".[eval]"' in err and len(err.strip().splitlines()) == 1

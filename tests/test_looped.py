@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import VOCAB, record_denoise_calls, tiny_model
-from loopdb import engine
-from loopdb.edm import sigma_grid
+from loopdb.readouts import scoring as engine
+from loopdb.maths.edm import sigma_grid
 from loopdb.layers import clean_context_mask
-from loopdb.objectives import diffusion_blocks_loss
+from loopdb.objectives.next_token import diffusion_blocks_loss
 
 
 def tokens(batch=2, length=13, seed=0):

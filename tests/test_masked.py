@@ -10,7 +10,7 @@ import torch
 from conftest import assert_only_block_has_gradients
 from loopdb import data, masked
 from loopdb.config import ConfigError, DiffusionConfig, ModelConfig, preset
-from loopdb.masked import MaskedDiffusionLM, make_masked_objective
+from loopdb.models.masked import MaskedDiffusionLM, make_masked_objective
 
 VOCAB = 23
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import SMALL_RUN, VOCAB, tiny_model
-from loopdb import engine
+from loopdb.readouts import scoring as engine
 from loopdb.cli import main
-from loopdb.looped import LoopedLM
-from loopdb.objectives import BPTTObjective, DenseObjective, DiffusionObjective, sample_depth
+from loopdb.models.looped import LoopedLM
+from loopdb.objectives.next_token import BPTTObjective, DenseObjective, DiffusionObjective, sample_depth
 
 
 def tokens(batch=2, length=13, seed=0):
@@ -26,7 +26,7 @@ def test_poisson_lognormal_depth_has_mean_r_bar(mean_depth):
 
 
 def test_depth_is_deterministic_per_step():
-    from loopdb.trainer import step_generator
+    from loopdb.training.trainer import step_generator
 
     first = [sample_depth("poisson_lognormal", 32, step_generator(0, step)) for step in range(50)]
     again = [sample_depth("poisson_lognormal", 32, step_generator(0, step)) for step in range(50)]

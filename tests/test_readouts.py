@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import VOCAB, tiny_model
-from loopdb import engine
-from loopdb.edm import NoiseSchedule, sigma_grid
-from loopdb.elbo import continuous_elbo, discrete_elbo, exact_denoiser, prior_kl
-from loopdb.objectives import DenseObjective
+from loopdb.readouts import scoring as engine
+from loopdb.maths.edm import NoiseSchedule, sigma_grid
+from loopdb.maths.elbo import continuous_elbo, discrete_elbo, exact_denoiser, prior_kl
+from loopdb.objectives.next_token import DenseObjective
 
 SCHEDULE = NoiseSchedule()
 
@@ -100,7 +100,7 @@ def test_an_exact_denoiser_gains_nothing_from_more_loops_on_the_predictive_reado
     posterior over the sampler's states gives back the distribution the first step (K=1, pure noise)
     already had, the tower property. An exact denoiser only gets there as K grows: at small K the
     Euler steps' discretization error makes it worse, the more so the lower the grid ends."""
-    from loopdb.sampler import run_sampler
+    from loopdb.maths.sampler import run_sampler
 
     table, log_prior, _, _ = toy
     oracle = exact_denoiser(table, log_prior)

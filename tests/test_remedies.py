@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import VOCAB, record_denoise_calls, tiny_model
-from loopdb import engine
-from loopdb.objectives import GRID_SIZES, DiffusionObjective
+from loopdb.readouts import scoring as engine
+from loopdb.objectives.next_token import GRID_SIZES, DiffusionObjective
 
 OFF = {"target_norm": 1.0, "estimate": "soft", "train_grid_fraction": 0.0, "self_condition": False,
        "rollout_fraction": 0.0, "solver": "euler", "loss_weight": "unit"}

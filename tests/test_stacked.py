@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import VOCAB, assert_only_block_has_gradients
-from loopdb import engine
+from loopdb.readouts import scoring as engine
 from loopdb.config import Config, ModelConfig
-from loopdb.edm import precondition, sigma_grid
+from loopdb.maths.edm import precondition, sigma_grid
 from loopdb.families import build_model
-from loopdb.trainer import make_optimizer
+from loopdb.training.trainer import make_optimizer
 
 D_MODEL = 32
 
@@ -200,7 +200,7 @@ TINY_BENCH = {"vocab_size": 64, "context": 8, "d_model": 32, "n_heads": 4, "n_la
 
 
 def test_bench_memory_measures_a_process_that_holds_one_block_only():
-    from loopdb.bench import measure
+    from loopdb.evaluation.bench import measure
 
     e2e, b4 = measure("e2e", "cpu", TINY_BENCH), measure("diffusion_b4", "cpu", TINY_BENCH)
     assert e2e["parameters_trained"] == e2e["parameters_held"]
@@ -216,7 +216,7 @@ def test_bench_memory_json_meets_the_target(capsys):
     """The real bench, each config in its own process (about 2 minutes on one core)."""
     import json
 
-    from loopdb.bench import CONFIGS
+    from loopdb.evaluation.bench import CONFIGS
     from loopdb.cli import main
 
     assert main(["bench", "memory", "--json"]) == 0
@@ -255,7 +255,7 @@ def two_block_run(**extra):
 
 
 def test_a_model_holding_one_block_has_that_block_as_the_full_model_has_it():
-    from loopdb.stacked import build_stacked
+    from loopdb.models.stacked import build_stacked
 
     config = stacked_config()
     torch.manual_seed(0)
@@ -271,10 +271,10 @@ def test_a_model_holding_one_block_has_that_block_as_the_full_model_has_it():
 
 def test_block_parallel_on_two_processes_equals_training_the_blocks_one_after_another(capsys, data_dir, tmp_path):
     """Shared parameters frozen (train_shared=false), so each block's trajectory depends on itself only."""
-    from loopdb.checkpoint import load_model
+    from loopdb.training.checkpoint import load_model
     from loopdb.cli import parse_overrides
     from loopdb.config import preset
-    from loopdb.trainer import Trainer
+    from loopdb.training.trainer import Trainer
 
     argv = two_block_run(train_shared="false")
     train_on_two_processes(data_dir, tmp_path / "parallel", "--block-parallel", *argv)

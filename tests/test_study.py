@@ -1,7 +1,7 @@
 import json
 
 from conftest import SMALL_RUN
-from loopdb import engine
+from loopdb.readouts import scoring as engine
 from loopdb.cli import main
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import SMALL_RUN
-from loopdb.checkpoint import latest_checkpoint, load_model
+from loopdb.training.checkpoint import latest_checkpoint, load_model
 from loopdb.cli import main, parse_overrides
 from loopdb.config import ConfigError, preset
-from loopdb.trainer import Trainer, learning_rate
+from loopdb.training.trainer import Trainer, learning_rate
 
 
 def small_config(**extra):

@@ -13,9 +13,9 @@ from conftest import assert_only_block_has_gradients
 from loopdb import images as images_lib  # noqa: E402
 from loopdb.cli import main  # noqa: E402
 from loopdb.config import Config, ConfigError  # noqa: E402
-from loopdb.dit import DiTDenoiser  # noqa: E402
-from loopdb.trainer import step_generator  # noqa: E402
-from loopdb.vit import ViTClassifier  # noqa: E402
+from loopdb.models.dit import DiTDenoiser  # noqa: E402
+from loopdb.training.trainer import step_generator  # noqa: E402
+from loopdb.models.vit import ViTClassifier  # noqa: E402
 
 SMALL = ["--d_model=32", "--n_heads=4", "--n_layers=4", "--num_blocks=4", "--batch_size=8", "--warmup_steps=1"]
 

@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 
-from . import data as data_lib
-from . import engine
-from .config import Config
+from .. import data as data_lib
+from ..readouts import scoring as engine
+from ..config import Config
 
 
 class TextTask:
@@ -64,7 +64,7 @@ class TextTask:
 
 
 def text_data_dir(data: str | None, config: Config) -> Path:
-    from .cli import resolve_data_dir
+    from ..cli import resolve_data_dir
 
     return resolve_data_dir(data, config.train.data_vocab_size)
 
@@ -74,14 +74,14 @@ def image_data_dir(data: str | None, config: Config) -> Path | None:
 
 
 def _image_task(config: Config, data_dir):
-    from .images import ImageTask
+    from ..images import ImageTask
 
     return ImageTask(config, data_dir)
 
 
 def _image_command(name: str):
     def command(args, sampler):
-        from . import images
+        from .. import images
 
         return getattr(images, name)(args, sampler)
 
@@ -98,7 +98,7 @@ class MaskedTextTask(TextTask):
 
     def evaluate(self, model, device, autocast) -> dict:
         """Validation ELBO bits per byte (ELBO_T_SAMPLES draws per window, seeded)."""
-        from . import masked
+        from ..models import masked
 
         train = self.config.train
         windows = data_lib.eval_windows(self.val_tokens, self.config.model.context, train.eval_windows, overlap=0)
@@ -107,7 +107,7 @@ class MaskedTextTask(TextTask):
         return {"val/elbo_bpb": result["bpb"]}
 
     def sample(self, model, step: int, tokens: int = 48) -> str:
-        from . import masked
+        from ..models import masked
 
         ids = masked.sample(model, min(tokens, self.config.model.context), generator=torch.Generator().manual_seed(step))
         return self.tokenizer.decode(ids[0])
@@ -123,26 +123,26 @@ class Family:
 
 
 def _looped(config: Config):
-    from .looped import LoopedLM
-    from .objectives import make_objective
+    from ..models.looped import LoopedLM
+    from ..objectives.next_token import make_objective
 
     return LoopedLM(config.model, config.diffusion, make_objective(config.train))
 
 
 def _stacked(config: Config):
-    from .stacked import build_stacked
+    from ..models.stacked import build_stacked
 
     return build_stacked(config)
 
 
 def _vit(config: Config):
-    from .vit import ViTClassifier
+    from ..models.vit import ViTClassifier
 
     return ViTClassifier(config)
 
 
 def _dit(config: Config):
-    from .dit import DiTDenoiser
+    from ..models.dit import DiTDenoiser
 
     return DiTDenoiser(config)
 
@@ -151,7 +151,7 @@ _IMAGES = dict(task=_image_task, data_dir=image_data_dir, score=_image_command("
                sample=_image_command("sample"))
 
 def _masked(config: Config):
-    from .masked import MaskedDiffusionLM, make_masked_objective
+    from ..models.masked import MaskedDiffusionLM, make_masked_objective
 
     return MaskedDiffusionLM(config.model, config.diffusion, make_masked_objective(config.train.objective))
 
@@ -159,9 +159,9 @@ def _masked(config: Config):
 def _load_masked_run(args, sampler, flag: str, count: int):
     """(model, config, data_dir, tokenizer, device) of an mdm run for `loopdb score` / `loopdb sample`,
     after checking the command's ``count`` (t draws or sampler steps, given as ``flag``) is >= 1."""
-    from .checkpoint import load_model, run_data_dir
-    from .cli import UsageError
-    from .trainer import resolve_device
+    from ..training.checkpoint import load_model, run_data_dir
+    from ..cli import UsageError
+    from ..training.trainer import resolve_device
 
     if count < 1:
         raise UsageError(f"{flag} {count}: must be >= 1")
@@ -181,7 +181,7 @@ def _masked_score(args, sampler) -> int:
 
     from tqdm import tqdm
 
-    from . import masked
+    from ..models import masked
 
     t_samples = masked.ELBO_T_SAMPLES if args.t_samples is None else args.t_samples
     model, config, data_dir, tokenizer, device = _load_masked_run(args, sampler, "--t-samples", t_samples)
@@ -209,8 +209,8 @@ def _masked_score(args, sampler) -> int:
 
 def _masked_sample(args, sampler) -> int:
     """`loopdb sample` of an mdm run: --steps ancestral unmasking steps after the prompt."""
-    from . import masked
-    from .cli import UsageError
+    from ..models import masked
+    from ..cli import UsageError
 
     steps = masked.SAMPLE_STEPS if args.loops is None else args.loops
     model, config, _, tokenizer, _ = _load_masked_run(args, sampler, "--steps", steps)

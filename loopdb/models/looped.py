@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import DiffusionConfig, ModelConfig
-from .edm import NoiseSchedule, precondition
-from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, init_linears, run_clean_layers
-from .objectives import DiffusionObjective
+from ..config import DiffusionConfig, ModelConfig
+from ..maths.edm import NoiseSchedule, precondition
+from ..layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, init_linears, run_clean_layers
+from ..objectives.next_token import DiffusionObjective
 
 
 @dataclass

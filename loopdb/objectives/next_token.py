@@ -19,9 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .edm import initial_state as edm_initial_state
-from .edm import loss_weight, sigma_grid
-from .sampler import run_sampler
+from ..maths.edm import initial_state as edm_initial_state
+from ..maths.edm import loss_weight, sigma_grid
+from ..maths.sampler import run_sampler
 
 
 def _cross_entropy(logits, next_tokens) -> torch.Tensor:

@@ -45,9 +45,9 @@ def measure(name: str, device: str = "cpu", model_keys: dict | None = None) -> d
     (``model_keys`` replaces BENCH_MODEL, e.g. a tiny model for the tests)."""
     import torch
 
-    from .config import Config, ModelConfig
-    from .stacked import build_stacked
-    from .trainer import make_optimizer, step_generator
+    from ..config import Config, ModelConfig
+    from ..models.stacked import build_stacked
+    from ..training.trainer import make_optimizer, step_generator
 
     baseline = _rss_mb()
     objective, num_blocks, checkpointing = CONFIGS[name]
@@ -94,7 +94,7 @@ def run_memory_bench(device: str = "cpu", model_keys: dict | None = None) -> dic
     model_keys = model_keys or BENCH_MODEL
     configs = []
     for name in CONFIGS:
-        output = subprocess.run([sys.executable, "-m", "loopdb.bench", name, device, json.dumps(model_keys)],
+        output = subprocess.run([sys.executable, "-m", "loopdb.evaluation.bench", name, device, json.dumps(model_keys)],
                                 check=True, capture_output=True, text=True).stdout
         configs.append(json.loads(output.strip().splitlines()[-1]))
     by_name = {c["name"]: c for c in configs}

@@ -44,9 +44,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import DiffusionConfig, ModelConfig
-from .engine import same_length_batches
-from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, init_weights
+from ..config import DiffusionConfig, ModelConfig
+from ..readouts.scoring import same_length_batches
+from ..layers import Block, RMSNorm, Rotary, SigmaEmbedder, init_weights
 
 ELBO_T_SAMPLES = 16  # draws per window in the ELBO (fixed, so numbers compare across runs)
 SAMPLE_STEPS = 64    # default sampler steps

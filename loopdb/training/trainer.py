@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from .config import Config, ConfigError
-from .families import build_model, family_of
+from ..config import Config, ConfigError
+from ..families import build_model, family_of
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,7 +85,7 @@ class Trainer:
         if self.owned_blocks is None:
             self.model = build_model(config).to(self.device)
         else:  # this rank allocates and trains its own blocks only
-            from .stacked import build_stacked
+            from ..models.stacked import build_stacked
 
             own = copy.deepcopy(config)
             own.train.train_blocks = self.owned_blocks
@@ -94,7 +94,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config)
         if self.device.type == "cuda" and config.model.family == "stacked" and config.train.objective == "diffusion" \
                 and not block_parallel:  # inactive blocks' weights and optimizer state wait in host memory
-            from .stacked import HostOffload
+            from ..models.stacked import HostOffload
 
             self.model.offload = HostOffload(self.model, self.optimizer, self.device)
         self.step = 0
@@ -120,7 +120,7 @@ class Trainer:
     @staticmethod
     def _join_processes(config: Config, block_parallel: bool, resume: bool):
         """(group, blocks this rank owns or None): the torchrun job this process belongs to."""
-        from . import parallel
+        from ..training import parallel
 
         if block_parallel and (config.model.family != "stacked" or config.train.objective != "diffusion"):
             raise ConfigError("--block-parallel trains the blocks of a stacked DiffusionBlocks model "
@@ -174,7 +174,7 @@ class Trainer:
         """Average gradients over ranks (all of them, or only the shared ones when block-parallel)
         and clip; block-parallel clips the shared gradients on their own so every rank takes the
         same shared step. Returns the pre-clip norm of this rank's own gradients."""
-        from . import parallel
+        from ..training import parallel
 
         clip = self.config.train.grad_clip
         if self.group.world_size == 1:

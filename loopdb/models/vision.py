@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .config import Config
-from .edm import NoiseSchedule, initial_state, sigma_grid
-from .layers import Block
-from .sampler import run_sampler
+from ..config import Config
+from ..maths.edm import NoiseSchedule, initial_state, sigma_grid
+from ..layers import Block
+from ..maths.sampler import run_sampler
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:

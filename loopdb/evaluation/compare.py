@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from . import data as data_lib
-from . import engine
-from .checkpoint import load_model
-from .objectives import OBJECTIVES
+from .. import data as data_lib
+from ..readouts import scoring as engine
+from ..training.checkpoint import load_model
+from ..objectives.next_token import OBJECTIVES
 
 DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64)
 

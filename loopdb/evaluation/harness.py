@@ -77,7 +77,7 @@ except ImportError as error:  # tests/test_harness.py hides lm_eval to check thi
 import numpy as np
 import torch
 
-from . import engine
+from ..readouts import scoring as engine
 
 READOUTS = engine.READOUTS
 GEN_CHUNK = 16
@@ -139,8 +139,8 @@ class LoopDBLM(TemplateLM):
         if model is None:
             if run is None:
                 raise ValueError("the loopdb model needs run=PATH (a run folder made by `loopdb train`)")
-            from . import data as data_lib
-            from .checkpoint import load_model, run_data_dir
+            from .. import data as data_lib
+            from ..training.checkpoint import load_model, run_data_dir
 
             model, _ = load_model(run, self._device)
             tokenizer = data_lib.load_tokenizer(run_data_dir(run))
@@ -473,7 +473,7 @@ def plot_metrics(summary: dict, loops: list[int], path: Path) -> Path:
 
 
 def _checkpoint_step(run) -> int:
-    from .checkpoint import latest_checkpoint
+    from ..training.checkpoint import latest_checkpoint
 
     checkpoint = latest_checkpoint(run)
     match = re.search(r"(\d+)$", checkpoint.name) if checkpoint is not None else None

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config
-from .edm import loss_weight, precondition
-from .layers import RMSNorm, SigmaEmbedder
+from ..config import Config
+from ..maths.edm import loss_weight, precondition
+from ..layers import RMSNorm, SigmaEmbedder
 from .vision import VisionModel, unpatchify
 
 

@@ -24,11 +24,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from . import data as data_lib
-from . import engine
-from .checkpoint import load_model, run_data_dir
+from .. import data as data_lib
+from ..readouts import scoring as engine
+from ..training.checkpoint import load_model, run_data_dir
 from .compare import score_member, train_member
-from .config import ConfigError, preset
+from ..config import ConfigError, preset
 
 STUDY_READOUTS = ("predictive", "last", "elbo")
 INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last")  # change the sampler, not the trained weights

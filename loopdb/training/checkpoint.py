@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config
+from ..config import Config
 
 KEEP_CHECKPOINTS = 2
 
@@ -108,8 +108,8 @@ def load_model(run_dir, device="cpu", sampler: dict[str, str] | None = None):
     """The run's newest model, in eval mode on ``device``; returns (model, config).
 
     ``sampler`` overrides inference-only settings (SAMPLER_KEYS), e.g. {"grid_sigma_last": "0.5"}."""
-    from .config import ConfigError
-    from .families import build_model
+    from ..config import ConfigError
+    from ..families import build_model
 
     config, checkpoint = open_run(run_dir)
     if sampler:

@@ -42,12 +42,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import DiffusionConfig, ModelConfig
-from .edm import NoiseSchedule, precondition
-from .layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, run_clean_layers
-from .layers import init_linears
+from ..config import DiffusionConfig, ModelConfig
+from ..maths.edm import NoiseSchedule, precondition
+from ..layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, run_clean_layers
+from ..layers import init_linears
 from .looped import NextTokenDenoiser
-from .objectives import DenseObjective, DiffusionObjective, noised_targets, weighted_cross_entropy
+from ..objectives.next_token import DenseObjective, DiffusionObjective, noised_targets, weighted_cross_entropy
 
 
 @dataclass

@@ -46,7 +46,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 # -- commands ------------------------------------------------------------------------------
 def cmd_prepare(args) -> int:
-    from .data import prepare
+    from ..data import prepare
 
     corpus = None if args.corpus in (None, ["shakespeare"]) else args.corpus
     meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
@@ -59,7 +59,7 @@ def cmd_prepare(args) -> int:
 
 def resolve_data_dir(data: str | None, vocab_size: int) -> Path:
     """--data, or the default corpus, prepared on first use."""
-    from .data import prepare
+    from ..data import prepare
 
     if data:
         return Path(data)
@@ -72,16 +72,16 @@ def resolve_data_dir(data: str | None, vocab_size: int) -> Path:
 
 def run_family(run):
     """The model family of a trained run (loopdb.families), for commands that differ by family."""
-    from .checkpoint import open_run
-    from .families import family_of
+    from ..training.checkpoint import open_run
+    from ..families import family_of
 
     return family_of(open_run(run)[0])
 
 
 def cmd_train(args, overrides) -> int:
-    from .config import preset
-    from .families import family_of
-    from .trainer import Trainer
+    from ..config import preset
+    from ..families import family_of
+    from ..training.trainer import Trainer
 
     config = preset(args.preset).apply_overrides(overrides)
     data_dir = family_of(config).data_dir(args.data, config)
@@ -106,10 +106,10 @@ def cmd_score(args, sampler) -> int:
     import torch
     from tqdm import tqdm
 
-    from . import data as data_lib
-    from . import engine
-    from .checkpoint import load_model, run_data_dir
-    from .trainer import resolve_device
+    from .. import data as data_lib
+    from ..readouts import scoring as engine
+    from ..training.checkpoint import load_model, run_data_dir
+    from ..training.trainer import resolve_device
 
     family = run_family(args.run)
     if family.score is not None:
@@ -147,10 +147,10 @@ def cmd_score(args, sampler) -> int:
 
 
 def cmd_sample(args, sampler) -> int:
-    from . import data as data_lib
-    from . import engine
-    from .checkpoint import load_model, run_data_dir
-    from .trainer import resolve_device
+    from .. import data as data_lib
+    from ..readouts import scoring as engine
+    from ..training.checkpoint import load_model, run_data_dir
+    from ..training.trainer import resolve_device
 
     family = run_family(args.run)
     if family.sample is not None:
@@ -170,8 +170,8 @@ def cmd_sample(args, sampler) -> int:
 
 
 def cmd_compare(args, overrides) -> int:
-    from .compare import run_compare
-    from .config import preset
+    from ..evaluation.compare import run_compare
+    from ..config import preset
 
     if (args.budget_minutes is None) == (args.steps is None):
         raise UsageError("give exactly one of --budget-minutes M (equal time) or --steps N (equal steps)")
@@ -191,7 +191,7 @@ def cmd_eval(args) -> int:
     """lm-evaluation-harness tasks at several loop counts (loopdb.harness); offline by default."""
     import logging
 
-    from .checkpoint import open_run
+    from ..training.checkpoint import open_run
 
     loops = parse_loops(args.loops)
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
@@ -205,7 +205,7 @@ def cmd_eval(args) -> int:
         raise UsageError(f"loopdb eval runs looped-family models; {args.run} is family {config.model.family} "
                          "(use loopdb score)")
     try:
-        from . import harness
+        from ..evaluation import harness
     except ImportError as error:
         raise UsageError(str(error)) from None
     if not args.verbose:  # the harness's and the hub client's chatter; errors still show
@@ -225,8 +225,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_study(args, overrides) -> int:
-    from .config import preset
-    from .study import STUDY_READOUTS, load_variants, run_study
+    from ..config import preset
+    from ..evaluation.study import STUDY_READOUTS, load_variants, run_study
 
     if overrides:
         raise UsageError("put config overrides in the variants file, not on the command line")
@@ -246,8 +246,8 @@ def cmd_study(args, overrides) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, run_memory_bench
-    from .trainer import resolve_device
+    from ..evaluation.bench import format_table, run_memory_bench
+    from ..training.trainer import resolve_device
 
     report = run_memory_bench(str(resolve_device(args.device)))
     print(json.dumps(report) if args.json else format_table(report))
@@ -370,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import RunError
-    from .config import ConfigError
-    from .data import DataError
+    from ..training.checkpoint import RunError
+    from ..config import ConfigError
+    from ..data import DataError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -58,7 +58,7 @@ def elbo_logprobs(model, windows: torch.Tensor, num_loops: int | None, samples: 
     """Minus the diffusion ELBO of each next token (a lower bound on log p), averaged over
     ``samples`` draws; the K-step discrete bound of the ancestral sampler on the model's
     grid, or the continuous-time bound when num_loops is None."""
-    from .elbo import continuous_elbo, discrete_elbo
+    from ..maths.elbo import continuous_elbo, discrete_elbo
 
     if model.objective.name != "diffusion":
         raise ValueError(f"the ELBO readouts need a diffusion model; this one was trained with "

@@ -83,7 +83,7 @@ def owned_blocks(num_blocks: int, group: Group) -> tuple[int, ...]:
 
 def gather_blocks(model, owned: tuple[int, ...], group: Group) -> None:
     """Rank 0 receives every rank's blocks (CPU copies) and loads them into ``model``."""
-    from .stacked import DiffusionBlock
+    from ..models.stacked import DiffusionBlock
 
     state = {index: {k: v.detach().cpu() for k, v in model.blocks[index].state_dict().items()} for index in owned}
     gathered = [None] * group.world_size if group.is_main else None

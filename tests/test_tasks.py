@@ -1,0 +1,229 @@
+"""loopdb.tasks: deterministic generators, direct solvers, tokenizer, training layout, lm-eval folders, CLI."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loopdb.errors import DataError, UsageError
+from loopdb.tasks import (
+    IGNORE_INDEX,
+    TASKS,
+    Example,
+    SymbolTokenizer,
+    final_answer_positions,
+    get_task,
+    parse_difficulties,
+    training_arrays,
+    write_task_folder,
+)
+from loopdb.tasks.generators import split_words
+
+DIFFICULTIES = {"s3": range(1, 25), "s5": range(1, 13), "hops": range(1, 25), "addition": range(1, 13)}
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_generators_are_deterministic_per_seed_and_differ_across_seeds(name):
+    task = get_task(name)
+    first = task.generate(seed=7, difficulty=6, count=20)
+    assert first == task.generate(seed=7, difficulty=6, count=20)
+    assert task.generate(seed=7, difficulty=6, count=5) == first[:5]  # each example depends on its index only
+    assert [e.prompt for e in task.generate(seed=8, difficulty=6, count=20)] != [e.prompt for e in first]
+    assert all(e.difficulty == 6 for e in first)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_answer_equals_the_direct_solvers(name):
+    task = get_task(name)
+    for seed in range(5):
+        for difficulty in DIFFICULTIES[name]:
+            for example in task.generate(seed, difficulty, 4):
+                assert task.solve(example) == example.answers
+
+
+def test_answers_follow_the_documented_conventions():
+    s3 = get_task("s3")
+    # apply 120 first (0->1, 1->2, 2->0), then 021 (swap 1 and 2): 0->1->2, 1->2->1, 2->0->0
+    assert s3.solve(Example(" 120 021", [], 2)) == ["120", "210"]
+    hops = get_task("hops")
+    assert hops.solve(Example(" a>b b>c c>d d>e e>f f>g g>h h>a c > > >", [], 3)) == ["d", "e", "f"]
+    addition = get_task("addition")
+    assert addition.solve(Example(" 3 2 1 + 5 4 0 =", [], 3)) == ["8", "6", "1", "0"]  # 123 + 45 = 168
+    assert addition.solve(Example(" 9 9 + 1 0 =", [], 2)) == ["0", "0", "1"]  # 99 + 1 = 100
+
+
+def test_hops_answers_never_revisit_the_start_before_the_cycle_wraps():
+    hops = get_task("hops")
+    for example in hops.generate(0, 16, 20):
+        start = split_words(example.prompt)[8]
+        assert [i + 1 for i, a in enumerate(example.answers) if a == start] == [8, 16]
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_tokenizer_round_trips_and_token_bytes_sum_to_utf8_bytes(name):
+    task = get_task(name)
+    tokenizer = task.tokenizer()
+    assert tokenizer.piece(tokenizer.newline_id) == "\n" and tokenizer.vocab_size == len(tokenizer.token_bytes)
+    for example in task.generate(3, 5, 10):
+        text, _ = task.training_sequence(example)
+        for sample in (example.prompt, text, example.prompt + "\n" + text):
+            ids = tokenizer.encode(sample)
+            assert tokenizer.decode(ids) == sample
+            assert int(tokenizer.token_bytes[ids].sum()) == len(sample.encode("utf-8"))
+        assert all(len(tokenizer.encode(" " + word)) == 1 for word in example.answers)
+    again = SymbolTokenizer.from_bytes(tokenizer.to_bytes())
+    assert again.words == tokenizer.words and (again.token_bytes == tokenizer.token_bytes).all()
+
+
+def test_tokenizer_names_an_unknown_word_and_rejects_foreign_data():
+    with pytest.raises(DataError, match="'xyz'"):
+        get_task("s3").tokenizer().encode(" 012 xyz")
+    with pytest.raises(DataError, match="symbol tokenizer"):
+        SymbolTokenizer.from_bytes(b'{"kind": "char", "alphabet": "ab"}')
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_training_arrays_target_at_t_answers_what_inputs_up_to_t_show(name):
+    task = get_task(name)
+    tokenizer = task.tokenizer()
+    examples = [e for d in (1, 3, 7) for e in task.generate(11, d, 6)]
+    inputs, targets = training_arrays(task, examples, length=64)
+    assert inputs.shape == targets.shape == (len(examples), 64)
+    for row, example in enumerate(examples):
+        supervised = 0
+        for t in range(64):
+            seen = tokenizer.decode(inputs[row, : t + 1])
+            expected = _answer_after_reading(task, example, seen)
+            assert targets[row, t].item() == (IGNORE_INDEX if expected is None else tokenizer.encode(expected)[0])
+            supervised += expected is not None
+        assert supervised == len(example.answers) + (name == "addition")  # addition also supervises the final "\n"
+        prompt_ids = tokenizer.encode(example.prompt)
+        assert inputs[row, : len(prompt_ids)].tolist() == prompt_ids
+        assert (inputs[row, len(tokenizer.encode(task.training_sequence(example)[0])):] == tokenizer.newline_id).all()
+
+
+def _answer_after_reading(task, example, seen):
+    """What the model must say after reading the text ``seen`` (a prefix of the training input,
+    possibly with padding), recomputed with the solver; None where nothing is supervised."""
+    text, _ = task.training_sequence(example)
+    words, full = split_words(seen), split_words(text)
+    if len(words) > len(full):
+        return None  # padding
+    if task.name == "addition":
+        prompt_len = len(split_words(example.prompt))
+        if len(words) < prompt_len:
+            return None
+        answer = task.solve(example) + ["\n"]  # the solver reads the prompt only; the answer digits are teacher-forced
+        return answer[len(words) - prompt_len]
+    if task.name == "hops":
+        if len(words) <= 9:
+            return None  # pairs and the start symbol: nothing is asked yet
+    return task.solve(Example(seen, [], 0))[-1]
+
+
+def test_s3_target_is_not_the_next_input_token():
+    task = get_task("s3")
+    inputs, targets = training_arrays(task, task.generate(0, 12, 50), length=12)
+    same = (targets[:, :-1] == inputs[:, 1:]).float().mean().item()
+    assert same < 0.4  # a next-token layout would give 1.0; a random element matches 1/6 of the time
+
+
+def test_final_answer_positions_point_at_the_final_answer():
+    for name in TASKS:
+        task = get_task(name)
+        examples = task.generate(0, 5, 4)
+        inputs, targets = training_arrays(task, examples)
+        for row, (example, positions) in enumerate(zip(examples, final_answer_positions(task, examples))):
+            assert task.tokenizer().decode(targets[row, positions]).split() == task.final_answer(example).split()
+            if name != "addition":
+                assert positions == [len(split_words(example.prompt)) - 1]
+
+
+def test_training_arrays_refuse_a_length_too_short():
+    task = get_task("s3")
+    with pytest.raises(DataError, match="length >= 9"):
+        training_arrays(task, task.generate(0, 9, 2), length=8)
+
+
+def test_parse_difficulties_reads_ranges_and_lists():
+    assert parse_difficulties("3-6") == [3, 4, 5, 6]
+    assert parse_difficulties("8") == [8]
+    assert parse_difficulties("4,8,16") == [4, 8, 16]
+    assert parse_difficulties("2-3,9") == [2, 3, 9]
+    for bad in ("", "a-b", "5-3", "0", "2,2", "3-"):
+        with pytest.raises(UsageError):
+            parse_difficulties(bad)
+
+
+def test_unknown_task_lists_the_choices():
+    with pytest.raises(UsageError, match="s3, s5, hops"):
+        get_task("s4")
+
+
+def test_baselines_measure_the_shortcuts():
+    hops = get_task("hops")
+    assert hops.baselines(hops.generate(0, 8, 30))["start_symbol"] == 1.0  # an 8-cycle wraps at 8 hops
+    assert hops.baselines(hops.generate(0, 5, 30))["start_symbol"] == 0.0
+    s3 = get_task("s3")
+    assert s3.baselines(s3.generate(0, 1, 30))["last_symbol"] == 1.0  # one element: its product is itself
+    assert set(get_task("addition").baselines(get_task("addition").generate(0, 3, 10))) == {"majority", "no_carry", "chance"}
+
+
+def test_task_folder_loads_in_lm_eval_and_scores_the_true_answers(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path / "reasoning"
+    yaml_path = write_task_folder("s3", 5, [2, 3], 4, folder)
+    assert yaml_path == folder / "s3_seed5_d2-3.yaml"
+    write_task_folder("addition", 5, [2], 3, folder, name="add_small")
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    assert {"s3_seed5_d2-3", "add_small"} <= set(manager.all_tasks)
+    tasks = manager.load_task_or_group(["s3_seed5_d2-3", "add_small"])
+    s3_task, add_task = tasks["s3_seed5_d2-3"], tasks["add_small"]
+    docs = list(s3_task.test_docs())
+    expected = get_task("s3").generate(5, 2, 4) + get_task("s3").generate(5, 3, 4)
+    assert [s3_task.doc_to_text(doc) for doc in docs] == [e.prompt for e in expected]
+    assert [s3_task.doc_to_target(doc) for doc in docs] == [e.answers[-1] for e in expected]
+    assert s3_task.config.generation_kwargs["max_gen_toks"] == 1
+    assert add_task.config.generation_kwargs["max_gen_toks"] == 4
+    # a generation with the tokenizer's leading space is right; the wrong element is not
+    doc = docs[0]
+    right = " " + doc["answer"]
+    assert s3_task.process_results(doc, [right]) == {"exact_match": 1.0, "exact_match_d2": 1.0}
+    assert s3_task.process_results(doc, [" 999"])["exact_match"] == 0.0
+    add_doc = next(iter(add_task.test_docs()))
+    assert add_task.process_results(add_doc, [" " + add_doc["answer"]])["exact_match"] == 1.0
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "loopdb.tasks", *args], capture_output=True, text=True, cwd=cwd,
+                          env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parent.parent), "PATH": ""})
+
+
+@pytest.mark.parametrize("args", [
+    ["s4", "--difficulties", "2-4", "--count", "3"],
+    ["s3", "--difficulties", "4-2", "--count", "3"],
+    ["s3", "--difficulties", "2-4", "--count", "0"],
+    ["s3", "--difficulties", "2-4", "--count", "three"],
+])
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args):
+    result = _cli(*args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_writes_the_folder_and_prints_baselines(tmp_path):
+    result = _cli("hops", "--seed", "3", "--difficulties", "2-4", "--count", "5", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "hops_seed3_d2-4.yaml" in result.stdout and "start_symbol" in result.stdout
+    rows = (tmp_path / "out" / "hops_seed3_d2-4.jsonl").read_text().splitlines()
+    assert len(rows) == 15 and (tmp_path / "out" / "utils.py").is_file()
+    listing = _cli("--list", cwd=tmp_path)
+    assert listing.returncode == 0 and all(name in listing.stdout for name in TASKS)
