@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from loopdb.tasks import (
     training_arrays,
     write_task_folder,
 )
+from loopdb.tasks import __main__ as tasks_cli
 from loopdb.tasks.generators import split_words
 
 DIFFICULTIES = {"s3": range(1, 25), "s5": range(1, 13), "hops": range(1, 25), "addition": range(1, 13)}
@@ -184,7 +186,7 @@ def test_task_folder_loads_in_lm_eval_and_scores_the_true_answers(tmp_path, monk
     write_task_folder("addition", 5, [2], 3, folder, name="add_small")
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     assert {"s3_seed5_d2-3", "add_small"} <= set(manager.all_tasks)
-    tasks = manager.load_task_or_group(["s3_seed5_d2-3", "add_small"])
+    tasks = manager.load(["s3_seed5_d2-3", "add_small"])["tasks"]
     s3_task, add_task = tasks["s3_seed5_d2-3"], tasks["add_small"]
     docs = list(s3_task.test_docs())
     expected = get_task("s3").generate(5, 2, 4) + get_task("s3").generate(5, 3, 4)
@@ -201,9 +203,60 @@ def test_task_folder_loads_in_lm_eval_and_scores_the_true_answers(tmp_path, monk
     assert add_task.process_results(add_doc, [" " + add_doc["answer"]])["exact_match"] == 1.0
 
 
+def test_lm_eval_scores_a_solver_per_difficulty(tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    for key in ("HF_HOME", "HF_DATASETS_CACHE"):
+        monkeypatch.setenv(key, str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    class SolverLM(LM):
+        """Answers with the direct solver, the way a loopdb model's text comes out (leading spaces),
+        except on prompts of difficulty 3, where it says something else."""
+
+        def generate_until(self, requests, disable_tqdm=False):
+            outputs = []
+            for request in requests:
+                prompt = request.args[0]
+                task = get_task("addition" if "+" in prompt else "hops")
+                answers = task.solve(Example(prompt, [], 0))
+                text = " " + answers[-1] if task.name == "hops" else "".join(" " + a for a in answers) + "\n 7"
+                outputs.append(" ?" if len(answers) == 3 + (task.name == "addition") else text)
+            return outputs
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+    folder = tmp_path / "reasoning"
+    write_task_folder("hops", 1, [2, 3], 4, folder)
+    write_task_folder("addition", 1, [2, 3], 4, folder)
+    names = ["hops_seed1_d2-3", "addition_seed1_d2-3"]
+    results = lm_eval.simple_evaluate(model=SolverLM(), tasks=names, bootstrap_iters=0,
+                                      task_manager=TaskManager(include_path=str(folder), include_defaults=False))["results"]
+    for name in names:
+        assert results[name]["exact_match,none"] == 0.5
+        assert results[name]["exact_match_d2,none"] == 1.0 and results[name]["exact_match_d3,none"] == 0.0
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "eval" / "tasks" / "reasoning"
+
+
+@pytest.mark.parametrize("name,difficulties", [("s3", "2-12"), ("s3", "13-24"), ("hops", "2-12"), ("hops", "13-24")])
+def test_shipped_reasoning_tasks_are_a_fresh_build(tmp_path, name, difficulties):
+    path = write_task_folder(name, 1000, parse_difficulties(difficulties), 50, tmp_path)
+    for made in (path, path.with_suffix(".jsonl"), tmp_path / "utils.py"):
+        assert made.read_bytes() == (SHIPPED / made.name).read_bytes(), f"rerun the commands in {SHIPPED}/README.md"
+
+
 def _cli(*args, cwd):
+    root = Path(__file__).resolve().parent.parent
     return subprocess.run([sys.executable, "-m", "loopdb.tasks", *args], capture_output=True, text=True, cwd=cwd,
-                          env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parent.parent), "PATH": ""})
+                          env={"PYTHONPATH": str(root), "PATH": ""})
 
 
 @pytest.mark.parametrize("args", [
@@ -211,19 +264,27 @@ def _cli(*args, cwd):
     ["s3", "--difficulties", "4-2", "--count", "3"],
     ["s3", "--difficulties", "2-4", "--count", "0"],
     ["s3", "--difficulties", "2-4", "--count", "three"],
+    ["s3", "--count", "3"],
 ])
-def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args):
-    result = _cli(*args, "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert result.returncode == 2 and result.stdout == ""
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args):
+    assert tasks_cli.main([*args, "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured.err
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_writes_the_folder_and_prints_baselines(tmp_path):
-    result = _cli("hops", "--seed", "3", "--difficulties", "2-4", "--count", "5", "--out", "out", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "hops_seed3_d2-4.yaml" in result.stdout and "start_symbol" in result.stdout
-    rows = (tmp_path / "out" / "hops_seed3_d2-4.jsonl").read_text().splitlines()
-    assert len(rows) == 15 and (tmp_path / "out" / "utils.py").is_file()
-    listing = _cli("--list", cwd=tmp_path)
-    assert listing.returncode == 0 and all(name in listing.stdout for name in TASKS)
+def test_cli_process_exit_code_is_2_for_an_unknown_task(tmp_path):
+    result = _cli("s4", "--difficulties", "2-4", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "s3, s5, hops" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_writes_the_folder_and_prints_baselines(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert tasks_cli.main(["hops", "--seed", "3", "--difficulties", "2-4", "--count", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "hops_seed3_d2-4.yaml" in printed and "start_symbol" in printed
+    assert len((out / "hops_seed3_d2-4.jsonl").read_text().splitlines()) == 15 and (out / "utils.py").is_file()
+    assert tasks_cli.main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in TASKS)
