@@ -34,12 +34,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-
-class DataError(ValueError):
-    """A problem with the corpus, the options or a dataset directory.
-
-    The message is one line that names the problem and the fix.
-    """
+from .errors import DataError
 
 
 DEFAULT_VOCAB_SIZE = 4096
@@ -564,6 +559,27 @@ def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=T
         + f"; unigram test bpb {meta['unigram_test_bpb']:.3f}"
     )
     return meta
+
+
+# ---------------------------------------------------------------------------
+# The default corpus
+
+
+def default_data_dir(vocab_size: int) -> Path:
+    """Where the default corpus is prepared ($LOOPDB_DATA, else ~/.cache/loopdb)."""
+    root = Path(os.environ.get("LOOPDB_DATA", Path.home() / ".cache" / "loopdb"))
+    return root / f"shakespeare-bpe{vocab_size}"
+
+
+def resolve_data_dir(data: str | None, vocab_size: int) -> Path:
+    """--data, or the default corpus, prepared on first use."""
+    if data:
+        return Path(data)
+    data_dir = default_data_dir(vocab_size)
+    if not (data_dir / META_FILE).exists():
+        print(f"preparing the default corpus into {data_dir} (once)", file=sys.stderr)
+        prepare(data_dir, vocab_size=vocab_size)
+    return data_dir
 
 
 # ---------------------------------------------------------------------------

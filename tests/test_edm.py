@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from loopdb.maths import edm
+from loopdb.maths.partition import BlockPartition, sigma_boundaries
 from loopdb.maths.sampler import run_sampler
 
 SCHEDULE = edm.NoiseSchedule()
@@ -19,41 +20,41 @@ SCHEDULE = edm.NoiseSchedule()
     ],
 )
 def test_equiprobability_boundaries(num_blocks, expected):
-    assert SCHEDULE.partition(num_blocks) == pytest.approx(expected, abs=1e-4)
+    assert sigma_boundaries(SCHEDULE, num_blocks) == pytest.approx(expected, abs=1e-4)
 
 
 def test_equiprobability_ranges_hold_equal_mass():
-    bounds = SCHEDULE.partition(5)
+    bounds = sigma_boundaries(SCHEDULE, 5)
     masses = [SCHEDULE.cdf(hi) - SCHEDULE.cdf(lo) for lo, hi in zip(bounds, bounds[1:])]
     assert masses == pytest.approx([masses[0]] * 5, rel=1e-9)
 
 
 def test_uniform_partition_is_uniform_in_log_sigma():
-    bounds = SCHEDULE.partition(4, "uniform")
+    bounds = sigma_boundaries(SCHEDULE, 4, "uniform")
     widths = [math.log(hi / lo) for lo, hi in zip(bounds, bounds[1:])]
     assert widths == pytest.approx([widths[0]] * 4)
 
 
 def test_block_zero_owns_the_highest_range_and_overlap_widens_it():
-    bounds = SCHEDULE.partition(4)
-    assert SCHEDULE.block_range(bounds, 0) == pytest.approx((0.6766, 80.0), abs=1e-4)
-    assert SCHEDULE.block_range(bounds, 3) == pytest.approx((0.002, 0.1341), abs=1e-4)
-    lo, hi = SCHEDULE.block_range(bounds, 1, overlap=0.1)
+    bounds = sigma_boundaries(SCHEDULE, 4)
+    assert BlockPartition(bounds).training_range(0) == pytest.approx((0.6766, 80.0), abs=1e-4)
+    assert BlockPartition(bounds).training_range(3) == pytest.approx((0.002, 0.1341), abs=1e-4)
+    lo, hi = BlockPartition(bounds, 0.1).training_range(1)
     width = math.log(0.6766 / 0.3012)
     assert math.log(lo) == pytest.approx(math.log(0.3012) - 0.1 * width, abs=1e-3)
     assert math.log(hi) == pytest.approx(math.log(0.6766) + 0.1 * width, abs=1e-3)
-    assert SCHEDULE.block_range(bounds, 0, overlap=0.1)[1] == 80.0  # clipped to the global range
-    assert [SCHEDULE.block_for_sigma(bounds, s) for s in (50.0, 0.5, 0.2, 0.01)] == [0, 1, 2, 3]
+    assert BlockPartition(bounds, 0.1).training_range(0)[1] == 80.0  # clipped to the global range
+    assert [BlockPartition(bounds).owner(s) for s in (50.0, 0.5, 0.2, 0.01)] == [0, 1, 2, 3]
 
 
 def test_truncated_lognormal_matches_its_distribution():
-    sigma = SCHEDULE.sample(200_000, torch.Generator().manual_seed(0))
+    sigma = SCHEDULE.sample_sigmas(200_000, torch.Generator().manual_seed(0))
     assert sigma.min() >= 0.002 and sigma.max() <= 80.0
     log_sigma = sigma.double().log()
     # the truncation removes almost nothing here, so the moments are the log-normal's
     assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.01)
     assert log_sigma.std().item() == pytest.approx(1.2, abs=0.01)
-    inside = SCHEDULE.sample(50_000, torch.Generator().manual_seed(1), lo=0.3, hi=0.7)
+    inside = SCHEDULE.sample_sigmas(50_000, torch.Generator().manual_seed(1), lo=0.3, hi=0.7)
     assert inside.min() >= 0.3 and inside.max() <= 0.7
     # the median of the renormalised range is the quantile midpoint
     q_mid = (NormalDist().cdf((math.log(0.3) + 1.2) / 1.2) + NormalDist().cdf((math.log(0.7) + 1.2) / 1.2)) / 2
@@ -87,7 +88,7 @@ def test_grids_are_descending_from_sigma_max_and_computed_from_t(kind):
 
 def test_equiprob_grid_with_t_equal_b_hits_the_partition():
     # the interior points of a 5-point grid are the B=4 boundaries
-    assert edm.sigma_grid(5, SCHEDULE)[::-1] == pytest.approx(SCHEDULE.partition(4), abs=1e-9)
+    assert edm.sigma_grid(5, SCHEDULE)[::-1] == pytest.approx(sigma_boundaries(SCHEDULE, 4), abs=1e-9)
 
 
 def test_euler_step_moves_toward_the_denoised_estimate():

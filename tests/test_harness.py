@@ -235,7 +235,8 @@ def test_harness_bits_per_byte_equals_loopdb_score(tiny_lm, data_dir, tmp_path, 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from loopdb import data, engine
+    from loopdb import data
+    from loopdb.readouts import scoring as engine
     from loopdb.evaluation.harness import window_seed
 
     tokenizer = tiny_lm.tok
@@ -272,7 +273,7 @@ def test_simple_evaluate_on_the_shipped_tasks_from_another_cwd(tiny_run, tmp_pat
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    import loopdb.harness  # noqa: F401  (registers "loopdb")
+    import loopdb.evaluation.harness  # noqa: F401  (registers "loopdb")
 
     monkeypatch.chdir(tmp_path)
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)
@@ -370,7 +371,7 @@ def test_cli_eval_user_errors_are_one_line_exit_2(tiny_run, tmp_path, capsys, mo
     for name in [name for name in sys.modules if name == "lm_eval" or name.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "loopdb.evaluation.harness", raising=False)
-    monkeypatch.delattr(sys.modules["loopdb"], "harness", raising=False)
+    monkeypatch.delattr(sys.modules["loopdb.evaluation"], "harness", raising=False)
     code, _, err = run_cli(capsys, "eval", tiny_run, "--tasks", "shakespeare_bpb", "--output", output)
     assert code == 2 and 'pip install -e ".[eval]"' in err and len(err.strip().splitlines()) == 1
     assert not output.exists()

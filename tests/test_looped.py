@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from conftest import VOCAB, record_denoise_calls, tiny_model
 from loopdb.readouts import scoring as engine
+from loopdb.readouts import generation
 from loopdb.maths.edm import sigma_grid
 from loopdb.layers import clean_context_mask
 from loopdb.objectives.next_token import diffusion_blocks_loss
@@ -111,11 +112,11 @@ def test_predictive_logprobs_average_probabilities_over_draws(model):
 def test_cached_and_uncached_generation_agree(model):
     prompt = tokens(1, 5)[0].tolist()
     for loops in (1, 3):
-        cached = engine.generate(model, prompt, 30, loops, seed=3, top_k=20)  # 35 > context 16: the window slides
-        uncached = engine.generate(model, prompt, 30, loops, seed=3, top_k=20, use_cache=False)
+        cached = generation.generate(model, prompt, 30, loops, seed=3, top_k=20)  # 35 > context 16: the window slides
+        uncached = generation.generate(model, prompt, 30, loops, seed=3, top_k=20, use_cache=False)
         assert cached == uncached
     # greedy decoding still depends on the noise draw, so the seed fixes it too
-    greedy = [engine.generate(model, prompt, 10, 2, temperature=0, seed=s) for s in (4, 4)]
+    greedy = [generation.generate(model, prompt, 10, 2, temperature=0, seed=s) for s in (4, 4)]
     assert greedy[0] == greedy[1]
 
 
@@ -130,7 +131,7 @@ def test_cache_size_does_not_depend_on_the_loop_count(model, monkeypatch):
 
     monkeypatch.setattr(engine, "loop_logits", spy)
     for loops in (1, 8):
-        engine.generate(model, [1, 2, 3], 5, loops)
+        generation.generate(model, [1, 2, 3], 5, loops)
     assert lengths[1] == lengths[8]
 
 
@@ -183,6 +184,6 @@ def test_options_run(injection, solver):
 
 def test_generation_rejects_bad_input(model):
     with pytest.raises(ValueError, match="non-empty prompt"):
-        engine.generate(model, [], 3, 2)
+        generation.generate(model, [], 3, 2)
     with pytest.raises(ValueError, match=">= 1"):
-        engine.generate(model, [1], 3, 0)
+        generation.generate(model, [1], 3, 0)

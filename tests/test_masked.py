@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from conftest import assert_only_block_has_gradients
-from loopdb import data, masked
+from loopdb import data
+from loopdb.maths.partition import BlockPartition, time_boundaries
+from loopdb.models import masked as masked_model
+from loopdb.objectives import masked as masked_objectives
+from loopdb.readouts import masked as masked_readouts
 from loopdb.config import ConfigError, DiffusionConfig, ModelConfig, preset
-from loopdb.models.masked import MaskedDiffusionLM, make_masked_objective
+from loopdb.families import check_config
+from loopdb.models.masked import MaskedDiffusionLM
+from loopdb.objectives.masked import make_masked_objective
 
 VOCAB = 23
 
@@ -36,11 +42,11 @@ def test_elbo_of_a_uniform_model_is_exactly_L_log_V(objective):
         model.head.weight.zero_()  # logits 0: uniform over the vocabulary at every position
     windows = torch.randint(VOCAB, (5, 12), generator=torch.Generator().manual_seed(1))
     for t_samples in (1, 7, 16):
-        nats = masked.elbo_nats(model, windows, t_samples, torch.Generator().manual_seed(t_samples))
+        nats = masked_readouts.elbo_nats(model, windows, t_samples, torch.Generator().manual_seed(t_samples))
         torch.testing.assert_close(nats, torch.full((5,), 12 * math.log(VOCAB), dtype=torch.float64),
                                    rtol=1e-6, atol=0)
     token_bytes = torch.arange(VOCAB) % 3 + 1
-    result = masked.elbo_bits_per_byte(model, list(windows) + [windows[0, :7]], token_bytes, batch_size=2)
+    result = masked_readouts.elbo_bits_per_byte(model, list(windows) + [windows[0, :7]], token_bytes, batch_size=2)
     assert result["tokens"] == 5 * 12 + 7
     assert result["bytes"] == int(token_bytes[windows].sum() + token_bytes[windows[0, :7]].sum())
     assert result["bpb"] == pytest.approx(67 * math.log(VOCAB) / math.log(2) / result["bytes"], rel=1e-6)
@@ -76,7 +82,7 @@ def test_elbo_estimator_is_unbiased_for_the_md4_bound():
         integrand = [t ** (m - 1) * (1 - t) ** (length - m) * float(-(log_probs(float(t), mask) * mask[0]).sum())
                      for t in grid[::20]]  # smooth in t: 200 midpoints suffice
         exact += float(np.mean(integrand))
-    draws = masked.elbo_nats(model, x.expand(4000, -1), 16, torch.Generator().manual_seed(0))
+    draws = masked_readouts.elbo_nats(model, x.expand(4000, -1), 16, torch.Generator().manual_seed(0))
     assert draws.mean().item() == pytest.approx(exact, rel=0.01)
     assert draws.std().item() / math.sqrt(4000) < 0.003 * exact  # so the check above is sharp
 
@@ -84,24 +90,24 @@ def test_elbo_estimator_is_unbiased_for_the_md4_bound():
 # -- the partition of t ----------------------------------------------------------------------------
 @pytest.mark.parametrize("num_blocks", [1, 2, 3, 5])
 def test_partition_gives_equal_alpha_mass_and_block_zero_the_most_masked_range(num_blocks):
-    boundaries = masked.time_partition(num_blocks)
+    boundaries = time_boundaries(num_blocks)
     assert boundaries[0] == 0 and boundaries[-1] == 1
-    decrements = [masked.alpha(boundaries[b]) - masked.alpha(boundaries[b + 1]) for b in range(num_blocks)]
+    decrements = [masked_model.alpha(boundaries[b]) - masked_model.alpha(boundaries[b + 1]) for b in range(num_blocks)]
     assert decrements == pytest.approx([1 / num_blocks] * num_blocks)
-    ranges = [masked.block_range(boundaries, b) for b in range(num_blocks)]
+    ranges = [BlockPartition(boundaries, log=False).training_range(b) for b in range(num_blocks)]
     assert ranges[0][1] == 1.0 and ranges[-1][0] == 0.0
     assert all(ranges[b][0] == ranges[b + 1][1] for b in range(num_blocks - 1))  # top down, contiguous
     for b, (lo, hi) in enumerate(ranges):
         for t in (hi, (lo + hi) / 2, lo + 1e-9):
-            assert masked.block_for_time(boundaries, t) == b
-    assert masked.block_for_time(boundaries, 0.0) == num_blocks - 1
+            assert BlockPartition(boundaries, log=False).owner(t) == b
+    assert BlockPartition(boundaries, log=False).owner(0.0) == num_blocks - 1
 
 
 def test_overlap_widens_each_range_per_side_and_times_stay_inside():
-    boundaries = masked.time_partition(4)
-    assert masked.block_range(boundaries, 1, 0.1) == pytest.approx((0.5 - 0.025, 0.75 + 0.025))
-    assert masked.block_range(boundaries, 0, 0.1) == pytest.approx((0.75 - 0.025, 1.0))  # clipped at 1
-    times = masked.stratified_times(64, 0.25, 0.5, torch.Generator().manual_seed(0))
+    boundaries = time_boundaries(4)
+    assert BlockPartition(boundaries, 0.1, log=False).training_range(1) == pytest.approx((0.5 - 0.025, 0.75 + 0.025))
+    assert BlockPartition(boundaries, 0.1, log=False).training_range(0) == pytest.approx((0.75 - 0.025, 1.0))  # clipped at 1
+    times = masked_objectives.stratified_times(64, 0.25, 0.5, torch.Generator().manual_seed(0))
     assert 0.25 < times.min() and times.max() <= 0.5
     assert np.histogram(times.numpy(), bins=4, range=(0.25, 0.5))[0].tolist() == [16] * 4  # stratified
 
@@ -139,7 +145,7 @@ def test_training_times_fall_in_the_sampled_blocks_range(monkeypatch):
     for seed in range(10):
         model.objective.loss(model, torch.zeros(8, 12, dtype=torch.long), torch.Generator().manual_seed(seed))
     for block, t in calls:
-        lo, hi = masked.block_range(model.boundaries, block, model.diffusion.block_overlap)
+        lo, hi = model.partition.training_range(block)
         assert lo < t.min() and t.max() <= hi
     dense = tiny_mdm("dense")
     loss, _ = dense.objective.loss(dense.train(), torch.zeros(8, 12, dtype=torch.long), torch.Generator())
@@ -153,7 +159,7 @@ def test_md4_loss_weights_masked_cross_entropy_by_one_over_t():
         model.head.weight.zero_()
     tokens = torch.zeros(64, 12, dtype=torch.long)
     t = torch.full((64,), 0.25)
-    loss, masked_ce = masked.md4_loss(model, tokens, t, None, torch.Generator().manual_seed(0))
+    loss, masked_ce = masked_objectives.md4_loss(model, tokens, t, None, torch.Generator().manual_seed(0))
     assert masked_ce.item() == pytest.approx(math.log(VOCAB), rel=1e-5)  # uniform: log V per masked token
     assert loss.item() == pytest.approx(math.log(VOCAB), rel=0.15)  # (1/t) E[#masked] / L = 1
 
@@ -162,7 +168,7 @@ def test_md4_loss_weights_masked_cross_entropy_by_one_over_t():
 @pytest.mark.parametrize("steps", [1, 3, 40])
 def test_sampler_unmasks_everything_and_keeps_the_prompt(steps):
     model = tiny_mdm(n_layers=6, num_blocks=3)
-    ids = masked.sample(model, 12, steps, prompt=[5, 6, 7], num_samples=3, generator=torch.Generator().manual_seed(0))
+    ids = masked_readouts.sample_masked(model, 12, steps, prompt=[5, 6, 7], num_samples=3, generator=torch.Generator().manual_seed(0))
     assert ids.shape == (3, 12)
     assert not (ids == model.mask_id).any()
     assert (ids[:, :3] == torch.tensor([5, 6, 7])).all()
@@ -178,7 +184,7 @@ def test_each_sampler_step_runs_the_block_that_owns_its_t(monkeypatch):
         return original(tokens, t, block_index)
 
     monkeypatch.setattr(model, "forward", spy)
-    masked.sample(model, 12, 6, num_samples=16)  # a position stays masked to the last step with chance 1/6
+    masked_readouts.sample_masked(model, 12, 6, num_samples=16)  # a position stays masked to the last step with chance 1/6
     assert [t for t, _ in calls] == pytest.approx([1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
     assert [block for _, block in calls] == [0, 0, 1, 1, 2, 2]  # a boundary t = b/B goes to the lower block
 
@@ -186,7 +192,7 @@ def test_each_sampler_step_runs_the_block_that_owns_its_t(monkeypatch):
 # -- config, data and CLI ---------------------------------------------------------------------------
 def test_config_rejects_what_the_mdm_family_cannot_do():
     with pytest.raises(ConfigError, match="objective diffusion"):
-        preset("tiny-mdm").apply_overrides({"objective": "bptt"})
+        check_config(preset("tiny-mdm").apply_overrides({"objective": "bptt"}))
     with pytest.raises(ConfigError, match="multiple of num_blocks"):
         preset("tiny-mdm").apply_overrides({"n_layers": "5"})
     with pytest.raises(ConfigError, match="block_overlap"):
@@ -234,7 +240,7 @@ def test_cli_trains_scores_and_samples_an_mdm_run(data_dir, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert set(report["bpb"]) == {"elbo"} and set(report["bpc"]) == {"elbo"}
     assert 0 < report["bpb"]["elbo"] < 30 and math.isfinite(report["bpc"]["elbo"])
-    assert report["t_samples"] == masked.ELBO_T_SAMPLES and report["windows"] == 6
+    assert report["t_samples"] == masked_readouts.ELBO_T_SAMPLES and report["windows"] == 6
     assert report["objective"] == "diffusion" and report["readout"] == "elbo" and report["split"] == "test"
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["bpb"] == report["bpb"]  # fixed seed: same number

@@ -7,6 +7,7 @@ import torch
 
 from conftest import SMALL_RUN, VOCAB, tiny_model
 from loopdb.readouts import scoring as engine
+from loopdb.readouts import generation
 from loopdb.cli import main
 from loopdb.models.looped import LoopedLM
 from loopdb.objectives.next_token import BPTTObjective, DenseObjective, DiffusionObjective, sample_depth
@@ -73,7 +74,7 @@ def test_the_objectives_share_one_model_class_and_one_scoring_path():
         for loops in (1, 3):
             logprobs = engine.next_token_logprobs(model, x, loops, torch.Generator().manual_seed(0))
             assert logprobs.shape == (2, 8) and torch.isfinite(logprobs).all()
-        assert engine.generate(model, [1, 2, 3], 20, 2, seed=1) == engine.generate(model, [1, 2, 3], 20, 2, seed=1,
+        assert generation.generate(model, [1, 2, 3], 20, 2, seed=1) == generation.generate(model, [1, 2, 3], 20, 2, seed=1,
                                                                                  use_cache=False)
 
 

@@ -5,6 +5,7 @@ import torch
 
 from conftest import VOCAB, assert_only_block_has_gradients
 from loopdb.readouts import scoring as engine
+from loopdb.readouts import generation
 from loopdb.config import Config, ModelConfig
 from loopdb.maths.edm import precondition, sigma_grid
 from loopdb.families import build_model
@@ -147,8 +148,8 @@ def test_cached_and_uncached_generation_agree():
     for objective in ("diffusion", "dense"):
         model = stacked_model(objective=objective).eval()
         prompt = tokens(1, 5)[0].tolist()
-        cached = engine.generate(model, prompt, 25, 2, seed=3, top_k=20)  # 30 > context 16: the window slides
-        assert cached == engine.generate(model, prompt, 25, 2, seed=3, top_k=20, use_cache=False)
+        cached = generation.generate(model, prompt, 25, 2, seed=3, top_k=20)  # 30 > context 16: the window slides
+        assert cached == generation.generate(model, prompt, 25, 2, seed=3, top_k=20, use_cache=False)
 
 
 def test_dense_baseline_chains_the_blocks_and_trains_them_all():
@@ -191,7 +192,7 @@ def test_cli_trains_scores_and_samples_a_stacked_run(capsys, monkeypatch, data_d
     assert main(["sample", str(run), "--loops", "2", "--prompt", "KING:", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("KING:")
     steps = []  # by default a stacked model samples with T = B steps
-    monkeypatch.setattr(engine, "generate", lambda model, prompt, count, loops, **kw: steps.append(loops) or [1])
+    monkeypatch.setattr(generation, "generate", lambda model, prompt, count, loops, **kw: steps.append(loops) or [1])
     assert main(["sample", str(run), "--max-new-tokens", "2"]) == 0 and steps == [2]
 
 
@@ -255,7 +256,7 @@ def two_block_run(**extra):
 
 
 def test_a_model_holding_one_block_has_that_block_as_the_full_model_has_it():
-    from loopdb.models.stacked import build_stacked
+    from loopdb.families.text import build_stacked
 
     config = stacked_config()
     torch.manual_seed(0)
@@ -271,7 +272,7 @@ def test_a_model_holding_one_block_has_that_block_as_the_full_model_has_it():
 
 def test_block_parallel_on_two_processes_equals_training_the_blocks_one_after_another(capsys, data_dir, tmp_path):
     """Shared parameters frozen (train_shared=false), so each block's trajectory depends on itself only."""
-    from loopdb.training.checkpoint import load_model
+    from loopdb.runs.folder import load_model
     from loopdb.cli import parse_overrides
     from loopdb.config import preset
     from loopdb.training.trainer import Trainer

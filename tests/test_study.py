@@ -2,6 +2,7 @@ import json
 
 from conftest import SMALL_RUN
 from loopdb.readouts import scoring as engine
+from loopdb.readouts import quality
 from loopdb.cli import main
 
 
@@ -75,5 +76,5 @@ def test_study_rejects_a_bad_variants_file(capsys, tmp_path):
 
 
 def test_distinct_n():
-    assert engine.distinct_n([[1, 2, 3, 4]], 2) == 1.0
-    assert engine.distinct_n([[1, 1, 1, 1]], 2) == 1 / 3
+    assert quality.distinct_n([[1, 2, 3, 4]], 2) == 1.0
+    assert quality.distinct_n([[1, 1, 1, 1]], 2) == 1 / 3

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import SMALL_RUN
-from loopdb.training.checkpoint import latest_checkpoint, load_model
+from loopdb.runs.checkpoint import latest_checkpoint
+from loopdb.runs.folder import load_model
 from loopdb.cli import main, parse_overrides
 from loopdb.config import ConfigError, preset
 from loopdb.training.trainer import Trainer, learning_rate

@@ -13,7 +13,8 @@ from conftest import assert_only_block_has_gradients
 from loopdb import images as images_lib  # noqa: E402
 from loopdb.cli import main  # noqa: E402
 from loopdb.config import Config, ConfigError  # noqa: E402
-from loopdb.models.dit import DiTDenoiser  # noqa: E402
+from loopdb.families import build_model, check_config  # noqa: E402
+from loopdb.readouts import vision as vision_readouts  # noqa: E402
 from loopdb.training.trainer import step_generator  # noqa: E402
 from loopdb.models.vit import ViTClassifier  # noqa: E402
 
@@ -33,7 +34,7 @@ def small_config(family: str, objective: str = "diffusion", **diffusion) -> Conf
 def build(family: str, objective: str = "diffusion", seed: int = 0, **diffusion):
     torch.manual_seed(seed)
     config = small_config(family, objective, **diffusion)
-    model = (ViTClassifier if family == "vit" else DiTDenoiser)(config)
+    model = build_model(config)
     with torch.no_grad():  # break the zero init so every path carries signal
         for name, parameter in model.named_parameters():
             if "modulation" in name or "final_linear" in name:
@@ -99,7 +100,7 @@ def test_vision_config_validation():
     with pytest.raises(ConfigError, match="must be a multiple of num_blocks"):
         config.validate()
     with pytest.raises(ConfigError, match="diffusion or dense"):
-        Config().apply_overrides({"family": "dit", "objective": "bptt"})
+        check_config(Config().apply_overrides({"family": "dit", "objective": "bptt"}))
 
 
 # -- ViT ------------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def test_sampler_runs_the_block_that_training_assigns_to_each_sigma(monkeypatch)
     partition = model.partition
     for block_index in range(4):  # training: sigmas drawn for a block are owned by it at inference
         lo, hi = partition.training_range(block_index)
-        sigmas = partition.schedule.sample(200, torch.Generator().manual_seed(block_index), lo, hi)
+        sigmas = model.schedule.sample_sigmas(200, torch.Generator().manual_seed(block_index), lo, hi)
         assert {partition.owner(float(s)) for s in sigmas} == {block_index}
     calls = record_blocks(monkeypatch, model)
     batch = digit_batch(2)
@@ -209,8 +210,8 @@ def test_frechet_distance_is_zero_for_equal_moments_and_grows_with_shift():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(500, 5))
     mu, cov = features.mean(0), np.cov(features, rowvar=False)
-    assert abs(images_lib.frechet_distance(mu, cov, mu, cov)) < 1e-6
-    assert abs(images_lib.frechet_distance(mu + 1.0, cov, mu, cov) - 5.0) < 1e-6
+    assert abs(vision_readouts.frechet_distance(mu, cov, mu, cov)) < 1e-6
+    assert abs(vision_readouts.frechet_distance(mu + 1.0, cov, mu, cov) - 5.0) < 1e-6
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -12,36 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import LoopdbError, UsageError
+from .args import parse_loops, parse_overrides
+
 USER_ERROR = 2
-
-
-class UsageError(ValueError):
-    pass
-
-
-def default_data_dir(vocab_size: int) -> Path:
-    root = Path(os.environ.get("LOOPDB_DATA", Path.home() / ".cache" / "loopdb"))
-    return root / f"shakespeare-bpe{vocab_size}"
-
-
-def parse_loops(text: str) -> list[int]:
-    try:
-        loops = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"--loops {text!r}: expected comma-separated integers like 1,4,16") from None
-    if not loops or min(loops) < 1:
-        raise UsageError(f"--loops {text!r}: every loop count must be >= 1")
-    return loops
-
-
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    overrides = {}
-    for item in items:
-        if not item.startswith("--") or "=" not in item:
-            raise UsageError(f"unexpected argument {item!r}; config overrides look like --key=value")
-        key, value = item[2:].split("=", 1)
-        overrides[key.replace("-", "_")] = value
-    return overrides
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -57,33 +31,21 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def resolve_data_dir(data: str | None, vocab_size: int) -> Path:
-    """--data, or the default corpus, prepared on first use."""
-    from ..data import prepare
-
-    if data:
-        return Path(data)
-    data_dir = default_data_dir(vocab_size)
-    if not (data_dir / "meta.json").exists():
-        print(f"preparing the default corpus into {data_dir} (once)", file=sys.stderr)
-        prepare(data_dir, vocab_size=vocab_size)
-    return data_dir
-
-
-def run_family(run):
-    """The model family of a trained run (loopdb.families), for commands that differ by family."""
-    from ..training.checkpoint import open_run
+def run_commands(run):
+    """The CLI module whose score/sample commands read this run (its family's ``commands``)."""
     from ..families import family_of
+    from ..runs.folder import open_run
+    from . import images, masked, text
 
-    return family_of(open_run(run)[0])
+    return {"text": text, "masked": masked, "images": images}[family_of(open_run(run)[0]).commands]
 
 
 def cmd_train(args, overrides) -> int:
     from ..config import preset
-    from ..families import family_of
+    from ..families import check_config, family_of
     from ..training.trainer import Trainer
 
-    config = preset(args.preset).apply_overrides(overrides)
+    config = check_config(preset(args.preset).apply_overrides(overrides))  # before any data preparation
     data_dir = family_of(config).data_dir(args.data, config)
     trainer = Trainer(config, data_dir, args.out, resume=args.resume, progress=not args.quiet,
                       block_parallel=args.block_parallel)
@@ -102,73 +64,6 @@ def cmd_train(args, overrides) -> int:
     return 0
 
 
-def cmd_score(args, sampler) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from .. import data as data_lib
-    from ..readouts import scoring as engine
-    from ..training.checkpoint import load_model, run_data_dir
-    from ..training.trainer import resolve_device
-
-    family = run_family(args.run)
-    if family.score is not None:
-        return family.score(args, sampler)
-    loops = parse_loops(args.loops or "1,4,16")
-    if args.samples < 1:
-        raise UsageError(f"--samples {args.samples}: need at least one noise draw")
-    device = resolve_device(args.device)
-    model, config = load_model(args.run, device, sampler)
-    data_dir = run_data_dir(args.run)
-    tokens = data_lib.load_tokens(data_dir, args.split)
-    token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
-    windows = data_lib.eval_windows(tokens, config.model.context, args.max_windows)
-    results = {}
-    for num_loops in loops:
-        with tqdm(total=len(windows), desc=f"score K={num_loops}", disable=args.json or args.quiet,
-                  leave=False) as bar:
-            try:
-                results[str(num_loops)] = engine.bits_per_byte(
-                    model, windows, token_bytes, num_loops, samples=args.samples, seed=args.seed,
-                    batch_size=args.batch_size, device=device, progress=bar, readout=args.readout)
-            except ValueError as error:  # e.g. the ELBO of a model that is not a diffusion model
-                raise UsageError(str(error)) from None
-    meta = data_lib.load_meta(data_dir)
-    report = {"bpb": results, "readout": args.readout, "samples": args.samples, "split": args.split,
-              "seed": args.seed, "windows": len(windows), "unigram_bpb": meta["unigram_test_bpb"]}
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"{args.split} bits per byte ({args.readout}, {args.samples} noise draw(s), {len(windows)} windows):")
-        for num_loops, value in results.items():
-            print(f"  K={num_loops:>3}  {value:.4f}")
-        print(f"  unigram (test) {meta['unigram_test_bpb']:.4f}")
-    return 0
-
-
-def cmd_sample(args, sampler) -> int:
-    from .. import data as data_lib
-    from ..readouts import scoring as engine
-    from ..training.checkpoint import load_model, run_data_dir
-    from ..training.trainer import resolve_device
-
-    family = run_family(args.run)
-    if family.sample is not None:
-        return family.sample(args, sampler)
-    if args.loops is not None and args.loops < 1:
-        raise UsageError(f"--loops {args.loops}: the loop count must be >= 1")
-    model, config = load_model(args.run, resolve_device(args.device), sampler)
-    if args.loops is None:
-        args.loops = config.model.num_blocks if config.model.family == "stacked" else 4
-    tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
-    prompt = tokenizer.encode(args.prompt or "\n")
-    new_tokens = 100 if args.max_new_tokens is None else args.max_new_tokens
-    ids = engine.generate(model, prompt, new_tokens, args.loops, temperature=args.temperature,
-                          top_k=args.top_k or None, seed=args.seed)
-    print(args.prompt + tokenizer.decode(ids))
-    return 0
-
-
 def cmd_compare(args, overrides) -> int:
     from ..evaluation.compare import run_compare
     from ..config import preset
@@ -177,6 +72,8 @@ def cmd_compare(args, overrides) -> int:
         raise UsageError("give exactly one of --budget-minutes M (equal time) or --steps N (equal steps)")
     if (args.budget_minutes or 1) <= 0 or (args.steps or 1) < 1:
         raise UsageError("--budget-minutes must be > 0 and --steps >= 1")
+    from ..data import resolve_data_dir
+
     loops = parse_loops(args.loops)
     config = preset(args.preset).apply_overrides(overrides)  # fail fast on bad keys, before any training
     data_dir = resolve_data_dir(args.data, config.train.data_vocab_size)
@@ -191,7 +88,7 @@ def cmd_eval(args) -> int:
     """lm-evaluation-harness tasks at several loop counts (loopdb.harness); offline by default."""
     import logging
 
-    from ..training.checkpoint import open_run
+    from ..runs.folder import open_run
 
     loops = parse_loops(args.loops)
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
@@ -236,6 +133,8 @@ def cmd_study(args, overrides) -> int:
     unknown = [r for r in readouts if r not in STUDY_READOUTS + ("elbo_continuous",)]
     if unknown:
         raise UsageError(f"unknown readout(s) {', '.join(unknown)}; choose from predictive, last, elbo, elbo_continuous")
+    from ..data import resolve_data_dir
+
     load_variants(args.variants)  # a bad file fails here, before any data preparation or training
     data_dir = resolve_data_dir(args.data, preset(args.preset).train.data_vocab_size)
     run_study(args.preset, args.out, data_dir, args.variants, args.budget_minutes, args.steps, parse_loops(args.loops),
@@ -246,8 +145,8 @@ def cmd_study(args, overrides) -> int:
 
 
 def cmd_bench(args) -> int:
+    from ..device import resolve_device
     from ..evaluation.bench import format_table, run_memory_bench
-    from ..training.trainer import resolve_device
 
     report = run_memory_bench(str(resolve_device(args.device)))
     print(json.dumps(report) if args.json else format_table(report))
@@ -370,10 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..training.checkpoint import RunError
-    from ..config import ConfigError
-    from ..data import DataError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
@@ -383,13 +278,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args, parse_overrides(extra))
         if args.command == "study":
             return cmd_study(args, parse_overrides(extra))
-        if args.command in ("score", "sample"):  # sampler settings may change at inference
-            return {"score": cmd_score, "sample": cmd_sample}[args.command](args, parse_overrides(extra))
+        if args.command in ("score", "sample"):  # sampler settings may change at inference; the family's commands
+            return getattr(run_commands(args.run), args.command)(args, parse_overrides(extra))
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
-        return {"prepare": cmd_prepare, "score": cmd_score, "sample": cmd_sample, "eval": cmd_eval,
-                "bench": cmd_bench}[args.command](args)
-    except (UsageError, ConfigError, DataError, RunError) as error:
+        return {"prepare": cmd_prepare, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+    except LoopdbError as error:
         print(f"loopdb {args.command}: error: {error}", file=sys.stderr)
         return USER_ERROR
 

@@ -46,7 +46,7 @@ def measure(name: str, device: str = "cpu", model_keys: dict | None = None) -> d
     import torch
 
     from ..config import Config, ModelConfig
-    from ..models.stacked import build_stacked
+    from ..families.text import build_stacked
     from ..training.trainer import make_optimizer, step_generator
 
     baseline = _rss_mb()

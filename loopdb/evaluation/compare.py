@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from .. import data as data_lib
-from ..readouts import scoring as engine
-from ..training.checkpoint import load_model
 from ..objectives.next_token import OBJECTIVES
+from ..readouts.scoring import bits_per_byte
+from ..runs.folder import load_model, run_data_dir
 
 DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -48,14 +48,14 @@ def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: 
     """bits per byte of a run's newest model at each loop count (dense: K = 1 only); ``sampler`` overrides
     inference-only settings (see checkpoint.load_model)."""
     model, config = load_model(run, device, sampler)
-    data_dir = Path(json.loads((run / "data.json").read_text())["data_dir"])
+    data_dir = run_data_dir(run)
     tokens = data_lib.load_tokens(data_dir, split)
     token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
     windows = data_lib.eval_windows(tokens, config.model.context, max_windows)
     counts = loops if model.objective.has_loops else (1,)
     results = {}
     for num_loops in counts:
-        results[str(num_loops)] = engine.bits_per_byte(model, windows, token_bytes, num_loops, samples=samples,
+        results[str(num_loops)] = bits_per_byte(model, windows, token_bytes, num_loops, samples=samples,
                                                        seed=seed, device=device, readout=readout)
         print(f"[loopdb] {run.name} {readout} K={num_loops}: {results[str(num_loops)]:.4f} bpb", file=sys.stderr)
     return results

@@ -8,14 +8,14 @@ The model class ``LoopDBLM`` is registered with the harness as ``loopdb``::
 
 Model args: ``run`` (run folder), ``num_loops`` (K, default 1), ``samples`` (noise draws of the
 readout, default 4), ``readout`` (``predictive`` (default), ``last``, ``elbo`` or ``elbo_continuous``:
-see ``engine.token_logprobs``), ``seed`` (default 0),
+see ``scoring.token_logprobs``), ``seed`` (default 0),
 ``batch_size`` (default 16), ``device`` (``cpu``, ``cuda``, ``auto``; default ``cpu``).
 
 How a loopdb model answers the harness (METHOD 5: the "predictive" readout):
 
-- The model is used ONLY through ``loopdb.checkpoint.load_model`` and ``loopdb.engine``
+- The model is used ONLY through ``loopdb.runs.folder.load_model`` and ``loopdb.readouts``
   (``predictive_distribution`` for scoring, ``generate`` for generation), so every model
-  family the engine serves (looped DiffusionBlocks, BPTT, dense, ...) runs unchanged.
+  family the readouts serve (looped DiffusionBlocks, BPTT, dense, ...) runs unchanged.
 - Scoring unit: a window of at most ``context + 1`` tokens plus how many of its LAST
   tokens to score. log p(token) = log of the mean over ``samples`` noise draws of the last
   loop's probability (log-mean-exp). A request whose context + continuation is longer
@@ -29,12 +29,12 @@ How a loopdb model answers the harness (METHOD 5: the "predictive" readout):
   candidates of a multiple-choice question with one-token answers are scored under the
   same noise draws, and the same input always gets the same noise, in every task. A sampler
   that draws along the way (ancestral steps, sampled estimates) uses the row's generator too
-  (``engine.predictive_distribution`` then scores the rows one at a time).
+  (``scoring.predictive_distribution`` then scores the rows one at a time).
 - ``is_greedy``: every continuation token is the argmax of the predictive distribution
   (the mean over the noise draws), whatever the readout: the bounds (``elbo``) score only
   the observed token, so they have no argmax of their own.
 - Other readouts (``readout=last|elbo|elbo_continuous``) replace the log-likelihood of
-  each scored token with ``engine.token_logprobs`` under that readout, one window at a
+  each scored token with ``scoring.token_logprobs`` under that readout, one window at a
   time, with a generator seeded like the predictive one.
 - Document start: the loopdb tokenizer puts no BOS/EOS in the text stream, so the
   newline piece (``Tokenizer.newline_id``) is ``prefix_token_id`` and ``eot_token_id``: it is
@@ -44,7 +44,7 @@ How a loopdb model answers the harness (METHOD 5: the "predictive" readout):
 - ``loglikelihood_rolling``: the harness's disjoint rolling windows with context_len 1,
   i.e. the same windows as ``loopdb score`` (a window of T+1 tokens predicts its last T)
   after a newline prefix; each token is scored once.
-- ``generate_until``: ``engine.generate`` (the cached generation), greedy unless the
+- ``generate_until``: ``generation.generate`` (the cached generation), greedy unless the
   task sets ``do_sample: true`` (then ``temperature``, default 1, and ``top_k``). Greedy
   means the argmax of the last loop's logits for one noise draw, the token the sampler
   commits to. Tokens are produced in chunks of min(GEN_CHUNK, context // 4) tokens; after
@@ -77,17 +77,15 @@ except ImportError as error:  # tests/test_harness.py hides lm_eval to check thi
 import numpy as np
 import torch
 
-from ..readouts import scoring as engine
+from ..device import resolve_device
+from ..errors import EvalError
+from ..readouts import generation, scoring
 
-READOUTS = engine.READOUTS
+READOUTS = scoring.READOUTS
 GEN_CHUNK = 16
 DEFAULT_MAX_GEN_TOKS = 256
-TASKS_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
+TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
 STDERR_BOOTSTRAP_ITERS = 1000
-
-
-class EvalError(ValueError):
-    """A user error of ``loopdb eval``: one line, exit code 2."""
 
 
 def window_seed(seed: int, tokens) -> int:
@@ -95,15 +93,6 @@ def window_seed(seed: int, tokens) -> int:
     token, or a generation prompt): stable across processes, machines and batch layouts."""
     digest = hashlib.sha256(np.asarray(list(tokens), dtype="<i8").tobytes() + int(seed).to_bytes(8, "little", signed=True))
     return int.from_bytes(digest.digest()[:8], "little") % (2**63)
-
-
-def _resolve_device(name) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but CUDA is not available here; use device=cpu")
-    return device
 
 
 def _positive_int(name: str, value) -> int:
@@ -120,7 +109,7 @@ def _positive_int(name: str, value) -> int:
 class LoopDBLM(TemplateLM):
     """A loopdb run folder as an lm-eval language model at a chosen loop count.
 
-    Either ``run`` (a run folder: the model comes from ``loopdb.checkpoint.load_model``, the
+    Either ``run`` (a run folder: the model comes from ``loopdb.runs.folder.load_model``, the
     tokenizer from the run's data folder) or, from Python, an already built ``model`` and
     ``tokenizer`` (a ``loopdb.data.Tokenizer``).
     """
@@ -135,12 +124,12 @@ class LoopDBLM(TemplateLM):
         self.samples = _positive_int("samples", samples)
         self.seed = int(seed)
         self.batch_size = 16 if batch_size in (None, "auto") else _positive_int("batch_size", batch_size)
-        self._device = _resolve_device(device)
+        self._device = resolve_device(device)
         if model is None:
             if run is None:
                 raise ValueError("the loopdb model needs run=PATH (a run folder made by `loopdb train`)")
             from .. import data as data_lib
-            from ..training.checkpoint import load_model, run_data_dir
+            from ..runs.folder import load_model, run_data_dir
 
             model, _ = load_model(run, self._device)
             tokenizer = data_lib.load_tokenizer(run_data_dir(run))
@@ -230,7 +219,7 @@ class LoopDBLM(TemplateLM):
             for row, (tokens, _) in enumerate(batch):
                 inputs[row, :len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
             generators = [torch.Generator().manual_seed(window_seed(self.seed, tokens[:-1])) for tokens, _ in batch]
-            logprobs = engine.predictive_distribution(self.model, inputs.to(self._device), self.num_loops,
+            logprobs = scoring.predictive_distribution(self.model, inputs.to(self._device), self.num_loops,
                                                       self.samples, generators, lengths).cpu()
             for row, (tokens, count) in enumerate(batch):
                 length = len(tokens) - 1
@@ -249,7 +238,7 @@ class LoopDBLM(TemplateLM):
         window = torch.tensor(tokens, dtype=torch.long, device=self._device)[None]
         generator = torch.Generator().manual_seed(window_seed(self.seed, tokens[:-1]))
         try:
-            return engine.token_logprobs(self.model, window, self.num_loops, self.readout, self.samples,
+            return scoring.token_logprobs(self.model, window, self.num_loops, self.readout, self.samples,
                                          generator)[0].double().cpu()
         except ValueError as error:  # e.g. the ELBO of a model that is not a diffusion model
             raise ValueError(f"readout={self.readout}: {error}") from None
@@ -320,10 +309,10 @@ class LoopDBLM(TemplateLM):
         while len(new) < max_gen_toks:
             count = min(chunk, max_gen_toks - len(new))
             # left-truncate so a whole chunk fits in the window: every new token sees at least
-            # window - chunk tokens of context and engine.generate never has to slide. The prompt
+            # window - chunk tokens of context and generation.generate never has to slide. The prompt
             # does not depend on count, so a shorter run is a prefix of a longer one.
             so_far = (prompt + new)[-max(1, self.window - chunk):]
-            new += engine.generate(self.model, so_far, count, self.num_loops, temperature=temperature, top_k=top_k,
+            new += generation.generate(self.model, so_far, count, self.num_loops, temperature=temperature, top_k=top_k,
                                    seed=window_seed(self.seed, so_far))
             text = self.tok_decode(new)
             if any(stop and stop in text for stop in until):
@@ -473,7 +462,7 @@ def plot_metrics(summary: dict, loops: list[int], path: Path) -> Path:
 
 
 def _checkpoint_step(run) -> int:
-    from ..training.checkpoint import latest_checkpoint
+    from ..runs.checkpoint import latest_checkpoint
 
     checkpoint = latest_checkpoint(run)
     match = re.search(r"(\d+)$", checkpoint.name) if checkpoint is not None else None

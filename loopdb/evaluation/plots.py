@@ -1,12 +1,18 @@
-"""Line plots of a metric against the loop count (matplotlib, imported only here)."""
+"""Pictures: a metric against the loop count, and grids of generated images (matplotlib,
+imported only here)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
 
-class PlotUnavailable(RuntimeError):
-    pass
+from ..errors import LoopdbError
+
+
+class PlotUnavailable(LoopdbError):
+    """matplotlib is not installed (the message names the extra to install)."""
 
 
 def plot_against_loops(curves: dict[str, dict[int, float]], path, ylabel: str, title: str = "",
@@ -46,3 +52,31 @@ def plot_against_loops(curves: dict[str, dict[int, float]], path, ylabel: str, t
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def save_grid(images: torch.Tensor, classes: list[str], columns: int, path, title: str = "") -> None:
+    """Class-major images -> one PNG, a row per class labelled with its name."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable('writing an image grid needs matplotlib: pip install -e ".[vision]"') from None
+    channels, size = images.shape[1], images.shape[2]
+    pad = 1
+    rows = len(classes)
+    canvas = np.zeros((rows * (size + pad) + pad, columns * (size + pad) + pad, channels), dtype=np.float32)
+    pixels = ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    for index, image in enumerate(pixels):
+        row, column = divmod(index, columns)
+        top, left = pad + row * (size + pad), pad + column * (size + pad)
+        canvas[top:top + size, left:left + size] = image
+    figure, axis = plt.subplots(figsize=(0.35 * columns + 1, 0.35 * rows + 0.6))
+    axis.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray_r" if channels == 1 else None,
+                vmin=0, vmax=1, interpolation="nearest")
+    axis.set_yticks([pad + row * (size + pad) + size / 2 for row in range(rows)], classes)
+    axis.set_xticks([])
+    axis.set_title(title, fontsize=8)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)

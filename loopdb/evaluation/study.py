@@ -25,10 +25,11 @@ import sys
 from pathlib import Path
 
 from .. import data as data_lib
-from ..readouts import scoring as engine
-from ..training.checkpoint import load_model, run_data_dir
+from ..config import preset
+from ..errors import ConfigError
+from ..readouts.quality import sample_quality
+from ..runs.folder import load_model, run_data_dir
 from .compare import score_member, train_member
-from ..config import ConfigError, preset
 
 STUDY_READOUTS = ("predictive", "last", "elbo")
 INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last")  # change the sampler, not the trained weights
@@ -106,7 +107,7 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
             if "samples" in missing:
                 model = load_model(run, sampler=variant["sampler"])[0]
                 counts = loops if model.objective.has_loops else (1,)
-                member["samples"] = {str(k): engine.sample_quality(model, judge_model, newline, k, generations,
+                member["samples"] = {str(k): sample_quality(model, judge_model, newline, k, generations,
                                                                    generation_length) for k in counts}
             if missing:
                 _log_member(run, name, member)

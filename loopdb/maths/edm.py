@@ -54,7 +54,7 @@ class NoiseSchedule:
     def q_max(self) -> float:
         return self.cdf(self.sigma_max)
 
-    def sample(self, n: int, generator: torch.Generator | None = None,
+    def sample_sigmas(self, n: int, generator: torch.Generator | None = None,
                lo: float | None = None, hi: float | None = None) -> torch.Tensor:
         """n sigmas from the log-normal truncated to [lo, hi] (default: the global range).
 
@@ -69,48 +69,6 @@ class NoiseSchedule:
         sigma = torch.exp(self.p_mean + self.p_std * z)
         return sigma.clamp(lo, hi).float()
 
-    # -- partitions (stacked DiffusionBlocks) ---------------------------------
-    def partition(self, num_blocks: int, kind: str = "equiprob") -> list[float]:
-        """Ascending boundaries s_0=sigma_min < ... < s_B=sigma_max of B noise ranges.
-
-        ``equiprob``: each range holds equal probability mass (the paper's choice);
-        ``uniform``: equal width in log-sigma (the ablation).
-        """
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        if kind == "equiprob":
-            q_min, q_max = self.q_min, self.q_max
-            inner = [self.sigma_at(q_min + b / num_blocks * (q_max - q_min)) for b in range(1, num_blocks)]
-        elif kind == "uniform":
-            lmin, lmax = math.log(self.sigma_min), math.log(self.sigma_max)
-            inner = [math.exp(lmin + b / num_blocks * (lmax - lmin)) for b in range(1, num_blocks)]
-        else:
-            raise ValueError(f"unknown partition {kind!r}; choose 'equiprob' or 'uniform'")
-        return [self.sigma_min, *inner, self.sigma_max]
-
-    def block_range(self, boundaries: list[float], block_index: int, overlap: float = 0.0) -> tuple[float, float]:
-        """Noise range of a block, widened by ``overlap`` x its log-width on each side.
-
-        Block 0 is nearest the INPUT and owns the HIGHEST range (METHOD 2).
-        """
-        num_blocks = len(boundaries) - 1
-        if not 0 <= block_index < num_blocks:
-            raise ValueError(f"block_index {block_index} out of range for {num_blocks} blocks")
-        lo, hi = boundaries[num_blocks - 1 - block_index], boundaries[num_blocks - block_index]
-        width = math.log(hi) - math.log(lo)
-        lo = max(self.sigma_min, math.exp(math.log(lo) - overlap * width))
-        hi = min(self.sigma_max, math.exp(math.log(hi) + overlap * width))
-        return lo, hi
-
-    def block_for_sigma(self, boundaries: list[float], sigma: float) -> int:
-        """Index of the block that owns sigma at inference (no overlap; ties go to the lower range's block)."""
-        num_blocks = len(boundaries) - 1
-        for b in range(num_blocks):  # block b owns ranges from the top down
-            lo = boundaries[num_blocks - 1 - b]
-            if sigma > lo or b == num_blocks - 1:
-                return b
-        return num_blocks - 1
-
 
 # -- preconditioning and loss weight (EDM, Karras et al. 2022, Table 1) ----------
 @dataclass(frozen=True)
@@ -119,6 +77,14 @@ class Precond:
     c_out: torch.Tensor
     c_in: torch.Tensor
     c_noise: torch.Tensor
+
+    def denoised(self, z: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """D = c_skip * z + c_out * F, the one place D is assembled; per-example coefficients
+        of shape (B,) broadcast over z's other dimensions."""
+        c_skip, c_out = self.c_skip, self.c_out
+        if c_skip.dim() == 1 and z.dim() > 1:
+            c_skip, c_out = c_skip.view(-1, *[1] * (z.dim() - 1)), c_out.view(-1, *[1] * (z.dim() - 1))
+        return c_skip * z + c_out * output
 
 
 def precondition(sigma: torch.Tensor, sigma_data: float) -> Precond:

@@ -23,42 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config
-from ..maths.edm import loss_weight, precondition
+from ..maths.edm import precondition
 from ..layers import RMSNorm, SigmaEmbedder
 from .vision import VisionModel, unpatchify
 
 
-class DiTObjective:
-    """diffusion (DiffusionBlocks) or dense (one network for every sigma)."""
-
-    has_loops = True  # both sample with T steps
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def loss(self, model: "DiTDenoiser", batch: dict, generator: torch.Generator, step: int = 0):
-        images, labels = batch["images"], batch["labels"]
-        if self.name == "dense":
-            block_index, sigma = None, model.schedule.sample(len(labels), generator)
-        else:
-            block_index, sigma = model.partition.sample(len(labels), generator)
-        sigma = sigma.to(images.device)
-        dropped = torch.rand(len(labels), generator=generator).to(labels.device) < model.diffusion.label_dropout
-        labels = torch.where(dropped, torch.full_like(labels, model.null_class), labels)
-        noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
-        denoised = model(images + sigma[:, None, None, None] * noise, sigma, labels, block_index)
-        squared_error = ((denoised.float() - images) ** 2).flatten(1).mean(1)
-        diffusion = model.diffusion
-        weight = loss_weight(sigma, model.sigma_data, diffusion.loss_weight, diffusion.loss_weight_clamp or None)
-        stats = {"mse": squared_error.mean().detach()}
-        if block_index is not None:
-            stats["block"] = torch.tensor(float(block_index))
-        return (weight * squared_error).mean(), stats
-
-
 class DiTDenoiser(VisionModel):
-    def __init__(self, config: Config):
-        super().__init__(config, DiTObjective(config.train.objective))
+    def __init__(self, config: Config, objective):
+        super().__init__(config, objective)
         m, dim = config.model, config.model.d_model
         self.null_class = m.num_classes
         self.positions = nn.Parameter(torch.randn(1, self.num_patches, dim) * 0.02)
@@ -79,7 +51,7 @@ class DiTDenoiser(VisionModel):
         h = self.run_layers(self.patch_tokens(pre.c_in * noisy) + self.positions, cond, block_index)
         shift, scale = self.final_modulation(F.silu(cond))[:, None].chunk(2, dim=-1)
         out = self.final_linear(self.final_norm(h) * (1 + scale) + shift)  # (B, N, C*p*p)
-        return pre.c_skip * noisy + pre.c_out * unpatchify(out, m.patch_size, m.channels, m.image_size)
+        return pre.denoised(noisy, unpatchify(out, m.patch_size, m.channels, m.image_size))
 
     def guided(self, noisy, sigma, labels, cfg_scale: float, block_index: int | None) -> torch.Tensor:
         """Classifier-free guidance: D_null + scale * (D_class - D_null), one batched pass."""

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from ..config import DiffusionConfig, ModelConfig
 from ..maths.edm import NoiseSchedule, precondition
 from ..layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, init_linears, run_clean_layers
-from ..objectives.next_token import DiffusionObjective
 
 
 @dataclass
@@ -90,8 +89,8 @@ class LoopedLM(NextTokenDenoiser, nn.Module):
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, objective=None):
         super().__init__()
         self.config, self.diffusion = model, diffusion
-        # what a loop means at inference (loopdb.objectives); a plain object, not a module
-        self.objective = objective if objective is not None else DiffusionObjective()
+        # how to train it and what a loop means at inference (loopdb.objectives); a plain object, not a module
+        self.objective = objective
         dim = model.d_model
         self.sigma_data = diffusion.sigma_data or dim**-0.5
         self.schedule = NoiseSchedule(diffusion.p_mean, diffusion.p_std, diffusion.sigma_min, diffusion.sigma_max)
@@ -171,7 +170,7 @@ class LoopedLM(NextTokenDenoiser, nn.Module):
         if self.self_condition is not None and previous is not None:
             hidden = hidden + self.self_condition((previous / self.target_scale).to(hidden.dtype))
         hidden = self._run_core(hidden, self.sigma_embedder(pre.c_noise), context, cos, sin, mask)
-        denoised = pre.c_skip[:, None, None] * z + pre.c_out[:, None, None] * self.denoiser_out(self.core_norm(hidden))
+        denoised = pre.denoised(z, self.denoiser_out(self.core_norm(hidden)))
         return self._run_coda(denoised / self.target_scale, context, cos, sin, mask)  # the coda sees unit scale
 
     def recur(self, state: torch.Tensor, context: CleanContext) -> torch.Tensor:

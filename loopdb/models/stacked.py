@@ -44,10 +44,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import DiffusionConfig, ModelConfig
 from ..maths.edm import NoiseSchedule, precondition
+from ..maths.partition import sigma_partition
 from ..layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, run_clean_layers
 from ..layers import init_linears
 from .looped import NextTokenDenoiser
-from ..objectives.next_token import DenseObjective, DiffusionObjective, noised_targets, weighted_cross_entropy
 
 
 @dataclass
@@ -99,13 +99,14 @@ class StackedLM(NextTokenDenoiser, nn.Module):
         others stay on the meta device and take no memory (a process that trains one block)."""
         super().__init__()
         self.config, self.diffusion = model, diffusion
-        self.objective = objective if objective is not None else StackedDiffusionObjective()
+        self.objective = objective  # how to train it and what a loop is (loopdb.objectives); a plain object
         self.checkpointing = checkpointing
         self.offload = None  # a HostOffload on GPU: only the block in use on the device
         dim = model.d_model
         self.sigma_data = diffusion.sigma_data or dim**-0.5
         self.schedule = NoiseSchedule(diffusion.p_mean, diffusion.p_std, diffusion.sigma_min, diffusion.sigma_max)
-        self.boundaries = self.schedule.partition(model.num_blocks, diffusion.partition)  # from the config, not stored
+        # from the config, never stored
+        self.partition = sigma_partition(self.schedule, model.num_blocks, diffusion.partition, diffusion.block_overlap)
         self.target_norm = diffusion.target_norm or self.sigma_data * dim**0.5
         self.target_scale = self.target_norm / dim**0.5
         # shared parameters
@@ -137,6 +138,13 @@ class StackedLM(NextTokenDenoiser, nn.Module):
         init_linears(block, torch.Generator().manual_seed(block_seed + block_index))
         nn.init.zeros_(block.denoiser_out.weight)  # D starts as c_skip * z (EDM)
 
+    def materialize_block(self, block_index: int, device) -> DiffusionBlock:
+        """Allocate a block this process did not hold (its weights are then loaded, e.g. gathered
+        from the rank that trained it)."""
+        if not self.blocks[block_index].held:
+            self.blocks[block_index] = DiffusionBlock(self.config, self.config.n_layers // self.config.num_blocks).to(device)
+        return self.blocks[block_index]
+
     # -- which parameters belong to which block -------------------------------------------
     def block_parameters(self, block_index: int) -> list[nn.Parameter]:
         return list(self.blocks[block_index].parameters())
@@ -147,10 +155,10 @@ class StackedLM(NextTokenDenoiser, nn.Module):
 
     def block_range(self, block_index: int) -> tuple[float, float]:
         """Training noise range of a block (its partition range widened by the overlap)."""
-        return self.schedule.block_range(self.boundaries, block_index, self.diffusion.block_overlap)
+        return self.partition.training_range(block_index)
 
     def block_for_sigma(self, sigma: float) -> int:
-        return self.schedule.block_for_sigma(self.boundaries, sigma)
+        return self.partition.owner(sigma)
 
     def _use_block(self, block_index: int) -> DiffusionBlock:
         if self.offload is not None:
@@ -159,7 +167,7 @@ class StackedLM(NextTokenDenoiser, nn.Module):
 
     @property
     def chained(self) -> bool:
-        return self.objective.name == "dense"
+        return self.objective is not None and self.objective.name == "dense"
 
     def _layer_call(self, layer, hidden, cos, sin, cond, kv_prefix, mask):
         if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -212,8 +220,7 @@ class StackedLM(NextTokenDenoiser, nn.Module):
         cond = self.sigma_embedder(pre.c_noise)
         for layer, kv in zip(block.layers, context.block_kv[block_index]):
             hidden, _ = self._layer_call(layer, hidden, cos, sin, cond, kv, mask)
-        denoised = pre.c_skip[:, None, None] * z + pre.c_out[:, None, None] * block.denoiser_out(block.norm(hidden))
-        return self.logits_from(denoised / self.target_scale)
+        return self.logits_from(pre.denoised(z, block.denoiser_out(block.norm(hidden))) / self.target_scale)
 
     def dense_logits(self, context: StackedContext) -> torch.Tensor:
         """Dense baseline: the chained stack's logits for every encoded position."""
@@ -253,42 +260,3 @@ class HostOffload:
             self._move(self.model.blocks[self.active], self.host)
         self._move(self.model.blocks[block_index], self.device)
         self.active = block_index
-
-
-class StackedDiffusionObjective(DiffusionObjective):
-    """DiffusionBlocks for the stacked LM: each step trains one block, drawn uniformly from
-    ``train_blocks`` (default all) with the step's generator; sigma per sequence from that
-    block's range. Inference (grid, sampler, estimate) is the looped model's."""
-
-    def __init__(self, train_blocks: tuple = ()):
-        self.train_blocks = tuple(train_blocks)
-
-    def choose_block(self, model, generator: torch.Generator) -> int:
-        blocks = self.train_blocks or tuple(range(len(model.blocks)))
-        return blocks[int(torch.randint(len(blocks), (1,), generator=generator))]
-
-    def loss(self, model, tokens: torch.Tensor, generator: torch.Generator, step: int = 0):
-        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
-        block_index = self.choose_block(model, generator)
-        lo, hi = model.block_range(block_index)
-        sigma = model.schedule.sample(tokens.shape[0], generator, lo, hi).to(tokens.device)
-        noisy = noised_targets(model, next_tokens, sigma, generator)
-        loss, stats = weighted_cross_entropy(model, model(inputs, noisy, sigma, block_index), next_tokens, sigma)
-        return loss, {**stats, "block": torch.tensor(float(block_index))}
-
-
-def build_stacked(config, held_blocks=None) -> StackedLM:
-    """The stacked family's model; parameters this run does not train are frozen
-    (requires_grad False), so the optimizer holds no state for them. ``held_blocks``:
-    see StackedLM (the others are not even allocated)."""
-    train = config.train
-    objective = DenseObjective() if train.objective == "dense" else StackedDiffusionObjective(train.train_blocks)
-    model = StackedLM(config.model, config.diffusion, objective, checkpointing=train.checkpointing,
-                      held_blocks=held_blocks)
-    if train.objective == "diffusion" and train.train_blocks:
-        for index in set(range(config.model.num_blocks)) - set(train.train_blocks):
-            model.blocks[index].requires_grad_(False)
-    if not train.train_shared:
-        for parameter in model.shared_parameters():
-            parameter.requires_grad_(False)
-    return model

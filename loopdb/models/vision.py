@@ -4,11 +4,11 @@ DiffusionBlocks, and the block <-> noise-range assignment used by training AND s
 Design (METHOD 2 and 3.4; [ours] where the paper is silent):
 - ``n_layers`` adaLN-Zero layers in ``num_blocks`` contiguous blocks; block 0 is
   nearest the input and owns the HIGHEST noise range (equi-probability partition of
-  the training log-normal, loopdb.edm.NoiseSchedule.partition).
+  the training log-normal, loopdb.maths.partition).
 - DiffusionBlocks training: one block per step, uniformly, for the whole batch; sigma
   from that block's range widened by ``block_overlap``; only that block's layers run,
   on the noisy target and the clean image tokens (never an earlier block's output).
-- Sampling: each grid sigma is run by the block that owns it (``block_for_sigma``, no
+- Sampling: each grid sigma is run by the block that owns it (``partition.owner``, no
   overlap), so with T = B equi-probability steps every block runs once.
 - The end-to-end (``dense``) baseline runs all layers as one network.
 - Images are bidirectional token sets: no rotary rotation (learned absolute
@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..config import Config
 from ..maths.edm import NoiseSchedule, initial_state, sigma_grid
+from ..maths.partition import sigma_partition
 from ..layers import Block
 from ..maths.sampler import run_sampler
 
@@ -40,26 +41,6 @@ def unpatchify(patches: torch.Tensor, patch: int, channels: int, size: int) -> t
     return x.permute(0, 3, 1, 4, 2, 5).reshape(patches.shape[0], channels, size, size)
 
 
-class BlockPartition:
-    """Which block trains on which sigmas, and which block runs a sampler step."""
-
-    def __init__(self, schedule: NoiseSchedule, num_blocks: int, overlap: float = 0.0):
-        self.schedule, self.num_blocks, self.overlap = schedule, num_blocks, overlap
-        self.boundaries = schedule.partition(num_blocks)  # derived from the config, never stored
-
-    def training_range(self, block_index: int) -> tuple[float, float]:
-        return self.schedule.block_range(self.boundaries, block_index, self.overlap)
-
-    def sample(self, batch: int, generator: torch.Generator) -> tuple[int, torch.Tensor]:
-        """One block, uniformly, for the whole batch, and one sigma per example from its range."""
-        block_index = int(torch.randint(self.num_blocks, (1,), generator=generator))
-        lo, hi = self.training_range(block_index)
-        return block_index, self.schedule.sample(batch, generator, lo, hi)
-
-    def owner(self, sigma: float) -> int:
-        return self.schedule.block_for_sigma(self.boundaries, sigma)
-
-
 class VisionModel(nn.Module):
     """Base of ViTClassifier and DiTDenoiser: the schedule, the partition and the layer stack."""
 
@@ -71,7 +52,7 @@ class VisionModel(nn.Module):
         self.blockwise = objective.name == "diffusion"
         self.sigma_data = config.sigma_data
         self.schedule = NoiseSchedule(d.p_mean, d.p_std, d.sigma_min, d.sigma_max)
-        self.partition = BlockPartition(self.schedule, m.num_blocks, d.block_overlap)
+        self.partition = sigma_partition(self.schedule, m.num_blocks, overlap=d.block_overlap)  # from the config, never stored
         dim = m.d_model
         self.num_patches = (m.image_size // m.patch_size) ** 2
         self.patch_embed = nn.Linear(m.channels * m.patch_size**2, dim)

@@ -21,38 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config
-from ..maths.edm import loss_weight, precondition
+from ..maths.edm import precondition
 from ..layers import RMSNorm, SigmaEmbedder
 from .vision import VisionModel
 
 
-class ViTObjective:
-    """diffusion (DiffusionBlocks) or dense (plain CE through every layer)."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.has_loops = name == "diffusion"
-
-    def loss(self, model: "ViTClassifier", batch: dict, generator: torch.Generator, step: int = 0):
-        images, labels = batch["images"], batch["labels"]
-        if self.name == "dense":
-            cross_entropy = F.cross_entropy(model.dense_logits(images).float(), labels)
-            return cross_entropy, {"ce": cross_entropy.detach()}
-        block_index, sigma = model.partition.sample(len(labels), generator)
-        sigma = sigma.to(images.device)
-        targets = model.targets(labels)
-        noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
-        logits = model(images, targets + sigma[:, None] * noise, sigma, block_index)
-        cross_entropy = F.cross_entropy(logits.float(), labels, reduction="none")
-        diffusion = model.diffusion
-        weight = loss_weight(sigma, model.sigma_data, diffusion.loss_weight, diffusion.loss_weight_clamp or None)
-        return (weight * cross_entropy).mean(), {"ce": cross_entropy.mean().detach(),
-                                                 "block": torch.tensor(float(block_index))}
-
-
 class ViTClassifier(VisionModel):
-    def __init__(self, config: Config):
-        super().__init__(config, ViTObjective(config.train.objective))
+    def __init__(self, config: Config, objective):
+        super().__init__(config, objective)
         m, dim = config.model, config.model.d_model
         self.target_norm = config.diffusion.target_norm or self.sigma_data * dim**0.5
         self.target_scale = self.target_norm / dim**0.5  # per-dimension scale of the targets
@@ -82,8 +58,7 @@ class ViTClassifier(VisionModel):
         cond = self.sigma_embedder(pre.c_noise[:, 0])  # (B, d)
         x = torch.cat([(pre.c_in * noisy)[:, None], self.patch_tokens(images)], dim=1) + self.positions
         h = self.run_layers(x, cond, block_index)[:, 0]  # the label token
-        denoised = pre.c_skip * noisy + pre.c_out * self.out(self.norm(h))
-        return self.head(denoised / self.target_scale)
+        return self.head(pre.denoised(noisy, self.out(self.norm(h))) / self.target_scale)
 
     def dense_logits(self, images) -> torch.Tensor:
         x = torch.cat([self.cls_token.expand(len(images), -1, -1), self.patch_tokens(images)], 1) + self.positions

@@ -77,7 +77,7 @@ class DiffusionObjective:
     def training_sigmas(self, model, batch: int, generator) -> torch.Tensor:
         """One sigma per sequence from the truncated log-normal; with train_grid_fraction,
         that share of sequences takes a sigma of an inference grid instead (sigma_max included)."""
-        sigma = model.schedule.sample(batch, generator)
+        sigma = model.schedule.sample_sigmas(batch, generator)
         fraction = model.diffusion.train_grid_fraction
         if fraction > 0:
             on_grid = torch.rand(batch, generator=generator) < fraction
@@ -96,7 +96,7 @@ class DiffusionObjective:
         steps = 1 + int(torch.randint(most, (1,), generator=generator))
         shape = (*inputs.shape, model.config.d_model)
         z = self.initial_state(model, shape, diffusion.rollout_loops, generator, inputs.device)
-        state = self.sample(model, model.encode(inputs), z, grid[:steps + 1], generator, final_evaluation=False)
+        state = self.run_grid(model, model.encode(inputs), z, grid[:steps + 1], generator, final_evaluation=False)
         return state, torch.full((inputs.shape[0],), grid[steps], device=inputs.device)
 
     # -- inference -------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class DiffusionObjective:
             choice = torch.multinomial(probs.flatten(0, -2).cpu(), 1, generator=generator).view(probs.shape[:-1])
         return model.target_table()[choice.to(logits.device)]
 
-    def sample(self, model, context, z, grid, generator=None, final_evaluation=True):
+    def run_grid(self, model, context, z, grid, generator=None, final_evaluation=True):
         """The sampler on ``grid``; returns the last logits (or the state, for a rollout)."""
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         carried = {"previous": None}  # self-conditioning: the previous step's Dhat
@@ -135,11 +135,33 @@ class DiffusionObjective:
                            final_evaluation=final_evaluation)
 
     def final_logits(self, model, context, z, num_loops: int, generator=None):
-        return self.sample(model, context, z, self.grid(model, num_loops), generator)
+        return self.run_grid(model, context, z, self.grid(model, num_loops), generator)
 
 
 def _chance(generator) -> float:
     return float(torch.rand(1, generator=generator))
+
+
+class StackedDiffusionObjective(DiffusionObjective):
+    """DiffusionBlocks for the stacked LM: each step trains one block, drawn uniformly from
+    ``train_blocks`` (default all) with the step's generator; sigma per sequence from that
+    block's range. Inference (grid, sampler, estimate) is the looped model's."""
+
+    def __init__(self, train_blocks: tuple = ()):
+        self.train_blocks = tuple(train_blocks)
+
+    def choose_block(self, model, generator: torch.Generator) -> int:
+        blocks = self.train_blocks or tuple(range(len(model.blocks)))
+        return blocks[int(torch.randint(len(blocks), (1,), generator=generator))]
+
+    def loss(self, model, tokens: torch.Tensor, generator: torch.Generator, step: int = 0):
+        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
+        block_index = self.choose_block(model, generator)
+        lo, hi = model.block_range(block_index)
+        sigma = model.schedule.sample_sigmas(tokens.shape[0], generator, lo, hi).to(tokens.device)
+        noisy = noised_targets(model, next_tokens, sigma, generator)
+        loss, stats = weighted_cross_entropy(model, model(inputs, noisy, sigma, block_index), next_tokens, sigma)
+        return loss, {**stats, "block": torch.tensor(float(block_index))}
 
 
 # -- BPTT (Huginn) ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Inference with a looped model at any loop count: scoring and cached generation.
+"""Scoring a next-token model at any loop count (generation: loopdb.readouts.generation).
 
 K loops = K sampler steps on a sigma grid computed from K for DiffusionBlocks,
 K recurrent iterations for BPTT, and one plain pass for a dense model: each
@@ -43,9 +43,29 @@ def next_token_logprobs(model, windows: torch.Tensor, num_loops: int, generator:
 @torch.no_grad()
 def predictive_logprobs(model, windows: torch.Tensor, num_loops: int, samples: int,
                         generator: torch.Generator) -> torch.Tensor:
-    """log of the mean over ``samples`` noise draws of p(x_{t+1}); (B, T)."""
-    draws = torch.stack([next_token_logprobs(model, windows, num_loops, generator) for _ in range(samples)])
-    return torch.logsumexp(draws, dim=0) - math.log(samples)
+    """log of the mean over ``samples`` noise draws of p(x_{t+1}); (B, T). The clean stream is
+    encoded once; each draw takes its initial state, then its loop's draws, from ``generator``."""
+    inputs, next_tokens = windows[:, :-1], windows[:, 1:]
+    shape = (*inputs.shape, model.config.d_model)
+    log_probs = predictive_core(model, model.encode(inputs), num_loops, samples,
+                                lambda: initial_noise(model, shape, num_loops, generator, windows.device), generator)
+    return log_probs.gather(-1, next_tokens[..., None]).squeeze(-1)
+
+
+def predictive_core(model, context, num_loops: int, samples: int, draw_state, loop_generator) -> torch.Tensor:
+    """THE predictive readout (METHOD 5), shared by ``loopdb score``, the lm-eval adapter and the
+    study: log of the mean over ``samples`` draws of the last loop's next-token distribution,
+    (B, T, V), against ONE encoding ``context`` of the clean stream. ``draw_state()`` gives a draw's
+    initial state (None for a model that draws no noise: evaluated once); the draws are accumulated
+    with logaddexp, so one (B, T, V) tensor is kept whatever ``samples`` is."""
+    total = None
+    for _ in range(samples):
+        state = draw_state()
+        draw = torch.log_softmax(loop_logits(model, context, state, num_loops, loop_generator).float(), dim=-1)
+        if state is None:  # deterministic: every draw would be the same
+            return draw
+        total = draw if total is None else torch.logaddexp(total, draw)
+    return total - math.log(samples)
 
 
 READOUTS = ("predictive", "last", "elbo", "elbo_continuous")
@@ -127,82 +147,6 @@ def same_length_batches(windows: list[torch.Tensor], batch_size: int, device="cp
             progress.update(len(chunk))
 
 
-def _choose(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@torch.no_grad()
-def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temperature: float = 1.0,
-             top_k: int | None = None, seed: int = 0, use_cache: bool = True) -> list[int]:
-    """Sample ``max_new_tokens`` after ``prompt``; returns the new token ids.
-
-    With the cache, each new token costs one clean-stream step plus ``num_loops``
-    noisy-stream steps against ONE cache of clean keys/values per layer (its size
-    does not depend on num_loops). Without it, the clean stream is recomputed over
-    the whole window each token: same tokens, slower (a test checks they agree).
-    When the window fills, it slides: the last half is re-encoded.
-    """
-    if not prompt:
-        raise ValueError("generation needs a non-empty prompt (the model predicts the token after each position)")
-    if num_loops < 1:
-        raise ValueError(f"num_loops must be >= 1, got {num_loops}")
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    window = model.config.context
-    tokens = list(prompt)
-    start = max(0, len(tokens) - window)
-    context = model.encode(torch.tensor([tokens[start:]], device=device)) if use_cache else None
-    new_tokens = []
-    for _ in range(max_new_tokens):
-        if not use_cache:
-            context = model.encode(torch.tensor([tokens[start:]], device=device))
-        z = initial_noise(model, (1, 1, model.config.d_model), num_loops, generator, device)
-        logits = loop_logits(model, context, z, num_loops, generator)[0, -1]
-        token = _choose(logits, temperature, top_k, generator)
-        tokens.append(token)
-        new_tokens.append(token)
-        if len(tokens) - start > window:  # slide the window: keep the last half
-            start = len(tokens) - window // 2
-            if use_cache:
-                context = model.encode(torch.tensor([tokens[start:]], device=device))
-        elif use_cache:
-            context = model.encode(torch.tensor([[token]], device=device), cache=context)
-    return new_tokens
-
-
-def distinct_n(sequences: list[list[int]], n: int) -> float:
-    """Unique n-grams over all n-grams of the sequences (1 = no repetition)."""
-    grams = [tuple(seq[i:i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
-    return len(set(grams)) / max(1, len(grams))
-
-
-@torch.no_grad()
-def sample_quality(model, judge, prompt: list[int], num_loops: int, num_samples: int = 16, length: int = 64,
-                   seed: int = 0, temperature: float = 1.0) -> dict:
-    """Generative perplexity of ``num_samples`` K-loop samples under a reference ``judge``
-    model (exp of its mean NLL per generated token), and distinct-2/3 of the samples."""
-    samples = [generate(model, prompt, length, num_loops, temperature=temperature, seed=seed + index)
-               for index in range(num_samples)]
-    device = next(judge.parameters()).device
-    window = judge.config.context
-    total_nats, total_tokens = 0.0, 0
-    for sample in samples:
-        sequence = torch.tensor([(prompt + sample)[-(window + 1):]], device=device)
-        logprobs = next_token_logprobs(judge, sequence, 1, torch.Generator().manual_seed(seed))
-        scored = logprobs[0, -len(sample):] if len(sample) <= logprobs.shape[1] else logprobs[0]
-        total_nats -= scored.sum().item()
-        total_tokens += scored.numel()
-    return {"gen_ppl": math.exp(total_nats / max(1, total_tokens)), "distinct2": distinct_n(samples, 2),
-            "distinct3": distinct_n(samples, 3), "samples": num_samples, "length": length}
-
-
 # -- per-row noise and whole distributions (used by loopdb.harness, the lm-eval adapter) --------------
 @torch.no_grad()
 def predictive_distribution(model, inputs: torch.Tensor, num_loops: int, samples: int,
@@ -243,19 +187,16 @@ def predictive_distribution(model, inputs: torch.Tensor, num_loops: int, samples
 
 def _predictive_rows(model, inputs, num_loops, samples, generators, lengths, loop_generator) -> torch.Tensor:
     batch, length = inputs.shape
-    context = model.encode(inputs)
     width = model.config.d_model
-    total = None
-    for _ in range(samples):
+
+    def draw_state():  # row i's initial state from its own generator, for its first lengths[i] positions
         rows = [initial_noise(model, (1, n, width), num_loops, generator, inputs.device)
                 for generator, n in zip(generators, lengths)]
-        z = None
-        if rows[0] is not None:
-            z = torch.zeros(batch, length, width, dtype=rows[0].dtype, device=inputs.device)
-            for index, (row, n) in enumerate(zip(rows, lengths)):
-                z[index, :n] = row[0]
-        draw = torch.log_softmax(loop_logits(model, context, z, num_loops, loop_generator).float(), dim=-1)
-        if z is None:  # deterministic: every draw would be the same
-            return draw
-        total = draw if total is None else torch.logaddexp(total, draw)  # running log-sum: one (B, T, V) kept
-    return total - math.log(samples)
+        if rows[0] is None:
+            return None
+        state = torch.zeros(batch, length, width, dtype=rows[0].dtype, device=inputs.device)
+        for index, (row, n) in enumerate(zip(rows, lengths)):
+            state[index, :n] = row[0]
+        return state
+
+    return predictive_core(model, model.encode(inputs), num_loops, samples, draw_state, loop_generator)

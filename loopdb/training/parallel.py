@@ -83,20 +83,15 @@ def owned_blocks(num_blocks: int, group: Group) -> tuple[int, ...]:
 
 def gather_blocks(model, owned: tuple[int, ...], group: Group) -> None:
     """Rank 0 receives every rank's blocks (CPU copies) and loads them into ``model``."""
-    from ..models.stacked import DiffusionBlock
-
     state = {index: {k: v.detach().cpu() for k, v in model.blocks[index].state_dict().items()} for index in owned}
     gathered = [None] * group.world_size if group.is_main else None
     dist.gather_object(state, gathered, dst=0)
     if not group.is_main:
         return
     device = next(p.device for p in model.parameters() if not p.is_meta)
-    per_block = model.config.n_layers // model.config.num_blocks
     for rank_state in gathered:
         for index, block_state in rank_state.items():
-            if not model.blocks[index].held:
-                model.blocks[index] = DiffusionBlock(model.config, per_block).to(device)
-            model.blocks[index].load_state_dict(block_state)
+            model.materialize_block(index, device).load_state_dict(block_state)
 
 
 def barrier(group: Group) -> None:

@@ -8,7 +8,6 @@ an uninterrupted one would (Huginn seeds its depth sampler the same way).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import signal
@@ -18,18 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from ..config import Config, ConfigError
-from ..families import build_model, family_of
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here; use --device=cpu")
-    return device
+from ..config import Config
+from ..device import resolve_device
+from ..errors import ConfigError
+from ..families import check_config, family_of
+from ..runs.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
+from ..runs.folder import write_run_files
+from . import parallel
 
 
 def learning_rate(step: int, config: Config) -> float:
@@ -49,7 +43,7 @@ def step_generator(seed: int, step: int, micro: int = 0, stream: int = 0) -> tor
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     train = config.train
-    # frozen parameters (e.g. the blocks a stacked run does not train) get no group and no state
+    # frozen parameters (e.g. the blocks a block-wise run does not train) get no group and no state
     trained = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trained if p.dim() >= 2]
     no_decay = [p for p in trained if p.dim() < 2]
@@ -74,29 +68,21 @@ class Trainer:
             config = Config.load(checkpoint / "config.json").apply_overrides(
                 {"max_steps": str(config.train.max_steps)}  # resuming may extend a run, nothing else
             )
-        self.task = family_of(config).task(config, self.data_dir)  # may fill in data-given fields (vocab_size)
-        config.validate()
-        self.config = config
+        family = family_of(config)
+        self.task = family.task(config, self.data_dir)  # may fill in data-given fields (vocab_size)
+        self.config = check_config(config)
         self.device = resolve_device(config.train.device)
         self.group, self.owned_blocks = self._join_processes(config, block_parallel, resume)
         if self.group.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", self.group.local_rank)
         torch.manual_seed(config.train.seed)
         if self.owned_blocks is None:
-            self.model = build_model(config).to(self.device)
+            self.model = family.build(config).to(self.device)
         else:  # this rank allocates and trains its own blocks only
-            from ..models.stacked import build_stacked
-
-            own = copy.deepcopy(config)
-            own.train.train_blocks = self.owned_blocks
-            self.model = build_stacked(own, held_blocks=self.owned_blocks).to(self.device)
+            self.model = family.build_for_blocks(config, self.owned_blocks).to(self.device)
         self.objective = self.model.objective
         self.optimizer = make_optimizer(self.model, config)
-        if self.device.type == "cuda" and config.model.family == "stacked" and config.train.objective == "diffusion" \
-                and not block_parallel:  # inactive blocks' weights and optimizer state wait in host memory
-            from ..models.stacked import HostOffload
-
-            self.model.offload = HostOffload(self.model, self.optimizer, self.device)
+        family.after_optimizer(self.model, self.optimizer, self.device, block_parallel)
         self.step = 0
         if checkpoint is not None:
             load_weights(self.model, checkpoint)
@@ -110,8 +96,7 @@ class Trainer:
         if not self.group.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(self.run_dir / "config.json")
-        (self.run_dir / "data.json").write_text(json.dumps({"data_dir": self.data_dir and str(self.data_dir.resolve())}))
+        write_run_files(self.run_dir, config, self.data_dir)
         if log_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -120,11 +105,9 @@ class Trainer:
     @staticmethod
     def _join_processes(config: Config, block_parallel: bool, resume: bool):
         """(group, blocks this rank owns or None): the torchrun job this process belongs to."""
-        from ..training import parallel
-
-        if block_parallel and (config.model.family != "stacked" or config.train.objective != "diffusion"):
-            raise ConfigError("--block-parallel trains the blocks of a stacked DiffusionBlocks model "
-                              "(family=stacked, objective=diffusion)")
+        refusal = family_of(config).block_parallel_refusal(config) if block_parallel else None
+        if refusal:
+            raise ConfigError(refusal)
         if parallel.world_size_from_env() > 1 and config.train.time_budget_minutes > 0:
             raise ConfigError("time_budget_minutes is single-process only (ranks would stop at different steps)")
         if block_parallel and resume:
@@ -174,8 +157,6 @@ class Trainer:
         """Average gradients over ranks (all of them, or only the shared ones when block-parallel)
         and clip; block-parallel clips the shared gradients on their own so every rank takes the
         same shared step. Returns the pre-clip norm of this rank's own gradients."""
-        from ..training import parallel
-
         clip = self.config.train.grad_clip
         if self.group.world_size == 1:
             return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
@@ -202,7 +183,7 @@ class Trainer:
     def sample_text(self) -> str | None:
         self.model.eval()
         with self.autocast():
-            return self.task.sample(self.model, self.step)
+            return self.task.sample_text(self.model, self.step)
 
     # -- the loop ---------------------------------------------------------------------------
     def save(self):
@@ -275,16 +256,12 @@ class Trainer:
             self.save()
         if self.group.is_main:
             self._write_summary(step_seconds, tokens_per_step)
-        from .parallel import barrier
-
-        barrier(self.group)
+        parallel.barrier(self.group)
         return last_eval
 
     def _assemble(self) -> None:
         """Block-parallel: rank 0 gathers every rank's blocks into one whole model."""
-        from .parallel import gather_blocks
-
-        gather_blocks(self.model, self.owned_blocks, self.group)
+        parallel.gather_blocks(self.model, self.owned_blocks, self.group)
 
     def _fit_budget(self, step_seconds: list[float], bar) -> None:
         """With a time budget, set max_steps from the measured step time (re-estimated every

@@ -1,0 +1,39 @@
+"""What a model family declares (the fields are described in loopdb.families)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import Config
+
+
+def _no_rules(config: Config) -> list:
+    return []
+
+
+BLOCK_PARALLEL_HELP = ("--block-parallel trains the blocks of a stacked DiffusionBlocks model "
+                       "(family=stacked, objective=diffusion)")
+
+
+def _no_block_parallel(config: Config) -> str:
+    return BLOCK_PARALLEL_HELP
+
+
+def _nothing_after_optimizer(model, optimizer, device, block_parallel: bool) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Family:
+    build: Callable[[Config], torch.nn.Module]
+    task: Callable[[Config, Path | None], object]
+    data_dir: Callable[[str | None, Config], Path | None]
+    rules: Callable[[Config], list] = _no_rules
+    commands: str = "text"
+    block_parallel_refusal: Callable[[Config], str | None] = _no_block_parallel  # None: the run can
+    build_for_blocks: Callable | None = None
+    after_optimizer: Callable = _nothing_after_optimizer

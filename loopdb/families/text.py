@@ -1,0 +1,146 @@
+"""The language-model families: looped (METHOD 3.1), stacked (3.2) and the masked diffusion
+LM mdm (3.3), with their data side for the trainer (token windows of a prepared corpus)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from .. import data as data_lib
+from ..config import Config
+from ..models.looped import LoopedLM
+from ..models.masked import MaskedDiffusionLM
+from ..models.stacked import HostOffload, StackedLM
+from ..objectives.masked import make_masked_objective
+from ..objectives.next_token import DenseObjective, StackedDiffusionObjective, make_objective
+from ..readouts import masked as masked_readouts
+from ..readouts.generation import generate
+from ..readouts.scoring import bits_per_byte
+from .spec import BLOCK_PARALLEL_HELP, Family
+
+
+class TextTask:
+    """Token windows of a prepared corpus (loopdb.data) for next-token language models."""
+
+    def __init__(self, config: Config, data_dir):
+        self.config = config
+        meta = data_lib.load_meta(Path(data_dir))
+        config.model.vocab_size = meta["vocab_size"]
+        self.train_tokens = data_lib.load_tokens(data_dir, "train")
+        self.val_tokens = data_lib.load_tokens(data_dir, "val")
+        self.tokenizer = data_lib.load_tokenizer(data_dir)
+        self.token_bytes = torch.as_tensor(self.tokenizer.token_bytes)
+
+    def batch(self, generator: torch.Generator, device) -> torch.Tensor:
+        train = self.config.train
+        return data_lib.sample_windows(self.train_tokens, train.batch_size, self.config.model.context + 1,
+                                       generator).to(device)
+
+    def evaluate(self, model, device, autocast) -> dict:
+        """Validation bits per byte at each of ``eval_loops`` (dense models: K = 1 only)."""
+        train = self.config.train
+        windows = data_lib.eval_windows(self.val_tokens, self.config.model.context, train.eval_windows)
+        results = {}
+        with autocast():
+            for loops in train.eval_loops if model.objective.has_loops else (1,):
+                results[f"val/bpb@{loops}"] = bits_per_byte(
+                    model, windows, self.token_bytes, loops, samples=train.eval_samples,
+                    seed=train.seed, device=device)
+        return results
+
+    def sample_text(self, model, step: int, num_loops: int = 4, tokens: int = 48) -> str:
+        prompt = self.tokenizer.encode("\n")
+        ids = generate(model, prompt, tokens, num_loops, temperature=1.0, top_k=50, seed=step)
+        return self.tokenizer.decode(ids)
+
+
+class MaskedTextTask(TextTask):
+    """Token windows for the masked diffusion LM: every token of a window is a target, so
+    windows hold ``context`` tokens and validation windows tile the split."""
+
+    def batch(self, generator: torch.Generator, device) -> torch.Tensor:
+        return data_lib.sample_windows(self.train_tokens, self.config.train.batch_size, self.config.model.context,
+                                       generator).to(device)
+
+    def evaluate(self, model, device, autocast) -> dict:
+        """Validation ELBO bits per byte (ELBO_T_SAMPLES draws per window, seeded)."""
+        train = self.config.train
+        windows = data_lib.eval_windows(self.val_tokens, self.config.model.context, train.eval_windows, overlap=0)
+        with autocast():
+            result = masked_readouts.elbo_bits_per_byte(model, windows, self.token_bytes, seed=train.seed,
+                                                        device=device)
+        return {"val/elbo_bpb": result["bpb"]}
+
+    def sample_text(self, model, step: int, tokens: int = 48) -> str:
+        ids = masked_readouts.sample_masked(model, min(tokens, self.config.model.context),
+                                            generator=torch.Generator().manual_seed(step))
+        return self.tokenizer.decode(ids[0])
+
+
+def text_data_dir(data: str | None, config: Config) -> Path:
+    return data_lib.resolve_data_dir(data, config.train.data_vocab_size)
+
+
+# -- looped ------------------------------------------------------------------------------------------
+def _build_looped(config: Config) -> LoopedLM:
+    return LoopedLM(config.model, config.diffusion, make_objective(config.train))
+
+
+# -- stacked -----------------------------------------------------------------------------------------
+def build_stacked(config: Config, held_blocks=None) -> StackedLM:
+    """The stacked family's model; parameters this run does not train are frozen
+    (requires_grad False), so the optimizer holds no state for them. ``held_blocks``:
+    see StackedLM (the others are not even allocated)."""
+    train = config.train
+    objective = DenseObjective() if train.objective == "dense" else StackedDiffusionObjective(train.train_blocks)
+    model = StackedLM(config.model, config.diffusion, objective, checkpointing=train.checkpointing,
+                      held_blocks=held_blocks)
+    if train.objective == "diffusion" and train.train_blocks:
+        for index in set(range(config.model.num_blocks)) - set(train.train_blocks):
+            model.blocks[index].requires_grad_(False)
+    if not train.train_shared:
+        for parameter in model.shared_parameters():
+            parameter.requires_grad_(False)
+    return model
+
+
+def _stacked_refusal(config: Config) -> str | None:
+    return None if config.train.objective == "diffusion" else BLOCK_PARALLEL_HELP
+
+
+def _stacked_blocks(config: Config, blocks: tuple[int, ...]) -> StackedLM:
+    """Block-parallel: this process allocates and trains its own blocks only."""
+    own = copy.deepcopy(config)
+    own.train.train_blocks = blocks
+    return build_stacked(own, held_blocks=blocks)
+
+
+def _stacked_after_optimizer(model, optimizer, device, block_parallel: bool) -> None:
+    # one process training every block on a GPU: inactive blocks' weights and AdamW state wait in host memory
+    if device.type == "cuda" and model.objective.name == "diffusion" and not block_parallel:
+        model.offload = HostOffload(model, optimizer, device)
+
+
+def _diffusion_or_dense(config: Config) -> list:
+    m, d, t = config.model, config.diffusion, config.train
+    return [
+        (t.objective in ("diffusion", "dense"),
+         f"the {m.family} family trains with objective diffusion or dense, not {t.objective!r}"),
+        (not (d.self_condition or d.rollout_fraction or d.train_grid_fraction),
+         "self_condition, rollout_fraction and train_grid_fraction are looped-model remedies; "
+         f"the {m.family} family does not support them"),
+    ]
+
+
+# -- masked diffusion ---------------------------------------------------------------------------------
+def _build_masked(config: Config) -> MaskedDiffusionLM:
+    return MaskedDiffusionLM(config.model, config.diffusion, make_masked_objective(config.train.objective))
+
+
+LOOPED = Family(build=_build_looped, task=TextTask, data_dir=text_data_dir)
+STACKED = Family(build=build_stacked, task=TextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
+                 block_parallel_refusal=_stacked_refusal, build_for_blocks=_stacked_blocks, after_optimizer=_stacked_after_optimizer)
+MASKED = Family(build=_build_masked, task=MaskedTextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
+                commands="masked")

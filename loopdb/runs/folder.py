@@ -1,0 +1,69 @@
+"""The run folder, and its one owner: what `loopdb train` writes there besides checkpoints,
+and how every command opens a run (its config, its data, its newest model).
+
+RUN/
+  config.json            resolved config of the run
+  data.json              where its prepared data lives (null: the family's embedded data)
+  checkpoints/, latest   loopdb.runs.checkpoint
+  metrics.jsonl, tb/     evaluation log and tensorboard events (loopdb.training.trainer)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..config import Config
+from ..errors import ConfigError, RunError
+from ..families import build_model
+from .checkpoint import latest_checkpoint, load_weights
+
+RUN_CONFIG, DATA_POINTER = "config.json", "data.json"
+SAMPLER_KEYS = ("grid", "solver", "grid_sigma_last", "estimate")  # may change after training
+
+
+def write_run_files(run_dir, config: Config, data_dir: Path | None) -> None:
+    """The run folder's config.json and data.json (where its data lives; None: the family's embedded data)."""
+    run_dir = Path(run_dir)
+    config.save(run_dir / RUN_CONFIG)
+    pointer = {"data_dir": None if data_dir is None else str(Path(data_dir).resolve())}
+    staging = run_dir / (DATA_POINTER + ".tmp")
+    staging.write_text(json.dumps(pointer))
+    os.replace(staging, run_dir / DATA_POINTER)
+
+
+def run_data_dir(run_dir) -> Path | None:
+    """The data folder data.json names (None: the family's embedded data, e.g. the digits)."""
+    path = Path(run_dir) / DATA_POINTER
+    if not path.exists():
+        raise RunError(f"{run_dir} has no {DATA_POINTER}; was it made by `loopdb train`?")
+    data_dir = json.loads(path.read_text())["data_dir"]
+    return None if data_dir is None else Path(data_dir)
+
+
+def open_run(run_dir) -> tuple[Config, Path]:
+    """Config and newest checkpoint of a run; RunError with the fix if it is not a finished-enough run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run folder {run_dir} does not exist; train one with `loopdb train --preset tiny --out {run_dir}`")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise RunError(f"{run_dir} holds no checkpoint yet; train it first (or pass the folder given to --out)")
+    return Config.load(checkpoint / RUN_CONFIG), checkpoint
+
+
+def load_model(run_dir, device="cpu", sampler: dict[str, str] | None = None):
+    """The run's newest model, in eval mode on ``device``; returns (model, config).
+
+    ``sampler`` overrides inference-only settings (SAMPLER_KEYS), e.g. {"grid_sigma_last": "0.5"}."""
+    config, checkpoint = open_run(run_dir)
+    if sampler:
+        fixed = sorted(set(sampler) - set(SAMPLER_KEYS))
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)} cannot change after training; at inference only "
+                              f"{', '.join(SAMPLER_KEYS)} can")
+        config.apply_overrides(sampler)
+    model = build_model(config)
+    load_weights(model, checkpoint)
+    return model.to(device).eval(), config
