@@ -1,0 +1,60 @@
+"""The package's shape (README "Layout"): imports run one way, the library never imports the
+command line, and the trainer names no model family."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "loopdb"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the loopdb modules it imports, function-local imports included."""
+    graph = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        package = parts[:-1]
+        name = ".".join(package if parts[-1] == "__init__" else parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = list(package[: len(package) - node.level + 1]) if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:  # `from . import x` imports the module x when there is one
+                    sub = f"{target}.{alias.name}"
+                    is_module = (ROOT.parent / (sub.replace(".", "/") + ".py")).exists() or \
+                        (ROOT.parent / sub.replace(".", "/")).is_dir()
+                    deps.add(sub if is_module else target)
+            elif isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+        graph[name] = {d for d in deps if d.startswith("loopdb") and d != name}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, state, cycles = import_graph(), {}, []
+
+    def visit(module, stack):
+        state[module] = "open"
+        for dep in sorted(graph.get(module, ())):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep in graph and dep not in state:
+                visit(dep, stack + [dep])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_library_module_imports_the_command_line():
+    offenders = sorted(m for m, deps in import_graph().items()
+                       if not m.startswith(("loopdb.cli", "loopdb.__main__")) and any(d.startswith("loopdb.cli") for d in deps))
+    assert not offenders
+
+
+def test_the_trainer_names_no_family():
+    source = (ROOT / "training" / "trainer.py").read_text()
+    for name in ("family ==", '"stacked"', '"looped"', '"mdm"', '"vit"', '"dit"', "HostOffload", "models."):
+        assert name not in source, name
