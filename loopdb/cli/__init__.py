@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--exit", default=None, metavar="RULE",
+                   help="adaptive per-token exit for recurrent runs: kl:EPS, delta:EPS or gate:Q (e.g. kl:5e-4); "
+                        "--loops is then the most loops")
     p.add_argument("--t-samples", type=int, default=None,
                    help="masked diffusion (family mdm): stratified t draws per window in the ELBO (default 16)")
 
@@ -242,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--exit", default=None, metavar="RULE",
+                   help="sequence-recurrent runs: stop each token's loops early (kl:EPS, delta:EPS, gate:Q)")
+    p.add_argument("--last-loop-cache", action="store_true",
+                   help="sequence-recurrent runs: Ouro's shortcut, one KV cache (the last loop's) instead of one per loop")
 
     p = commands.add_parser("eval", help="lm-evaluation-harness tasks at several loop counts",
                             epilog="example: loopdb eval runs/demo --tasks shakespeare_bpb,shakespeare_cloze "
