@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit", default=None, metavar="RULE",
                    help="adaptive per-token exit for recurrent runs: kl:EPS, delta:EPS or gate:Q (e.g. kl:5e-4); "
                         "--loops is then the most loops")
+    p.add_argument("--plot", default=None, metavar="PNG", help="task runs: accuracy against K per difficulty")
     p.add_argument("--t-samples", type=int, default=None,
                    help="masked diffusion (family mdm): stratified t draws per window in the ELBO (default 16)")
 
