@@ -113,6 +113,8 @@ class TrainConfig:
     train_blocks: tuple = ()        # stacked diffusion: the blocks this run trains (one per step, uniformly); () = all
     train_shared: bool = True       # stacked: train the shared parameters (embedding, sigma embedder, norm, head)
     checkpointing: bool = False     # stacked: activation checkpointing, one layer at a time
+    skip_nonfinite_steps: int = 0   # 0: stop at the first non-finite loss or gradient norm; N: skip such steps, stop after N in a row
+    collective_timeout_minutes: float = 10.0  # torchrun: a process waiting this long for another stops the job
 
 
 @dataclass
@@ -141,8 +143,14 @@ class Config:
 
     @classmethod
     def load(cls, path) -> "Config":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as error:  # missing, unreadable, not UTF-8, not JSON
+            raise ConfigError(f"config file {path} cannot be read ({error})") from None
+        if not isinstance(data, dict) or not all(isinstance(values, dict) for values in data.values()):
+            raise ConfigError(f"config file {path}: expected an object of sections (model, diffusion, train)")
+        return cls.from_dict(data)
 
     def apply_overrides(self, overrides: dict[str, str]) -> "Config":
         """Apply ``{"key" or "section.key": "value"}`` parsed from the command line."""
@@ -201,6 +209,9 @@ class Config:
              f"depth_sampler must be poisson_lognormal, fixed or uniform, got {t.depth_sampler!r}"),
             (t.batch_size >= 1 and t.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (t.max_steps >= 1, "max_steps must be >= 1"),
+            (t.skip_nonfinite_steps >= 0,
+             "skip_nonfinite_steps must be >= 0 (0: stop at the first non-finite step; N: skip up to N in a row)"),
+            (t.collective_timeout_minutes > 0, "collective_timeout_minutes must be > 0"),
             (t.lr > 0, "lr must be positive"),
             (all(k >= 1 for k in t.eval_loops), "eval_loops must all be >= 1"),
             (t.eval_samples >= 1, "eval_samples must be >= 1"),
