@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from .. import data as data_lib
-from ..objectives.next_token import OBJECTIVES
 from ..readouts.scoring import bits_per_byte
 from ..runs.folder import load_model, run_data_dir
 
@@ -83,6 +82,7 @@ def _task_scores(run, model, config, loops, samples, max_windows, seed, device, 
 
 
 TASK_READOUTS = ("accuracy", "accuracy_beyond")
+COMPARED = ("diffusion", "bptt", "dense")  # `loopdb compare`: DiffusionBlocks vs BPTT vs dense (ouro: `loopdb study`)
 
 
 def markdown_table(results: dict, loops, unigram: float) -> str:
@@ -108,13 +108,13 @@ def run_compare(preset: str, out, data_dir, budget_minutes: float | None = None,
     out.mkdir(parents=True, exist_ok=True)
     overrides = [*overrides, f"--seed={seed}"]
     models = {}
-    for objective in OBJECTIVES:
+    for objective in COMPARED:
         summary = train_member(out / objective, preset, Path(data_dir), budget_minutes, steps,
                                [*overrides, f"--objective={objective}"])
         models[objective] = {**summary, "bpb": score_member(out / objective, loops, samples, max_windows, seed)}
     meta = data_lib.load_meta(data_dir)
     windows = len(data_lib.eval_windows(data_lib.load_tokens(data_dir, "test"),
-                                        load_model(out / OBJECTIVES[0])[1].model.context, max_windows))
+                                        load_model(out / COMPARED[0])[1].model.context, max_windows))
     results = {
         "models": models,
         "preset": preset,
