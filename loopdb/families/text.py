@@ -13,6 +13,7 @@ from ..config import Config
 from ..models.looped import LoopedLM
 from ..models.masked import MaskedDiffusionLM
 from ..models.stacked import HostOffload, StackedLM
+from ..objectives.drafting import DraftDiffusionObjective
 from ..objectives.masked import make_masked_objective
 from ..objectives.next_token import DenseObjective, StackedDiffusionObjective, make_objective
 from ..readouts import masked as masked_readouts
@@ -85,7 +86,26 @@ def text_data_dir(data: str | None, config: Config) -> Path:
 
 # -- looped ------------------------------------------------------------------------------------------
 def _build_looped(config: Config) -> LoopedLM:
-    return LoopedLM(config.model, config.diffusion, make_objective(config.train))
+    return LoopedLM(config.model, config.diffusion, _looped_objective(config))
+
+
+def _looped_objective(config: Config):
+    """DiffusionBlocks with drafts or the anchor head (issue 15) when asked for, else the plain objectives."""
+    train = config.train
+    if train.objective == "diffusion" and (config.model.draft_width > 1 or train.anchor_weight > 0):
+        return DraftDiffusionObjective(train.anchor_weight, train.draft_fraction)
+    return make_objective(train)
+
+
+def _looped_rules(config: Config) -> list:
+    m, d, t = config.model, config.diffusion, config.train
+    drafting = m.draft_width > 1 or t.anchor_weight > 0
+    return [
+        (not drafting or t.objective == "diffusion",
+         f"draft_width and anchor_weight belong to objective=diffusion, not {t.objective!r}"),
+        (not drafting or not (d.self_condition or d.rollout_fraction),
+         "self_condition and rollout_fraction are not supported with draft_width > 1 or anchor_weight > 0"),
+    ]
 
 
 # -- stacked -----------------------------------------------------------------------------------------
@@ -131,6 +151,8 @@ def _diffusion_or_dense(config: Config) -> list:
         (not (d.self_condition or d.rollout_fraction or d.train_grid_fraction),
          "self_condition, rollout_fraction and train_grid_fraction are looped-model remedies; "
          f"the {m.family} family does not support them"),
+        (m.draft_width == 1 and t.anchor_weight == 0,
+         f"draft_width and anchor_weight are looped-model keys; the {m.family} family does not support them"),
     ]
 
 
@@ -139,7 +161,7 @@ def _build_masked(config: Config) -> MaskedDiffusionLM:
     return MaskedDiffusionLM(config.model, config.diffusion, make_masked_objective(config.train.objective))
 
 
-LOOPED = Family(build=_build_looped, task=TextTask, data_dir=text_data_dir)
+LOOPED = Family(build=_build_looped, task=TextTask, data_dir=text_data_dir, rules=_looped_rules)
 STACKED = Family(build=build_stacked, task=TextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
                  block_parallel_refusal=_stacked_refusal, build_for_blocks=_stacked_blocks, after_optimizer=_stacked_after_optimizer)
 MASKED = Family(build=_build_masked, task=MaskedTextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
