@@ -154,3 +154,63 @@ def test_anchor_head_needs_a_trained_anchor():
         anchor_head(tiny_model())
     view = anchor_head(drafting_model())
     assert view.objective.name == "dense" and not view.objective.has_loops
+
+
+@pytest.fixture(scope="module")
+def draft_run(data_dir, tmp_path_factory):
+    """A 3-step tiny-draft run folder made by `loopdb train`."""
+    from conftest import SMALL_RUN
+    from loopdb.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "draft"
+    assert main(["train", "--preset", "tiny-draft", "--data", str(data_dir), "--out", str(run), "--quiet",
+                 *SMALL_RUN, "--max_steps=3"]) == 0
+    return run
+
+
+def test_cli_scores_block_elbo_benches_decoding_and_samples_speculatively(draft_run, capsys):
+    import json
+
+    from loopdb.cli import main
+
+    assert main(["score", str(draft_run), "--readout", "block_elbo", "--loops", "1,2", "--max-windows", "2",
+                 "--samples", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["block_elbo_bpb"]) == {"1", "2"} and report["anchor_bpb"] > 0 and report["draft_width"] == 4
+    assert main(["bench", "decode", str(draft_run), "--loops", "1,2", "--prompts", "1", "--tokens", "9",
+                 "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert set(bench["accepted"]) == set(bench["tokens_per_s"]) == {"1", "2"}
+    assert bench["identical"] is True and bench["greedy_tokens_per_s"] > 0
+    assert main(["sample", str(draft_run), "--speculative", "--loops", "2", "--prompt", "KING.",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.startswith("KING.")
+    assert main(["score", str(draft_run), "--readout", "anchor", "--loops", "1", "--max-windows", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bpb"]["1"] > 0
+
+
+def test_lm_eval_readout_anchor_scores_with_the_anchor_head(draft_run, data_dir):
+    from loopdb import data
+    from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.runs.folder import load_model
+
+    lm = LoopDBLM(run=str(draft_run), readout="anchor", num_loops=4)
+    model, _ = load_model(draft_run)
+    tokens = data.load_tokens(data_dir, "test")[:12].tolist()
+    (logprob, _), = lm.score_windows([(tokens, 11)])
+    with torch.no_grad():
+        dense = torch.log_softmax(model.dense_logits(model.encode(torch.tensor([tokens[:-1]]))), -1)
+    expected = dense[0].gather(-1, torch.tensor(tokens[1:])[:, None]).sum()
+    assert logprob == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_cli_refuses_drafting_readouts_on_a_plain_run(data_dir, tmp_path, capsys):
+    from conftest import SMALL_RUN
+    from loopdb.cli import main
+
+    run = tmp_path / "plain"
+    assert main(["train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--quiet", *SMALL_RUN,
+                 "--max_steps=1"]) == 0
+    assert main(["score", str(run), "--readout", "block_elbo", "--loops", "1", "--max-windows", "1"]) == 2
+    assert main(["bench", "decode", str(run), "--loops", "1", "--prompts", "1", "--tokens", "2"]) == 2
+    assert "draft_width" in capsys.readouterr().err
