@@ -214,3 +214,22 @@ def test_cli_refuses_drafting_readouts_on_a_plain_run(data_dir, tmp_path, capsys
     assert main(["score", str(run), "--readout", "block_elbo", "--loops", "1", "--max-windows", "1"]) == 2
     assert main(["bench", "decode", str(run), "--loops", "1", "--prompts", "1", "--tokens", "2"]) == 2
     assert "draft_width" in capsys.readouterr().err
+
+
+def test_next_token_readouts_of_a_drafting_model_read_slot_0_of_the_joint_draft():
+    from loopdb.readouts import scoring
+
+    model = drafting_model(width=3)
+    windows = tokens(1, 9)
+    generator = torch.Generator().manual_seed(2)
+    logprobs = scoring.predictive_logprobs(model, windows, 2, 1, generator)
+    context = model.encode(windows[:, :-1])
+    z = model.objective.initial_state(model, (1, 8, 32), 2, torch.Generator().manual_seed(2), "cpu")
+    assert z.shape == (1, 8, 3, 32)
+    state = z
+    grid = model.objective.grid(model, 2)
+    logits = model.denoise_draft(state, grid[0], context)
+    state = state + (grid[1] - grid[0]) * (state - model.soft_denoised(logits)) / grid[0]  # one Euler step
+    last = torch.log_softmax(model.denoise_draft(state, grid[1], context)[:, :, 0], -1)
+    assert torch.allclose(logprobs, last.gather(-1, windows[:, 1:, None]).squeeze(-1), atol=1e-5)
+    assert len(generation.generate(model, [1, 2], 5, 2)) == 5

@@ -99,12 +99,11 @@ def block_elbo_bits_per_byte(model, windows: list[torch.Tensor], token_bytes: to
 def draft_logits(model, context, num_loops: int, generator: torch.Generator, pinned: int | None = None):
     """K sampler steps on the L slots of the last position of ``context``; returns the last
     step's logits (L, V). ``pinned``: the known token of slot 0, held at y + sigma * eps."""
-    width = _require_drafts(model)
+    _require_drafts(model)
     objective = model.objective
     grid = objective.grid(model, num_loops)
     device = context.embedded.device
-    shape = (1, 1, width, model.config.d_model)
-    z = objective.initial_state(model, shape, num_loops, generator, device)
+    z = objective.initial_state(model, (1, 1, model.config.d_model), num_loops, generator, device)  # (1, 1, L, C)
     if pinned is not None:
         known = model.targets(torch.tensor([pinned], device=device))  # (1, C)
         known_noise = torch.randn(known.shape, generator=generator).to(device, known.dtype)

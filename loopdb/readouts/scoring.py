@@ -211,7 +211,7 @@ def _predictive_rows(model, inputs, num_loops, samples, generators, lengths, loo
                 for generator, n in zip(generators, lengths)]
         if rows[0] is None:
             return None
-        state = torch.zeros(batch, length, width, dtype=rows[0].dtype, device=inputs.device)
+        state = torch.zeros(batch, length, *rows[0].shape[2:], dtype=rows[0].dtype, device=inputs.device)
         for index, (row, n) in enumerate(zip(rows, lengths)):
             state[index, :n] = row[0]
         return state
