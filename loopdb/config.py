@@ -34,6 +34,11 @@ class ModelConfig:
     injection: str = "concat"       # concat: Linear([c_in*z ; e]) (Huginn's adapter) | add: c_in*z + e
     tie_head: bool = True
     draft_width: int = 1            # looped: L noisy slots per position, the embeddings of tokens t+1..t+L (1 = one next token)
+    # looped family: how a loop iteration sees the sequence (README "Recurrent depth")
+    recurrence: str = "auto"        # sequence: every state attends to all earlier states each loop (Huginn, Ouro)
+    #                                 position: a state attends to the clean stream only (DiffusionBlocks; ablation)
+    #                                 auto: sequence for bptt and ouro, position for diffusion and dense
+    sandwich_norm: bool = False     # sequence recurrence: Huginn's norms after each residual add, as well as before
     attention: str = "auto"         # auto (xformers on CUDA when its probe passes, else SDPA) | sdpa | xformers
     n_layers: int = 8               # stacked / mdm / vit / dit: distinct layers in all
     num_blocks: int = 4             # DiffusionBlocks of n_layers/num_blocks contiguous layers each
@@ -74,10 +79,17 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = "diffusion"     # diffusion (DiffusionBlocks) | bptt (Huginn) | dense
+    objective: str = "diffusion"     # diffusion (DiffusionBlocks) | bptt (Huginn) | ouro (learned exit) | dense
     mean_depth: int = 32            # bptt: mean recurrent depth r_bar
     backprop_depth: int = 8         # bptt: gradients through the last k iterations
     depth_sampler: str = "poisson_lognormal"  # bptt: poisson_lognormal (Huginn) | fixed | uniform
+    max_loops: int = 8              # ouro: T_max, the loops unrolled in training (the LM loss after each)
+    exit_entropy: float = 0.05      # ouro: beta, weight of the exit distribution's entropy bonus (Stage I)
+    # -- reasoning tasks (loopdb.tasks) instead of a text corpus --
+    task: str = ""                  # s3 | s5 | hops | addition; "" = the text corpus
+    train_difficulties: tuple = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)  # task: difficulties trained on ("2-12")
+    test_difficulties: tuple = ()   # task: difficulties scored on val/test; () = the trained ones and twice the largest
+    eval_examples: int = 64         # task: examples per difficulty in evaluation
     time_budget_minutes: float = 0.0  # > 0: train for this much training time (max_steps is then estimated)
     batch_size: int = 32
     grad_accum: int = 1
@@ -178,8 +190,15 @@ class Config:
             (0 <= d.train_grid_fraction <= 1 and 0 <= d.rollout_fraction <= 1,
              "train_grid_fraction and rollout_fraction must be in [0, 1]"),
             (d.rollout_loops >= 2 and d.rollout_max_steps >= 0, "rollout_loops must be >= 2, rollout_max_steps >= 0"),
-            (t.objective in ("diffusion", "bptt", "dense"),
-             f"objective must be diffusion, bptt or dense, got {t.objective!r}"),
+            (t.objective in ("diffusion", "bptt", "ouro", "dense"),
+             f"objective must be diffusion, bptt, ouro or dense, got {t.objective!r}"),
+            (m.recurrence in ("auto", "sequence", "position"),
+             f"recurrence must be auto, sequence or position, got {m.recurrence!r}"),
+            (t.max_loops >= 1 and t.exit_entropy >= 0, "max_loops must be >= 1 and exit_entropy >= 0"),
+            (t.task in ("", "s3", "s5", "hops", "addition"), f"task must be s3, s5, hops or addition, got {t.task!r}"),
+            (all(d >= 1 for d in t.train_difficulties + t.test_difficulties) and len(t.train_difficulties) >= 1,
+             "train_difficulties (at least one) and test_difficulties must all be >= 1, e.g. --train_difficulties=2-12"),
+            (t.eval_examples >= 1, "eval_examples must be >= 1"),
             (t.mean_depth >= 1 and t.backprop_depth >= 1, "mean_depth and backprop_depth must be >= 1"),
             (t.depth_sampler in ("poisson_lognormal", "fixed", "uniform"),
              f"depth_sampler must be poisson_lognormal, fixed or uniform, got {t.depth_sampler!r}"),
@@ -201,6 +220,13 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    @property
+    def recurrence(self) -> str:
+        """The looped model's wiring once ``auto`` is resolved by the objective."""
+        if self.model.recurrence != "auto":
+            return self.model.recurrence
+        return "sequence" if self.train.objective in ("bptt", "ouro") else "position"
 
     @property
     def sigma_data(self) -> float:
@@ -230,8 +256,12 @@ def _parse(raw: str, kind: type, name: str):
             if lowered not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return lowered in ("true", "1", "yes")
-        if kind is tuple:
-            return tuple(int(part) for part in raw.split(",") if part)
+        if kind is tuple:  # "1,2,4" or ranges: "2-12" = 2,3,...,12
+            values = []
+            for part in (p for p in raw.split(",") if p):
+                low, dash, high = part.partition("-")
+                values.extend(range(int(low), int(high) + 1) if dash else [int(low)])
+            return tuple(values)
         return kind(raw)
     except ValueError:
         raise ConfigError(f"--{name}={raw}: expected {kind.__name__}") from None
@@ -339,9 +369,20 @@ def _demo_draft() -> Config:
     return config
 
 
+def _depth_tiny() -> Config:
+    """Sequence-recurrent BPTT on the S3 word problem (state tracking), lengths 2-12, scored up to 24:
+    the task where more loops pay (README "Recurrent depth"). About 10 minutes on 2 CPU cores."""
+    config = Config()
+    config.model = ModelConfig(context=32, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1)
+    config.train = TrainConfig(objective="bptt", task="s3", mean_depth=6, backprop_depth=4, batch_size=64,
+                               max_steps=2000, warmup_steps=100, lr=1e-3, weight_decay=0.1, eval_every=500,
+                               eval_loops=(1, 2, 4, 8, 16, 32), eval_examples=64, checkpoint_every=500)
+    return config
+
+
 PRESETS = {"tiny": _tiny, "tiny-draft": _tiny_draft, "demo-draft": _demo_draft, "demo": _demo, "small": _small, "tiny-stacked": _tiny_stacked,
            "small-stacked": _small_stacked, "tiny-vit": _tiny_vit, "tiny-dit": _tiny_dit,
-           "tiny-mdm": _tiny_mdm}
+           "tiny-mdm": _tiny_mdm, "depth-tiny": _depth_tiny}
 
 
 def preset(name: str) -> Config:

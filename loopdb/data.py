@@ -45,6 +45,7 @@ SPLITS = ("train", "val", "test")
 FORMAT = 1
 TOKENIZER_FILE = "tokenizer.model"
 CHAR_TOKENIZER_FILE = "tokenizer.json"
+TASK_TOKENIZER_FILE = "words.json"
 TOKENIZERS = ("bpe", "char")
 META_FILE = "meta.json"
 DATASET_FILES = (TOKENIZER_FILE, META_FILE) + tuple(f"{s}.bin" for s in SPLITS)  # char: tokenizer.json instead
@@ -616,10 +617,32 @@ def load_tokens(data_dir, split) -> np.memmap:
     return np.memmap(path, dtype=np.uint16, mode="r", shape=(expected,))
 
 
-def load_tokenizer(data_dir) -> Tokenizer | CharTokenizer:
-    """The tokenizer a dataset folder was encoded with."""
+def task_data_dir(task_name: str) -> Path:
+    """The data folder of a reasoning task (loopdb.tasks): its examples are generated on the fly,
+    so the folder holds only meta.json and the task's word tokenizer (made on first use)."""
+    from .tasks import get_task
+
+    task = get_task(task_name)
+    out = Path(os.environ.get("LOOPDB_DATA", Path.home() / ".cache" / "loopdb")) / "tasks" / task.name
+    tokenizer = task.tokenizer()
+    meta = {"format": FORMAT, "task": task.name, "vocab_size": tokenizer.vocab_size, "tokenizer": TASK_TOKENIZER_FILE}
+    if not (out / META_FILE).is_file() or json.loads((out / META_FILE).read_text()) != meta:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, content in ((TASK_TOKENIZER_FILE, tokenizer.to_bytes()), (META_FILE, json.dumps(meta).encode())):
+            staging = out / (name + f".{secrets.token_hex(4)}.tmp")  # several runs may start at once
+            staging.write_bytes(content)
+            os.replace(staging, out / name)
+    return out
+
+
+def load_tokenizer(data_dir):
+    """The tokenizer a dataset folder was encoded with (sentencepiece, characters, or a task's words)."""
     meta = load_meta(data_dir)
     path = Path(data_dir) / meta.get("tokenizer", TOKENIZER_FILE)
+    if meta.get("task"):
+        from .tasks import SymbolTokenizer
+
+        return SymbolTokenizer.from_bytes(path.read_bytes())
     if path.name == CHAR_TOKENIZER_FILE:
         if not path.is_file():
             raise DataError(f"tokenizer {path} does not exist; rerun `loopdb prepare --tokenizer char --out DIR`")

@@ -187,9 +187,14 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, conditioned: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", sandwich: bool = False):
+        """``sandwich`` (plain blocks only): Huginn's extra norm after each residual add, which keeps
+        the state's scale fixed however many times a looped block is applied."""
         super().__init__()
         self.conditioned = conditioned
+        if sandwich and conditioned:
+            raise ValueError("the sandwich norm is for plain blocks (an adaLN block is conditioned instead)")
+        self.post_norms = nn.ModuleList([RMSNorm(dim), RMSNorm(dim)]) if sandwich else None
         self.norm1 = RMSNorm(dim, affine=not conditioned)
         self.attn = SelfAttention(dim, num_heads, backend)
         self.norm2 = RMSNorm(dim, affine=not conditioned)
@@ -214,6 +219,9 @@ class Block(nn.Module):
             x = x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
             return x, kv
         h, kv = self.attn(self.norm1(x), cos, sin, kv_prefix, mask, causal)
+        if self.post_norms is not None:
+            x = self.post_norms[0](x + h)
+            return self.post_norms[1](x + self.mlp(self.norm2(x))), kv
         x = x + h
         return x + self.mlp(self.norm2(x)), kv
 

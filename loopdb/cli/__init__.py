@@ -112,7 +112,7 @@ def cmd_eval(args) -> int:
     try:
         report = harness.run_eval(args.run, tasks, loops, args.output, include_paths=args.include_path or [],
                                   limit=args.limit, batch_size=args.batch_size, samples=args.samples, seed=args.seed,
-                                  stderr=args.stderr, device=args.device, readout=args.readout)
+                                  stderr=args.stderr, device=args.device, readout=args.readout, exit=args.exit)
     except (harness.EvalError, ValueError) as error:
         raise UsageError(str(error)) from None
     print(report["table"])
@@ -123,20 +123,22 @@ def cmd_eval(args) -> int:
 
 def cmd_study(args, overrides) -> int:
     from ..config import preset
+    from ..evaluation.compare import TASK_READOUTS
     from ..evaluation.study import STUDY_READOUTS, load_variants, run_study
+    from ..families import family_of
 
     if overrides:
         raise UsageError("put config overrides in the variants file, not on the command line")
     if (args.budget_minutes is None) == (args.steps is None):
         raise UsageError("give exactly one of --budget-minutes M (equal time) or --steps N (equal steps)")
     readouts = [r for r in args.readouts.split(",") if r]
-    unknown = [r for r in readouts if r not in STUDY_READOUTS + ("elbo_continuous",)]
+    unknown = [r for r in readouts if r not in STUDY_READOUTS + ("elbo_continuous",) + TASK_READOUTS]
     if unknown:
-        raise UsageError(f"unknown readout(s) {', '.join(unknown)}; choose from predictive, last, elbo, elbo_continuous")
-    from ..data import resolve_data_dir
-
+        raise UsageError(f"unknown readout(s) {', '.join(unknown)}; choose from predictive, last, elbo, elbo_continuous "
+                         "(reasoning-task presets: accuracy, accuracy_beyond)")
     load_variants(args.variants)  # a bad file fails here, before any data preparation or training
-    data_dir = resolve_data_dir(args.data, preset(args.preset).train.data_vocab_size)
+    config = preset(args.preset)
+    data_dir = family_of(config).data_dir(args.data, config)
     run_study(args.preset, args.out, data_dir, args.variants, args.budget_minutes, args.steps, parse_loops(args.loops),
               readouts, args.samples, args.max_windows, args.split, args.judge, args.generations,
               args.generation_length)
@@ -231,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--exit", default=None, metavar="RULE",
+                   help="adaptive per-token exit for recurrent runs: kl:EPS, delta:EPS or gate:Q (e.g. kl:5e-4); "
+                        "--loops is then the most loops")
     p.add_argument("--t-samples", type=int, default=None,
                    help="masked diffusion (family mdm): stratified t draws per window in the ELBO (default 16)")
 
@@ -250,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--exit", default=None, metavar="RULE",
+                   help="sequence-recurrent runs: stop each token's loops early (kl:EPS, delta:EPS, gate:Q)")
+    p.add_argument("--last-loop-cache", action="store_true",
+                   help="sequence-recurrent runs: Ouro's shortcut, one KV cache (the last loop's) instead of one per loop")
     drafts = p.add_mutually_exclusive_group()
     drafts.add_argument("--speculative", action="store_true",
                         help="drafting runs: greedy decoding with the anchor head, drafted with --loops K and verified")
@@ -274,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stderr", action="store_true", help="compute standard errors (bootstrap for non-mean metrics)")
     p.add_argument("--device", default="auto")
     p.add_argument("--verbose", action="store_true", help="show the harness's own log messages")
+    p.add_argument("--exit", default=None, metavar="RULE",
+                   help="sequence-recurrent runs, generate_until tasks: stop each token's loops early (kl:EPS, "
+                        "delta:EPS, gate:Q); the report gives the mean loops used")
 
     p = commands.add_parser("bench", help="benchmarks: `bench memory` (peak memory, end to end vs block-wise); "
                                           "`bench decode RUN` (speculative / parallel decoding of a drafting run)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import torch
 from tqdm import tqdm
@@ -10,6 +11,7 @@ from tqdm import tqdm
 from .. import data as data_lib
 from ..device import resolve_device
 from ..errors import UsageError
+from ..maths.exit import parse_exit
 from ..readouts import generation
 from ..readouts.scoring import bits_per_byte
 from ..runs.folder import load_model, run_data_dir
@@ -27,6 +29,10 @@ def score(args, sampler) -> int:
         raise UsageError(f"--samples {args.samples}: need at least one noise draw")
     device = resolve_device(args.device)
     model, config = load_model(args.run, device, sampler)
+    if config.train.task:
+        return _score_task(args, model, config, loops, device)
+    if args.exit:
+        raise UsageError("--exit applies to runs on a reasoning task (bits-per-byte scoring runs every loop)")
     data_dir = run_data_dir(args.run)
     tokens = data_lib.load_tokens(data_dir, args.split)
     token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
@@ -54,6 +60,48 @@ def score(args, sampler) -> int:
     return 0
 
 
+def _score_task(args, model, config, loops, device) -> int:
+    """A reasoning-task run: final-answer accuracy per K, per difficulty, and the loops used."""
+    from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy
+    from ..tasks import get_task
+
+    task = get_task(config.train.task)
+    exit_rule = parse_exit(args.exit)
+    count = args.max_windows or config.train.eval_examples  # --max-windows caps the examples per difficulty
+    examples = evaluation_examples(task, args.split, evaluation_difficulties(config.train), count)
+    trained = set(config.train.train_difficulties)
+    report = {"accuracy": {}, "accuracy_beyond": {}, "accuracy_by_difficulty": {}, "mean_loops": {},
+              "task": task.name, "split": args.split, "exit": None if exit_rule is None else str(exit_rule),
+              "objective": config.train.objective, "recurrence": config.recurrence, "samples": args.samples,
+              "examples_per_difficulty": count, "trained_difficulties": sorted(trained),
+              "baselines": task.baselines([e for e in examples if e.difficulty in trained])}
+    for num_loops in tqdm(loops, desc="score", disable=args.json or args.quiet, leave=False):
+        try:
+            result = task_accuracy(model, task, examples, num_loops, args.samples, args.seed, exit_rule,
+                                   device=device)
+        except ValueError as error:  # e.g. a gate exit for a model without an exit gate
+            raise UsageError(str(error)) from None
+        by_difficulty = result["by_difficulty"]
+        seen = [by_difficulty[d] for d in by_difficulty if d in trained]
+        beyond = [by_difficulty[d] for d in by_difficulty if d not in trained]
+        key = str(num_loops)
+        report["accuracy"][key] = sum(seen) / len(seen)
+        report["accuracy_beyond"][key] = sum(beyond) / len(beyond) if beyond else None
+        report["accuracy_by_difficulty"][key] = {str(d): value for d, value in by_difficulty.items()}
+        report["mean_loops"][key] = result["mean_loops"]
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{args.split} accuracy on {task.name} ({count} examples per difficulty, objective {config.train.objective}, "
+          f"recurrence {config.recurrence}{', exit ' + str(exit_rule) if exit_rule else ''}):")
+    for key in report["accuracy"]:
+        beyond = report["accuracy_beyond"][key]
+        print(f"  K={key:>3}  trained {report['accuracy'][key]:.3f}"
+              + (f"   beyond {beyond:.3f}" if beyond is not None else "") + f"   mean loops {report['mean_loops'][key]:.2f}")
+    print("  shortcuts (trained): " + "  ".join(f"{name} {value:.3f}" for name, value in report["baselines"].items()))
+    return 0
+
+
 def sample(args, sampler) -> int:
     """`loopdb sample` of a next-token LM: K loops per new token."""
     if getattr(args, "speculative", False) or getattr(args, "parallel", False):  # drafting runs (loopdb.cli.drafting)
@@ -68,7 +116,15 @@ def sample(args, sampler) -> int:
     tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
     prompt = tokenizer.encode(args.prompt or "\n")
     new_tokens = 100 if args.max_new_tokens is None else args.max_new_tokens
-    ids = generation.generate(model, prompt, new_tokens, args.loops, temperature=args.temperature,
-                          top_k=args.top_k or None, seed=args.seed)
+    stats = {}
+    try:
+        ids = generation.generate(model, prompt, new_tokens, args.loops, temperature=args.temperature,
+                                  top_k=args.top_k or None, seed=args.seed, exit_rule=parse_exit(args.exit),
+                                  last_cache_only=args.last_loop_cache, stats=stats)
+    except ValueError as error:  # an exit or cache option the model does not have
+        raise UsageError(str(error)) from None
     print(args.prompt + tokenizer.decode(ids))
+    if "mean_loops" in stats:
+        print(f"mean loops per token {stats['mean_loops']:.2f}; cache {stats['cache_bytes'] / 1e6:.2f} MB",
+              file=sys.stderr)
     return 0

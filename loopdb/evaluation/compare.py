@@ -46,8 +46,12 @@ def train_member(run: Path, preset: str, data_dir: Path, budget_minutes: float |
 def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: int, device="cpu",
                  readout: str = "predictive", split: str = "test", sampler: dict | None = None) -> dict:
     """bits per byte of a run's newest model at each loop count (dense: K = 1 only); ``sampler`` overrides
-    inference-only settings (see checkpoint.load_model)."""
+    inference-only settings (see runs.folder.load_model). A reasoning-task run is scored by final-answer
+    accuracy instead (readout ``accuracy``: the trained difficulties; ``accuracy_beyond``: the harder
+    ones; ``max_windows``: examples per difficulty)."""
     model, config = load_model(run, device, sampler)
+    if config.train.task:
+        return _task_scores(run, model, config, loops, samples, max_windows, seed, device, readout, split)
     data_dir = run_data_dir(run)
     tokens = data_lib.load_tokens(data_dir, split)
     token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
@@ -59,6 +63,26 @@ def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: 
                                                        seed=seed, device=device, readout=readout)
         print(f"[loopdb] {run.name} {readout} K={num_loops}: {results[str(num_loops)]:.4f} bpb", file=sys.stderr)
     return results
+
+
+def _task_scores(run, model, config, loops, samples, max_windows, seed, device, readout, split) -> dict:
+    from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy
+    from ..tasks import get_task
+
+    if readout not in TASK_READOUTS:
+        raise ValueError(f"a task run is scored by {' or '.join(TASK_READOUTS)}, not {readout}")
+    task = get_task(config.train.task)
+    trained = set(config.train.train_difficulties)
+    wanted = [d for d in evaluation_difficulties(config.train) if (d in trained) == (readout == "accuracy")]
+    examples = evaluation_examples(task, split, wanted, max_windows or config.train.eval_examples)
+    results = {}
+    for num_loops in loops if model.objective.has_loops else (1,):
+        results[str(num_loops)] = task_accuracy(model, task, examples, num_loops, samples, seed, device=device)["accuracy"]
+        print(f"[loopdb] {run.name} {readout} K={num_loops}: {results[str(num_loops)]:.3f}", file=sys.stderr)
+    return results
+
+
+TASK_READOUTS = ("accuracy", "accuracy_beyond")
 
 
 def markdown_table(results: dict, loops, unigram: float) -> str:

@@ -10,7 +10,8 @@ Model args: ``run`` (run folder), ``num_loops`` (K, default 1), ``samples`` (noi
 readout, default 4), ``readout`` (``predictive`` (default), ``last``, ``elbo``, ``elbo_continuous``, or
 ``anchor``: the dense anchor head of a run trained with anchor_weight > 0, for scoring AND generation;
 see ``scoring.token_logprobs``), ``seed`` (default 0),
-``batch_size`` (default 16), ``device`` (``cpu``, ``cuda``, ``auto``; default ``cpu``).
+``batch_size`` (default 16), ``device`` (``cpu``, ``cuda``, ``auto``; default ``cpu``), ``exit``
+(sequence-recurrent runs: an adaptive exit rule for generate_until, e.g. ``kl:5e-4``; loopdb.maths.exit).
 
 How a loopdb model answers the harness (METHOD 5: the "predictive" readout):
 
@@ -79,7 +80,8 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
-from ..errors import EvalError
+from ..errors import EvalError, UsageError
+from ..maths.exit import parse_exit
 from ..readouts import generation, scoring
 
 READOUTS = scoring.READOUTS
@@ -116,8 +118,13 @@ class LoopDBLM(TemplateLM):
     """
 
     def __init__(self, run=None, num_loops=1, samples=4, readout="predictive", seed=0, batch_size=16,
-                 device="cpu", max_batch_size=None, model=None, tokenizer=None):
+                 device="cpu", max_batch_size=None, model=None, tokenizer=None, exit=None):
         super().__init__()
+        try:
+            self.exit_rule = parse_exit(exit)  # generate_until of sequence-recurrent runs: stop each token early
+        except UsageError as error:
+            raise ValueError(str(error).replace("--exit", "exit")) from None
+        self.generation_loops = []  # loops each generated token used (mean_loops of the report)
         if readout not in READOUTS:
             raise ValueError(f"readout={readout!r} is not available; choose one of {', '.join(READOUTS)} (METHOD 5)")
         self.readout = readout
@@ -315,8 +322,11 @@ class LoopDBLM(TemplateLM):
             # window - chunk tokens of context and generation.generate never has to slide. The prompt
             # does not depend on count, so a shorter run is a prefix of a longer one.
             so_far = (prompt + new)[-max(1, self.window - chunk):]
+            stats = {}
             new += generation.generate(self.model, so_far, count, self.num_loops, temperature=temperature, top_k=top_k,
-                                   seed=window_seed(self.seed, so_far))
+                                       seed=window_seed(self.seed, so_far), exit_rule=self.exit_rule, stats=stats)
+            if "mean_loops" in stats:
+                self.generation_loops.append(stats["mean_loops"])
             text = self.tok_decode(new)
             if any(stop and stop in text for stop in until):
                 break
@@ -488,7 +498,7 @@ def log_tensorboard(run, summary: dict, step: int) -> Path:
 
 def run_eval(run, tasks: list[str], loops: list[int], output, include_paths=(), limit=None, batch_size=16,
              samples=4, seed=0, stderr=False, device="cpu", lm=None, tensorboard=True, say=None,
-             readout="predictive") -> dict:
+             readout="predictive", exit=None) -> dict:
     """Evaluate ``run`` on ``tasks`` once per loop count; write the JSON, the PNG and tensorboard.
 
     Returns the report written to ``output``: {"loops": {"K": lm-eval results}, "summary":
@@ -509,15 +519,18 @@ def run_eval(run, tasks: list[str], loops: list[int], output, include_paths=(), 
         raise EvalError(f"could not load task(s) {', '.join(tasks)}: {_one_line(error)}") from error
     if lm is None:
         lm = LoopDBLM(run=run, num_loops=loops[0], samples=samples, seed=seed, batch_size=batch_size, device=device,
-                      readout=readout)
-    by_loops, summary, stderrs = {}, {}, {}
+                      readout=readout, exit=exit)
+    by_loops, summary, stderrs, mean_loops = {}, {}, {}, {}
     for num_loops in loops:
         lm.num_loops = num_loops
+        lm.generation_loops = []
         say(f"loopdb eval: K={num_loops} ({', '.join(tasks)})")
         results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                   bootstrap_iters=STDERR_BOOTSTRAP_ITERS if stderr else 0, log_samples=False,
                                   batch_size=lm.batch_size)
         by_loops[str(num_loops)] = jsonable(results)
+        if lm.generation_loops:  # sequence-recurrent generation: the loops its tokens used
+            mean_loops[str(num_loops)] = sum(lm.generation_loops) / len(lm.generation_loops)
         for target, errors in ((summary, False), (stderrs, True)):
             for task, metrics in metric_values(results, stderr=errors).items():
                 for metric, value in metrics.items():
@@ -526,7 +539,8 @@ def run_eval(run, tasks: list[str], loops: list[int], output, include_paths=(), 
     plot = plot_metrics(summary, loops, output.with_suffix(".png"))
     report = {"loops": by_loops, "summary": summary, "summary_stderr": stderrs if stderr else None,
               "run": None if run is None else str(run), "tasks": list(tasks), "readout": lm.readout,
-              "samples": lm.samples, "seed": lm.seed, "limit": limit, "plot": str(plot)}
+              "samples": lm.samples, "seed": lm.seed, "limit": limit, "plot": str(plot),
+              "exit": None if lm.exit_rule is None else str(lm.exit_rule), "mean_loops": mean_loops or None}
     output.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
     if tensorboard and run is not None:
         report["tensorboard"] = str(log_tensorboard(run, summary, _checkpoint_step(run)))

@@ -193,7 +193,8 @@ def _curves(results: dict, metric) -> dict[str, dict[int, tuple[float, float]]]:
 
 def _metrics(results: dict) -> dict[str, callable]:
     readouts = sorted({r for v in results["variants"].values() for m in v["seeds"].values() for r in m["readouts"]})
-    metrics = {f"{r} bits per byte": (lambda m, r=r: m["readouts"].get(r, {})) for r in readouts}
+    metrics = {(r if r.startswith("accuracy") else f"{r} bits per byte"): (lambda m, r=r: m["readouts"].get(r, {}))
+               for r in readouts}
     if results.get("judge"):
         metrics["generative perplexity"] = lambda m: {k: q["gen_ppl"] for k, q in m.get("samples", {}).items()}
         metrics["distinct-2"] = lambda m: {k: q["distinct2"] for k, q in m.get("samples", {}).items()}

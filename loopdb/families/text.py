@@ -11,6 +11,7 @@ import torch
 from .. import data as data_lib
 from ..config import Config
 from ..models.looped import LoopedLM
+from ..models.recurrent import RecurrentDepthLM
 from ..models.masked import MaskedDiffusionLM
 from ..models.stacked import HostOffload, StackedLM
 from ..objectives.drafting import DraftDiffusionObjective
@@ -19,6 +20,7 @@ from ..objectives.next_token import DenseObjective, StackedDiffusionObjective, m
 from ..readouts import masked as masked_readouts
 from ..readouts.generation import generate
 from ..readouts.scoring import bits_per_byte
+from .reasoning import ReasoningTask
 from .spec import BLOCK_PARALLEL_HELP, Family
 
 
@@ -85,8 +87,13 @@ def text_data_dir(data: str | None, config: Config) -> Path:
 
 
 # -- looped ------------------------------------------------------------------------------------------
-def _build_looped(config: Config) -> LoopedLM:
-    return LoopedLM(config.model, config.diffusion, _looped_objective(config))
+def _build_looped(config: Config):
+    """Sequence recurrence (Huginn's wiring: loopdb.models.recurrent) or the per-position loop
+    of the DiffusionBlocks LM (loopdb.models.looped), as ``config.recurrence`` says."""
+    objective = _looped_objective(config)
+    if config.recurrence == "sequence":
+        return RecurrentDepthLM(config.model, objective, exit_gate=config.train.objective == "ouro")
+    return LoopedLM(config.model, config.diffusion, objective)
 
 
 def _looped_objective(config: Config):
@@ -97,14 +104,27 @@ def _looped_objective(config: Config):
     return make_objective(train)
 
 
+def _looped_task(config: Config, data_dir):
+    return ReasoningTask(config, data_dir) if config.train.task else TextTask(config, data_dir)
+
+
+def _looped_data_dir(data: str | None, config: Config) -> Path:
+    return data_lib.task_data_dir(config.train.task) if config.train.task else text_data_dir(data, config)
+
+
 def _looped_rules(config: Config) -> list:
     m, d, t = config.model, config.diffusion, config.train
+    objective = t.objective
     drafting = m.draft_width > 1 or t.anchor_weight > 0
     return [
-        (not drafting or t.objective == "diffusion",
-         f"draft_width and anchor_weight belong to objective=diffusion, not {t.objective!r}"),
-        (not drafting or not (d.self_condition or d.rollout_fraction),
-         "self_condition and rollout_fraction are not supported with draft_width > 1 or anchor_weight > 0"),
+        (objective != "diffusion" or config.recurrence == "position",
+         "objective=diffusion loops over one position's denoised target; it needs recurrence=position (or auto)"),
+        (objective != "ouro" or config.recurrence == "sequence",
+         "objective=ouro trains the exit gate of the sequence-recurrent model; use recurrence=sequence (or auto)"),
+        (not drafting or objective == "diffusion",
+         f"draft_width and anchor_weight belong to objective=diffusion, not {objective!r}"),
+        (not drafting or not (d.self_condition or d.rollout_fraction or t.task),
+         "self_condition, rollout_fraction and task runs are not supported with draft_width > 1 or anchor_weight > 0"),
     ]
 
 
@@ -146,6 +166,7 @@ def _stacked_after_optimizer(model, optimizer, device, block_parallel: bool) -> 
 def _diffusion_or_dense(config: Config) -> list:
     m, d, t = config.model, config.diffusion, config.train
     return [
+        (not t.task, f"reasoning tasks (--task) train the looped family, not {m.family}"),
         (t.objective in ("diffusion", "dense"),
          f"the {m.family} family trains with objective diffusion or dense, not {t.objective!r}"),
         (not (d.self_condition or d.rollout_fraction or d.train_grid_fraction),
@@ -161,7 +182,7 @@ def _build_masked(config: Config) -> MaskedDiffusionLM:
     return MaskedDiffusionLM(config.model, config.diffusion, make_masked_objective(config.train.objective))
 
 
-LOOPED = Family(build=_build_looped, task=TextTask, data_dir=text_data_dir, rules=_looped_rules)
+LOOPED = Family(build=_build_looped, task=_looped_task, data_dir=_looped_data_dir, rules=_looped_rules)
 STACKED = Family(build=build_stacked, task=TextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
                  block_parallel_refusal=_stacked_refusal, build_for_blocks=_stacked_blocks, after_optimizer=_stacked_after_optimizer)
 MASKED = Family(build=_build_masked, task=MaskedTextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,

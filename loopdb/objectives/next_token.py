@@ -24,15 +24,34 @@ from ..maths.edm import loss_weight, sigma_grid
 from ..maths.sampler import run_sampler
 
 
-def _cross_entropy(logits, next_tokens) -> torch.Tensor:
-    """Per-sequence mean CE, (B,)."""
-    batch = next_tokens.shape[0]
-    return F.cross_entropy(logits.float().flatten(0, 1), next_tokens.flatten(), reduction="none").view(batch, -1).mean(1)
+IGNORE_INDEX = -100  # a target that is not scored (reasoning tasks score answer tokens only)
+
+
+def split_batch(batch):
+    """(inputs, targets) of a batch: a text window (B, T+1) predicts its next tokens; a task batch
+    ({"inputs", "targets"}, loopdb.tasks.training_arrays) gives its targets, IGNORE_INDEX where unscored."""
+    if isinstance(batch, dict):
+        return batch["inputs"], batch["targets"]
+    return batch[:, :-1], batch[:, 1:]
+
+
+def token_cross_entropy(logits, targets) -> torch.Tensor:
+    """CE per position, (B, T); 0 where the target is IGNORE_INDEX."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none",
+                           ignore_index=IGNORE_INDEX).view(targets.shape)
+
+
+def _cross_entropy(logits, targets) -> torch.Tensor:
+    """Per-sequence mean CE over the scored positions, (B,)."""
+    scored = targets != IGNORE_INDEX
+    if bool(scored.all()):  # every position scored (text): the plain mean
+        return token_cross_entropy(logits, targets).mean(1)
+    return token_cross_entropy(logits, targets).sum(1) / scored.sum(1).clamp(min=1)
 
 
 def noised_targets(model, next_tokens, sigma, generator) -> torch.Tensor:
     """z_sigma = y + sigma * eps for the next tokens' target embeddings; (B, T, C)."""
-    targets = model.targets(next_tokens)
+    targets = model.targets(next_tokens.clamp(min=0))  # unscored positions (IGNORE_INDEX) get some target
     noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
     return targets + sigma[:, None, None] * noise
 
@@ -60,8 +79,8 @@ class DiffusionObjective:
     def loss(self, model, tokens: torch.Tensor, generator: torch.Generator, step: int = 0):
         """tokens: (B, T+1). All randomness comes from ``generator`` (CPU), so a step is reproducible."""
         diffusion = model.diffusion
-        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
-        sigma = self.training_sigmas(model, tokens.shape[0], generator).to(tokens.device)
+        inputs, next_tokens = split_batch(tokens)
+        sigma = self.training_sigmas(model, inputs.shape[0], generator).to(inputs.device)
         noisy = noised_targets(model, next_tokens, sigma, generator)
         stats = {}
         if diffusion.rollout_fraction > 0 and _chance(generator) < diffusion.rollout_fraction:
@@ -155,10 +174,10 @@ class StackedDiffusionObjective(DiffusionObjective):
         return blocks[int(torch.randint(len(blocks), (1,), generator=generator))]
 
     def loss(self, model, tokens: torch.Tensor, generator: torch.Generator, step: int = 0):
-        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
+        inputs, next_tokens = split_batch(tokens)
         block_index = self.choose_block(model, generator)
         lo, hi = model.block_range(block_index)
-        sigma = model.schedule.sample_sigmas(tokens.shape[0], generator, lo, hi).to(tokens.device)
+        sigma = model.schedule.sample_sigmas(inputs.shape[0], generator, lo, hi).to(inputs.device)
         noisy = noised_targets(model, next_tokens, sigma, generator)
         loss, stats = weighted_cross_entropy(model, model(inputs, noisy, sigma, block_index), next_tokens, sigma)
         return loss, {**stats, "block": torch.tensor(float(block_index))}
@@ -191,10 +210,10 @@ class BPTTObjective:
         self.mean_depth, self.backprop_depth, self.depth_sampler = mean_depth, backprop_depth, depth_sampler
 
     def loss(self, model, tokens, generator, step: int = 0):
-        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
+        inputs, next_tokens = split_batch(tokens)
         depth = sample_depth(self.depth_sampler, self.mean_depth, generator)
         context = model.encode(inputs)
-        state = self.initial_state(model, (*inputs.shape, model.config.d_model), depth, generator, tokens.device)
+        state = self.initial_state(model, (*inputs.shape, model.config.d_model), depth, generator, inputs.device)
         state = self.iterate(model, context, state, depth)
         cross_entropy = _cross_entropy(model.readout(state, context), next_tokens)
         return cross_entropy.mean(), {"ce": cross_entropy.mean().detach(), "depth": torch.tensor(float(depth))}
@@ -219,12 +238,56 @@ class BPTTObjective:
         return model.readout(z, context)
 
 
+def exit_distribution(exit_probabilities: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Ouro's p(t) = lambda_t * prod_{j<t} (1 - lambda_j) for t < T, and the rest of the mass at the
+    last loop T: sums to 1 at every position. ``exit_probabilities``: lambda_1..lambda_T, each (B, T)."""
+    survival = torch.ones_like(exit_probabilities[0])
+    distribution = []
+    for loop, exit_probability in enumerate(exit_probabilities):
+        last = loop == len(exit_probabilities) - 1
+        distribution.append(survival if last else survival * exit_probability)
+        survival = survival * (1 - exit_probability)
+    return distribution
+
+
+class OuroObjective(BPTTObjective):
+    """Ouro (Stage I): unroll ``max_loops`` loops with gradients through all of them; the LM loss after
+    every loop, weighted by the learned exit distribution p(t) (``exit_distribution`` of the model's
+    gate), minus ``exit_entropy`` x its entropy, which keeps the gate from collapsing on one depth.
+    K loops at inference = K iterations from a random state, as for BPTT (inherited)."""
+
+    name = "ouro"
+    has_loops = True
+
+    def __init__(self, max_loops: int = 8, exit_entropy: float = 0.05):
+        self.max_loops, self.exit_entropy = max_loops, exit_entropy
+
+    def loss(self, model, tokens, generator, step: int = 0):
+        inputs, targets = split_batch(tokens)
+        context = model.encode(inputs)
+        state = self.initial_state(model, (*inputs.shape, model.config.d_model), self.max_loops, generator,
+                                   inputs.device)
+        losses, gates = [], []
+        for _ in range(self.max_loops):
+            state = model.recur(state, context)
+            losses.append(token_cross_entropy(model.readout(state, context), targets))
+            gates.append(model.exit_probability(state))
+        distribution = exit_distribution(gates)
+        expected = sum(p * loss for p, loss in zip(distribution, losses))
+        entropy = -sum(p * torch.log(p.clamp(min=1e-12)) for p in distribution)
+        scored = (targets != IGNORE_INDEX).float()
+        loss = ((expected - self.exit_entropy * entropy) * scored).sum() / scored.sum().clamp(min=1)
+        mean_exit = sum((loop + 1) * p for loop, p in enumerate(distribution))
+        return loss, {"ce": (losses[-1] * scored).sum().detach() / scored.sum().clamp(min=1),
+                      "mean_exit": (mean_exit * scored).sum().detach() / scored.sum().clamp(min=1)}
+
+
 class DenseObjective:
     name = "dense"
     has_loops = False  # every loop count gives the same logits: score it at K = 1
 
     def loss(self, model, tokens, generator, step: int = 0):
-        inputs, next_tokens = tokens[:, :-1], tokens[:, 1:]
+        inputs, next_tokens = split_batch(tokens)
         cross_entropy = _cross_entropy(model.dense_logits(model.encode(inputs)), next_tokens)
         return cross_entropy.mean(), {"ce": cross_entropy.mean().detach()}
 
@@ -235,15 +298,17 @@ class DenseObjective:
         return model.dense_logits(context)[:, -(context.length if z is None else z.shape[1]):]
 
 
-OBJECTIVES = ("diffusion", "bptt", "dense")
+OBJECTIVES = ("diffusion", "bptt", "ouro", "dense")
 
 
-def make_objective(train_config) -> "DiffusionObjective | BPTTObjective | DenseObjective":
+def make_objective(train_config) -> "DiffusionObjective | BPTTObjective | OuroObjective | DenseObjective":
     name = train_config.objective
     if name == "diffusion":
         return DiffusionObjective()
     if name == "bptt":
         return BPTTObjective(train_config.mean_depth, train_config.backprop_depth, train_config.depth_sampler)
+    if name == "ouro":
+        return OuroObjective(train_config.max_loops, train_config.exit_entropy)
     if name == "dense":
         return DenseObjective()
     raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")

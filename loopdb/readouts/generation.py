@@ -24,8 +24,14 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
 
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temperature: float = 1.0,
-             top_k: int | None = None, seed: int = 0, use_cache: bool = True) -> list[int]:
+             top_k: int | None = None, seed: int = 0, use_cache: bool = True, exit_rule=None,
+             last_cache_only: bool = False, stats: dict | None = None) -> list[int]:
     """Sample ``max_new_tokens`` after ``prompt``; returns the new token ids.
+
+    A sequence-recurrent model (``model.sequence_recurrence``) decodes with one cache per loop
+    (``_generate_recurrent``): ``exit_rule`` (loopdb.maths.exit) stops each token's loops early,
+    ``last_cache_only`` is Ouro's one-cache shortcut, and ``stats`` receives the mean loops used
+    and the cache's size.
 
     With the cache, each new token costs one clean-stream step plus ``num_loops``
     noisy-stream steps against ONE cache of clean keys/values per layer (its size
@@ -37,6 +43,12 @@ def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temp
         raise ValueError("generation needs a non-empty prompt (the model predicts the token after each position)")
     if num_loops < 1:
         raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+    if getattr(model, "sequence_recurrence", False):
+        return _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
+                                   exit_rule, last_cache_only, stats)
+    if exit_rule is not None or last_cache_only:
+        raise ValueError("adaptive exit and the last-loop cache apply to sequence-recurrent models "
+                         "(objective bptt or ouro with recurrence=sequence)")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     window = model.config.context
@@ -58,4 +70,42 @@ def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temp
                 context = model.encode(torch.tensor([tokens[start:]], device=device))
         elif use_cache:
             context = model.encode(torch.tensor([[token]], device=device), cache=context)
+    return new_tokens
+
+
+def initial_states(seed: int, start: int, count: int, width: int, device) -> torch.Tensor:
+    """(1, count, width) random initial states of positions start..start+count-1, each drawn from its
+    own generator seeded by (seed, position): a position starts the same whether it is decoded
+    with a cache or recomputed, so cached and uncached generation agree."""
+    rows = [torch.randn(width, generator=torch.Generator().manual_seed((seed * 1_000_003 + position) % 2**63))
+            for position in range(start, start + count)]
+    return torch.stack(rows)[None].to(device)
+
+
+def _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
+                        exit_rule, last_cache_only, stats):
+    """Sequence recurrence: each new token runs up to ``num_loops`` loops, its state attending at
+    loop k to the earlier positions' loop-k keys/values (the cache); without the cache every
+    position is recomputed per token. The window slides like ``generate``'s."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    width, window = model.config.d_model, model.config.context
+    tokens, new_tokens, loops, cache = list(prompt), [], [], None
+    start = max(0, len(tokens) - window)
+    pending = tokens[start:]  # tokens not yet in the cache
+    for _ in range(max_new_tokens):
+        if cache is None or not use_cache:
+            cache, pending = model.new_cache(last_only=last_cache_only), tokens[start:]
+        state = initial_states(seed, len(tokens) - len(pending) - start, len(pending), width, device)
+        logits, used = model.decode(torch.tensor([pending], device=device), cache, state, num_loops, exit_rule)
+        loops.append(float(used[0, -1]))
+        token = sample_next_token(logits[0, -1], temperature, top_k, generator)
+        tokens.append(token)
+        new_tokens.append(token)
+        pending = [token]
+        if len(tokens) - start > window:  # slide the window: keep the last half, rebuild the cache
+            start, cache = len(tokens) - window // 2, None
+    if stats is not None:
+        stats.update({"mean_loops": sum(loops) / max(1, len(loops)),
+                      "cache_bytes": 0 if cache is None else cache.nbytes()})
     return new_tokens

@@ -1,0 +1,79 @@
+"""Accuracy on a reasoning task (loopdb.tasks) at a loop count, per difficulty, with an optional
+adaptive exit (loopdb.maths.exit): an example is right when every token of its final answer is the
+argmax of the model's predictive distribution at the position that answers it (for one-token
+answers: what greedy generation after the prompt produces)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UsageError
+from ..maths.exit import ExitRule, ExitTracker
+from ..tasks import final_answer_positions, training_arrays
+from .scoring import initial_noise, predictive_core
+
+VAL_SEED, TEST_SEED = 999, 1000  # evaluation examples; the shipped lm-eval sets (eval/tasks/reasoning) use 1000
+SPLIT_SEEDS = {"val": VAL_SEED, "test": TEST_SEED}
+
+
+def evaluation_difficulties(train_config) -> tuple[int, ...]:
+    """The difficulties scored: ``test_difficulties``, or the trained ones and on to twice the largest."""
+    if train_config.test_difficulties:
+        return tuple(train_config.test_difficulties)
+    trained = tuple(train_config.train_difficulties)
+    return tuple(sorted(set(trained) | set(range(max(trained) + 1, 2 * max(trained) + 1))))
+
+
+def evaluation_examples(task, split: str, difficulties, count: int) -> list:
+    return [example for difficulty in difficulties for example in task.generate(SPLIT_SEEDS[split], difficulty, count)]
+
+
+@torch.no_grad()
+def loop_with_exit(model, context, state: torch.Tensor, max_loops: int, rule: ExitRule | None):
+    """Up to ``max_loops`` loops of a recurrent objective (bptt, ouro) with per-position exit; an
+    exited position keeps its state. Returns (logits of the final states, loops used (B, T))."""
+    if not hasattr(model, "recur"):
+        raise UsageError("adaptive exit needs a recurrent model (objective bptt or ouro); "
+                         f"this one was trained with objective={model.objective.name}")
+    tracker = ExitTracker(rule, state.shape[:2], state.device)
+    for _ in range(max_loops):
+        new_state = model.recur(state, context)
+        logits = model.readout(new_state, context) if tracker.needs_logits else None
+        gate = model.exit_probability(new_state) if tracker.needs_gate else None
+        state, old_state = torch.where(tracker.active[..., None], new_state, state), state
+        tracker.update(old_state, state, logits, gate)
+        if tracker.done:
+            break
+    return model.readout(state, context), tracker.loops_used
+
+
+@torch.no_grad()
+def task_accuracy(model, task, examples, num_loops: int, samples: int = 1, seed: int = 0,
+                  exit_rule: ExitRule | None = None, batch_size: int = 256, device="cpu") -> dict:
+    """{"accuracy", "by_difficulty": {difficulty: accuracy}, "mean_loops"} over ``examples``.
+    Without an exit the answer is the argmax of the predictive readout (``samples`` draws of the
+    initial state); with one, of a single draw, and mean_loops is the loops the answers used."""
+    generator = torch.Generator().manual_seed(seed)
+    correct, loops_used = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        inputs, targets = (tensor.to(device) for tensor in training_arrays(task, chunk))
+        context = model.encode(inputs)
+        shape = (*inputs.shape, model.config.d_model)
+        if exit_rule is None:
+            log_probs = predictive_core(model, context, num_loops, samples,
+                                        lambda: initial_noise(model, shape, num_loops, generator, device), generator)
+            used = torch.full(inputs.shape, num_loops)
+        else:
+            state = initial_noise(model, shape, num_loops, generator, device)
+            log_probs, used = loop_with_exit(model, context, state, num_loops, exit_rule)
+        predicted = log_probs.argmax(-1)
+        for row, positions in enumerate(final_answer_positions(task, chunk)):
+            correct.append(bool((predicted[row, positions] == targets[row, positions]).all()))
+            loops_used.append(float(used[row, positions].float().mean()))
+    by_difficulty = {}
+    for example, ok in zip(examples, correct):
+        by_difficulty.setdefault(example.difficulty, []).append(ok)
+    return {"accuracy": sum(correct) / len(correct),
+            "by_difficulty": {d: sum(oks) / len(oks) for d, oks in sorted(by_difficulty.items())},
+            "mean_loops": sum(loops_used) / len(loops_used)}
