@@ -116,6 +116,8 @@ class TrainConfig:
     checkpointing: bool = False     # stacked: activation checkpointing, one layer at a time
     anchor_weight: float = 0.0      # looped diffusion: weight of the dense next-token CE on the clean stream (the anchor head)
     draft_fraction: float = 1.0     # looped diffusion, draft_width > 1: share of positions that draft in a step (sampled)
+    skip_nonfinite_steps: int = 0   # 0: stop at the first non-finite loss or gradient norm; N: skip such steps, stop after N in a row
+    collective_timeout_minutes: float = 10.0  # torchrun: a process waiting this long for another stops the job
 
 
 @dataclass
@@ -144,8 +146,14 @@ class Config:
 
     @classmethod
     def load(cls, path) -> "Config":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as error:  # missing, unreadable, not UTF-8, not JSON
+            raise ConfigError(f"config file {path} cannot be read ({error})") from None
+        if not isinstance(data, dict) or not all(isinstance(values, dict) for values in data.values()):
+            raise ConfigError(f"config file {path}: expected an object of sections (model, diffusion, train)")
+        return cls.from_dict(data)
 
     def apply_overrides(self, overrides: dict[str, str]) -> "Config":
         """Apply ``{"key" or "section.key": "value"}`` parsed from the command line."""
@@ -204,6 +212,9 @@ class Config:
              f"depth_sampler must be poisson_lognormal, fixed or uniform, got {t.depth_sampler!r}"),
             (t.batch_size >= 1 and t.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (t.max_steps >= 1, "max_steps must be >= 1"),
+            (t.skip_nonfinite_steps >= 0,
+             "skip_nonfinite_steps must be >= 0 (0: stop at the first non-finite step; N: skip up to N in a row)"),
+            (t.collective_timeout_minutes > 0, "collective_timeout_minutes must be > 0"),
             (t.lr > 0, "lr must be positive"),
             (all(k >= 1 for k in t.eval_loops), "eval_loops must all be >= 1"),
             (t.eval_samples >= 1, "eval_samples must be >= 1"),
@@ -370,11 +381,13 @@ def _demo_draft() -> Config:
 
 
 def _depth_tiny() -> Config:
-    """Sequence-recurrent BPTT on the S3 word problem (state tracking), lengths 2-12, scored up to 24:
+    """Sequence-recurrent BPTT on the S3 word problem (state tracking), length 12, scored 2-24:
     the task where more loops pay (README "Recurrent depth"). About 10 minutes on 2 CPU cores."""
     config = Config()
     config.model = ModelConfig(context=32, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1)
-    config.train = TrainConfig(objective="bptt", task="s3", mean_depth=6, backprop_depth=4, batch_size=64,
+    # every example is 12 elements long with all 12 prefixes supervised (difficulties 1-12 at once)
+    config.train = TrainConfig(objective="bptt", task="s3", train_difficulties=(12,),
+                               test_difficulties=tuple(range(2, 25)), mean_depth=6, backprop_depth=4, batch_size=64,
                                max_steps=2000, warmup_steps=100, lr=1e-3, weight_decay=0.1, eval_every=500,
                                eval_loops=(1, 2, 4, 8, 16, 32), eval_examples=64, checkpoint_every=500)
     return config

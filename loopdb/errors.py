@@ -20,6 +20,10 @@ class RunError(LoopdbError):
     """A run folder or checkpoint that is missing, unfinished or damaged."""
 
 
+class TrainingError(LoopdbError):
+    """A run that cannot go on: a non-finite loss or gradient norm, a process of the job lost."""
+
+
 class UsageError(LoopdbError):
     """A bad command-line argument."""
 

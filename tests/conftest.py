@@ -52,6 +52,20 @@ SMALL_RUN = ["--context=16", "--d_model=32", "--n_heads=4", "--batch_size=4", "-
              "--eval_loops=1,2", "--warmup_steps=2"]
 
 
+def small_config(**extra):
+    """The tiny preset shrunk to SMALL_RUN (a training step in milliseconds), plus ``extra`` overrides."""
+    from loopdb.cli.args import parse_overrides
+    from loopdb.config import preset
+
+    overrides = parse_overrides(SMALL_RUN)
+    overrides.update({key: str(value) for key, value in extra.items()})
+    return preset("tiny").apply_overrides(overrides)
+
+
+def weights_of(model) -> dict:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A small prepared dataset: three real plays (train / val / test), 400 BPE pieces."""

@@ -194,7 +194,8 @@ def test_a_task_run_trains_scores_per_difficulty_and_evaluates_through_lm_eval(t
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     run = tmp_path / "run"
     small = ["--d_model=32", "--n_heads=4", "--batch_size=8", "--max_steps=3", "--eval_every=3", "--warmup_steps=1",
-             "--eval_loops=1,2", "--eval_examples=4", "--train_difficulties=2-4", "--checkpoint_every=3"]
+             "--eval_loops=1,2", "--eval_examples=4", "--train_difficulties=2-4", "--test_difficulties=",
+             "--checkpoint_every=3"]
     assert main(["train", "--preset", "depth-tiny", "--out", str(run), "--quiet", *small]) == 0
     capsys.readouterr()
     assert main(["score", str(run), "--loops", "1,3", "--max-windows", "3", "--json"]) == 0

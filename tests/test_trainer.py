@@ -3,22 +3,12 @@ import json
 import pytest
 import torch
 
-from conftest import SMALL_RUN
+from conftest import SMALL_RUN, small_config, weights_of as weights
 from loopdb.runs.checkpoint import latest_checkpoint
 from loopdb.runs.folder import load_model
-from loopdb.cli import main, parse_overrides
+from loopdb.cli import main
 from loopdb.config import ConfigError, preset
 from loopdb.training.trainer import Trainer, learning_rate
-
-
-def small_config(**extra):
-    overrides = parse_overrides(SMALL_RUN)
-    overrides.update({key: str(value) for key, value in extra.items()})
-    return preset("tiny").apply_overrides(overrides)
-
-
-def weights(model):
-    return {key: value.clone() for key, value in model.state_dict().items()}
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LoopdbError, UsageError
-from .args import parse_loops, parse_overrides
+from .args import check_flag_minimums, parse_loops, parse_overrides
 
 USER_ERROR = 2
 
@@ -64,14 +64,19 @@ def cmd_train(args, overrides) -> int:
     return 0
 
 
+def check_budget(args) -> None:
+    """compare / study: exactly one of --budget-minutes M > 0 or --steps N >= 1."""
+    if (args.budget_minutes is None) == (args.steps is None):
+        raise UsageError("give exactly one of --budget-minutes M (equal time) or --steps N (equal steps)")
+    if (args.budget_minutes is not None and args.budget_minutes <= 0) or (args.steps is not None and args.steps < 1):
+        raise UsageError("--budget-minutes must be > 0 and --steps >= 1")
+
+
 def cmd_compare(args, overrides) -> int:
     from ..evaluation.compare import run_compare
     from ..config import preset
 
-    if (args.budget_minutes is None) == (args.steps is None):
-        raise UsageError("give exactly one of --budget-minutes M (equal time) or --steps N (equal steps)")
-    if (args.budget_minutes or 1) <= 0 or (args.steps or 1) < 1:
-        raise UsageError("--budget-minutes must be > 0 and --steps >= 1")
+    check_budget(args)
     from ..data import resolve_data_dir
 
     loops = parse_loops(args.loops)
@@ -129,8 +134,7 @@ def cmd_study(args, overrides) -> int:
 
     if overrides:
         raise UsageError("put config overrides in the variants file, not on the command line")
-    if (args.budget_minutes is None) == (args.steps is None):
-        raise UsageError("give exactly one of --budget-minutes M (equal time) or --steps N (equal steps)")
+    check_budget(args)
     readouts = [r for r in args.readouts.split(",") if r]
     unknown = [r for r in readouts if r not in STUDY_READOUTS + ("elbo_continuous",) + TASK_READOUTS]
     if unknown:
@@ -236,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit", default=None, metavar="RULE",
                    help="adaptive per-token exit for recurrent runs: kl:EPS, delta:EPS or gate:Q (e.g. kl:5e-4); "
                         "--loops is then the most loops")
+    p.add_argument("--plot", default=None, metavar="PNG", help="task runs: accuracy against K per difficulty")
     p.add_argument("--t-samples", type=int, default=None,
                    help="masked diffusion (family mdm): stratified t draws per window in the ELBO (default 16)")
 
@@ -314,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "study":
             return cmd_study(args, parse_overrides(extra))
         if args.command in ("score", "sample"):  # sampler settings may change at inference; the family's commands
+            check_flag_minimums(args)
             return getattr(run_commands(args.run), args.command)(args, parse_overrides(extra))
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -62,14 +63,14 @@ def score(args, sampler) -> int:
 
 def _score_task(args, model, config, loops, device) -> int:
     """A reasoning-task run: final-answer accuracy per K, per difficulty, and the loops used."""
-    from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy
+    from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
     from ..tasks import get_task
 
     task = get_task(config.train.task)
     exit_rule = parse_exit(args.exit)
     count = args.max_windows or config.train.eval_examples  # --max-windows caps the examples per difficulty
     examples = evaluation_examples(task, args.split, evaluation_difficulties(config.train), count)
-    trained = set(config.train.train_difficulties)
+    trained = {d for d in evaluation_difficulties(config.train) if within_training(d, config.train)}
     report = {"accuracy": {}, "accuracy_beyond": {}, "accuracy_by_difficulty": {}, "mean_loops": {},
               "task": task.name, "split": args.split, "exit": None if exit_rule is None else str(exit_rule),
               "objective": config.train.objective, "recurrence": config.recurrence, "samples": args.samples,
@@ -89,6 +90,9 @@ def _score_task(args, model, config, loops, device) -> int:
         report["accuracy_beyond"][key] = sum(beyond) / len(beyond) if beyond else None
         report["accuracy_by_difficulty"][key] = {str(d): value for d, value in by_difficulty.items()}
         report["mean_loops"][key] = result["mean_loops"]
+    _log_task_scores(args.run, report, args.split)
+    if args.plot:
+        _plot_task_scores(report, args.plot)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -100,6 +104,36 @@ def _score_task(args, model, config, loops, device) -> int:
               + (f"   beyond {beyond:.3f}" if beyond is not None else "") + f"   mean loops {report['mean_loops'][key]:.2f}")
     print("  shortcuts (trained): " + "  ".join(f"{name} {value:.3f}" for name, value in report["baselines"].items()))
     return 0
+
+
+def _log_task_scores(run, report: dict, split: str) -> None:
+    """Accuracy against K per difficulty in the run's tensorboard (x axis: the loop count)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(Path(run) / "tb"))
+    tag = f"{split}_by_loops" + (f"_exit_{report['exit']}" if report["exit"] else "")
+    for loops, by_difficulty in report["accuracy_by_difficulty"].items():
+        for difficulty, value in by_difficulty.items():
+            writer.add_scalar(f"{tag}/accuracy_d{int(difficulty):02d}", value, int(loops))
+        writer.add_scalar(f"{tag}/accuracy_trained", report["accuracy"][loops], int(loops))
+    writer.close()
+
+
+def _plot_task_scores(report: dict, path) -> None:
+    """Accuracy against K: the trained and harder difficulties' means and up to 8 single difficulties."""
+    from ..evaluation.plots import plot_against_loops
+
+    difficulties = sorted({int(d) for values in report["accuracy_by_difficulty"].values() for d in values})
+    shown = difficulties[::max(1, len(difficulties) // 8)][:8]
+    curves = {f"difficulty {d}": {int(k): v[str(d)] for k, v in report["accuracy_by_difficulty"].items()}
+              for d in shown}
+    curves["trained (mean)"] = {int(k): v for k, v in report["accuracy"].items()}
+    if any(v is not None for v in report["accuracy_beyond"].values()):
+        curves["beyond training (mean)"] = {int(k): v for k, v in report["accuracy_beyond"].items()}
+    plot_against_loops(curves, path, f"{report['split']} accuracy", log_scale=False,
+                       title=f"{report['task']}: {report['objective']}, recurrence {report['recurrence']}"
+                             + (f", exit {report['exit']}" if report["exit"] else ""))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def sample(args, sampler) -> int:

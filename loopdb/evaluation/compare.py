@@ -66,14 +66,14 @@ def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: 
 
 
 def _task_scores(run, model, config, loops, samples, max_windows, seed, device, readout, split) -> dict:
-    from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy
+    from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
     from ..tasks import get_task
 
     if readout not in TASK_READOUTS:
         raise ValueError(f"a task run is scored by {' or '.join(TASK_READOUTS)}, not {readout}")
     task = get_task(config.train.task)
-    trained = set(config.train.train_difficulties)
-    wanted = [d for d in evaluation_difficulties(config.train) if (d in trained) == (readout == "accuracy")]
+    wanted = [d for d in evaluation_difficulties(config.train)
+              if within_training(d, config.train) == (readout == "accuracy")]
     examples = evaluation_examples(task, split, wanted, max_windows or config.train.eval_examples)
     results = {}
     for num_loops in loops if model.objective.has_loops else (1,):

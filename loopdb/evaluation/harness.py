@@ -102,9 +102,9 @@ def _positive_int(name: str, value) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r}: expected a positive integer") from None
+        raise EvalError(f"{name}={value!r}: expected a positive integer") from None
     if number < 1 or (isinstance(value, float) and value != number):
-        raise ValueError(f"{name}={value!r}: expected a positive integer")
+        raise EvalError(f"{name}={value!r}: expected a positive integer")
     return number
 
 
@@ -117,16 +117,21 @@ class LoopDBLM(TemplateLM):
     ``tokenizer`` (a ``loopdb.data.Tokenizer``).
     """
 
+    MODEL_ARGS = ("run", "num_loops", "samples", "readout", "seed", "batch_size", "device", "exit")
+
     def __init__(self, run=None, num_loops=1, samples=4, readout="predictive", seed=0, batch_size=16,
-                 device="cpu", max_batch_size=None, model=None, tokenizer=None, exit=None):
+                 device="cpu", max_batch_size=None, model=None, tokenizer=None, exit=None, **unknown):
+        if unknown:  # model_args="run=...,loop=4" would otherwise be a TypeError deep in the harness
+            raise EvalError(f"unknown loopdb model arg(s) {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(self.MODEL_ARGS)}")
         super().__init__()
         try:
             self.exit_rule = parse_exit(exit)  # generate_until of sequence-recurrent runs: stop each token early
         except UsageError as error:
-            raise ValueError(str(error).replace("--exit", "exit")) from None
+            raise EvalError(str(error).replace("--exit", "exit")) from None
         self.generation_loops = []  # loops each generated token used (mean_loops of the report)
         if readout not in READOUTS:
-            raise ValueError(f"readout={readout!r} is not available; choose one of {', '.join(READOUTS)} (METHOD 5)")
+            raise EvalError(f"readout={readout!r} is not available; choose one of {', '.join(READOUTS)} (METHOD 5)")
         self.readout = readout
         self.num_loops = num_loops
         self.samples = _positive_int("samples", samples)
@@ -135,7 +140,7 @@ class LoopDBLM(TemplateLM):
         self._device = resolve_device(device)
         if model is None:
             if run is None:
-                raise ValueError("the loopdb model needs run=PATH (a run folder made by `loopdb train`)")
+                raise EvalError("the loopdb model needs run=PATH (a run folder made by `loopdb train`)")
             from .. import data as data_lib
             from ..runs.folder import load_model, run_data_dir
 
@@ -150,7 +155,7 @@ class LoopDBLM(TemplateLM):
         self.tok = tokenizer
         vocab = getattr(model.config, "vocab_size", tokenizer.vocab_size)
         if tokenizer.vocab_size != vocab:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model {vocab}; "
+            raise EvalError(f"tokenizer has {tokenizer.vocab_size} pieces but the model {vocab}; "
                              "the run's data.json points at the wrong data folder")
         self.window = int(model.config.context)
 

@@ -16,9 +16,10 @@ class PlotUnavailable(LoopdbError):
 
 
 def plot_against_loops(curves: dict[str, dict[int, float]], path, ylabel: str, title: str = "",
-                       reference: dict[str, float] | None = None) -> Path:
+                       reference: dict[str, float] | None = None, log_scale: bool | None = None) -> Path:
     """One line per curve (name -> {K: value}) on a log2 loop axis; ``reference`` draws
-    horizontal lines (e.g. the unigram line). Returns the PNG path."""
+    horizontal lines (e.g. the unigram line); ``log_scale`` None: a log y axis when one curve
+    explodes. Returns the PNG path."""
     try:
         import matplotlib
 
@@ -35,7 +36,7 @@ def plot_against_loops(curves: dict[str, dict[int, float]], path, ylabel: str, t
             continue
         axes.plot(loops, [values[k] for k in loops], marker="o", label=name)
     positive = [v for curve in curves.values() for v in curve.values() if v > 0]
-    if positive and max(positive) > 30 * min(positive):  # e.g. an ELBO that explodes: keep the rest readable
+    if log_scale or (log_scale is None and positive and max(positive) > 30 * min(positive)):  # an exploding ELBO
         axes.set_yscale("log")
     for name, value in (reference or {}).items():
         axes.axhline(value, linestyle="--", color="gray", linewidth=1)

@@ -8,7 +8,7 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError
-from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy
+from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
 from ..tasks import get_task, training_arrays
 
 
@@ -40,10 +40,10 @@ class ReasoningTask:
         return {"inputs": inputs.to(device), "targets": targets.to(device)}
 
     def evaluate(self, model, device, autocast) -> dict:
-        """Validation accuracy per eval loop count: on the trained difficulties, and beyond them."""
+        """Validation accuracy per eval loop count: within the trained difficulties, and beyond them."""
         train = self.config.train
-        trained = [e for e in self.val_examples if e.difficulty in self.trained]
-        beyond = [e for e in self.val_examples if e.difficulty not in self.trained]
+        trained = [e for e in self.val_examples if within_training(e.difficulty, train)]
+        beyond = [e for e in self.val_examples if not within_training(e.difficulty, train)]
         results = {}
         with autocast():
             for loops in train.eval_loops if model.objective.has_loops else (1,):

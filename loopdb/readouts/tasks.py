@@ -16,6 +16,12 @@ VAL_SEED, TEST_SEED = 999, 1000  # evaluation examples; the shipped lm-eval sets
 SPLIT_SEEDS = {"val": VAL_SEED, "test": TEST_SEED}
 
 
+def within_training(difficulty: int, train_config) -> bool:
+    """Up to the largest trained difficulty: a task that supervises every prefix (s3, s5, hops)
+    trains all shorter ones too. Beyond it: extrapolation."""
+    return difficulty <= max(train_config.train_difficulties)
+
+
 def evaluation_difficulties(train_config) -> tuple[int, ...]:
     """The difficulties scored: ``test_difficulties``, or the trained ones and on to twice the largest."""
     if train_config.test_difficulties:

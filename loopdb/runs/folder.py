@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import ConfigError, RunError
 from ..families import build_model
-from .checkpoint import latest_checkpoint, load_weights
+from .checkpoint import checkpoints, latest_checkpoint, load_config, load_weights, verify_checkpoint
 
 RUN_CONFIG, DATA_POINTER = "config.json", "data.json"
 SAMPLER_KEYS = ("grid", "solver", "grid_sigma_last", "estimate")  # may change after training
@@ -50,11 +50,25 @@ def open_run(run_dir) -> tuple[Config, Path]:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise RunError(f"{run_dir} holds no checkpoint yet; train it first (or pass the folder given to --out)")
-    return Config.load(checkpoint / RUN_CONFIG), checkpoint
+    try:
+        verify_checkpoint(checkpoint)
+        return load_config(checkpoint), checkpoint
+    except RunError as error:
+        raise RunError(f"{error}; {_repair_hint(run_dir, checkpoint)}") from None
+
+
+def _repair_hint(run_dir: Path, damaged: Path) -> str:
+    """How to get a usable run back from a damaged newest checkpoint."""
+    older = [path.name for path in checkpoints(run_dir) if path.name < damaged.name]
+    resume = f"`loopdb train --out {run_dir} --resume` (same --preset and --data as the run)"
+    if older:
+        return f"{resume} falls back to the checkpoint before it ({older[0]}, if intact) and retrains from there"
+    return "restore the file from a copy, or retrain (the run has no earlier checkpoint)"
 
 
 def load_model(run_dir, device="cpu", sampler: dict[str, str] | None = None):
-    """The run's newest model, in eval mode on ``device``; returns (model, config).
+    """The run's newest model, in eval mode on ``device``; returns (model, config). A damaged newest
+    checkpoint is refused (RunError naming the file and the fix), never silently replaced.
 
     ``sampler`` overrides inference-only settings (SAMPLER_KEYS), e.g. {"grid_sigma_last": "0.5"}."""
     config, checkpoint = open_run(run_dir)
@@ -65,5 +79,8 @@ def load_model(run_dir, device="cpu", sampler: dict[str, str] | None = None):
                               f"{', '.join(SAMPLER_KEYS)} can")
         config.apply_overrides(sampler)
     model = build_model(config)
-    load_weights(model, checkpoint)
+    try:  # a checkpoint without a manifest is only found damaged here, when it does not parse
+        load_weights(model, checkpoint)
+    except RunError as error:
+        raise RunError(f"{error}; {_repair_hint(Path(run_dir), checkpoint)}") from None
     return model.to(device).eval(), config

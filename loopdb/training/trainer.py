@@ -1,6 +1,11 @@
 """The trainer: AdamW, warmup + cosine, clipping, accumulation, evaluation at
 several loop counts, tensorboard, atomic checkpoints and exact resume.
 
+Nothing is lost when training goes wrong: a non-finite loss or gradient norm stops the run
+before that step changes the weights (or, with ``skip_nonfinite_steps``, skips the step), so
+no checkpoint ever holds a non-finite weight; ``--resume`` falls back past a damaged checkpoint
+to the newest intact one; a process of a torchrun job that dies or hangs stops the others.
+
 Every random draw of a training step (the batch, sigma, the noise) comes from a
 generator seeded by (seed, step, micro-step), so a resumed run draws exactly what
 an uninterrupted one would (Huginn seeds its depth sampler the same way).
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,9 +25,10 @@ import torch
 
 from ..config import Config
 from ..device import resolve_device
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..families import check_config, family_of
-from ..runs.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
+from ..runs.checkpoint import (checkpoint_name, checkpoints, latest_checkpoint, newest_intact_checkpoint,
+                               non_finite_weights, save_checkpoint)
 from ..runs.folder import write_run_files
 from . import parallel
 
@@ -59,13 +66,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.data_dir = None if data_dir is None else Path(data_dir)  # None: the family's embedded data
         self.progress = progress
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
-        if resume and checkpoint is None:
-            raise ConfigError(f"--resume: {self.run_dir} has no checkpoint to resume from")
-        if checkpoint is None and self.run_dir.exists() and latest_checkpoint(self.run_dir) is not None:
+        saved = self._resume_point() if resume else None
+        if not resume and self.run_dir.exists() and latest_checkpoint(self.run_dir) is not None:
             raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if checkpoint is not None:
-            config = Config.load(checkpoint / "config.json").apply_overrides(
+        if saved is not None:
+            config = saved.config.apply_overrides(
                 {"max_steps": str(config.train.max_steps)}  # resuming may extend a run, nothing else
             )
         family = family_of(config)
@@ -84,12 +89,15 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config)
         family.after_optimizer(self.model, self.optimizer, self.device, block_parallel)
         self.step = 0
-        if checkpoint is not None:
-            load_weights(self.model, checkpoint)
-            state = load_trainer_state(checkpoint)
+        self.skipped_in_a_row = self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite_steps)
+        if saved is not None:
+            self.model.load_state_dict(saved.weights)
+            state = saved.trainer_state
             self.optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"]["torch"])
             self.step = state["step"]
+            self.skipped_in_a_row = state["extra"].get("skipped_in_a_row", 0)
+            self.skipped_steps = state["extra"].get("skipped_steps", 0)
         self.train_forward = torch.compile(self.model) if config.train.compile else self.model
 
         self.writer = None
@@ -102,6 +110,21 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
 
+    def _resume_point(self):
+        """The newest intact checkpoint of the run (a damaged newer one is passed over, with a warning)."""
+        say = _warn if parallel.rank_from_env() == 0 else (lambda message: None)
+        saved = newest_intact_checkpoint(self.run_dir, say)
+        if saved is None:
+            found = len(checkpoints(self.run_dir))
+            raise ConfigError(f"--resume: {self.run_dir} has no checkpoint to resume from" if not found else
+                              f"--resume: none of the {found} checkpoint(s) in {self.run_dir} is intact (see the "
+                              "warnings above); restore one from a copy or start a new run")
+        latest = latest_checkpoint(self.run_dir)
+        if latest is not None and saved.path.name != latest.name:
+            say(f"resuming from {saved.path.name}, the newest intact checkpoint; the steps after it are trained "
+                "again, exactly as before")
+        return saved
+
     @staticmethod
     def _join_processes(config: Config, block_parallel: bool, resume: bool):
         """(group, blocks this rank owns or None): the torchrun job this process belongs to."""
@@ -112,7 +135,7 @@ class Trainer:
             raise ConfigError("time_budget_minutes is single-process only (ranks would stop at different steps)")
         if block_parallel and resume:
             raise ConfigError("--block-parallel runs cannot --resume yet; start a new run")
-        group = parallel.init_from_env(resolve_device(config.train.device).type)
+        group = parallel.init_from_env(resolve_device(config.train.device).type, config.train.collective_timeout_minutes)
         if not block_parallel:
             return group, None
         try:
@@ -148,10 +171,40 @@ class Trainer:
             for key, value in {"loss": loss, **stats}.items():
                 totals[key] = totals.get(key, 0.0) + float(torch.as_tensor(value).detach()) / train.grad_accum
         grad_norm = self._synchronise_and_clip()
-        self.optimizer.step()
+        # every rank takes this step or none does (a block-parallel rank sees its own blocks' norm only)
+        finite = parallel.all_agree(math.isfinite(totals["loss"]) and math.isfinite(grad_norm), self.group, self.device)
+        if finite:
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+        else:
+            self._skip_or_stop(totals["loss"], grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {**totals, "lr": lr, "grad_norm": grad_norm}
+
+    def _skip_or_stop(self, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient norm: TrainingError before the weights change, or (with
+        skip_nonfinite_steps) a step without an update, until too many come in a row."""
+        limit = self.config.train.skip_nonfinite_steps
+        self.skipped_in_a_row += 1
+        self.skipped_steps += 1
+        what = f"step {self.step + 1}: loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+        if self.skipped_in_a_row > limit:
+            in_a_row = f" ({self.skipped_in_a_row} non-finite steps in a row)" if limit else ""
+            raise TrainingError(f"{what}{in_a_row}: training stopped before it changed the weights; "
+                                f"{self._stop_advice()}")
+        if self.group.is_main:
+            _warn(f"{what}: skipped without an update ({self.skipped_in_a_row} in a row, at most {limit}; "
+                  f"{self.skipped_steps} in all)")
+
+    def _stop_advice(self) -> str:
+        """Where the run stands after a non-finite stop, and the likely causes."""
+        train = self.config.train
+        latest = latest_checkpoint(self.run_dir)
+        kept = f"the newest good checkpoint {latest.name} stays `latest`" if latest else "no checkpoint was written"
+        return (f"{kept}. Likely causes: the learning rate (lr={train.lr:g}; try 10x lower), weak gradient "
+                f"clipping (grad_clip={train.grad_clip:g}; 1 is the usual), bf16 overflow (bf16={train.bf16}); "
+                "or pass --skip_nonfinite_steps=N to skip up to N such steps in a row")
 
     def _synchronise_and_clip(self) -> float:
         """Average gradients over ranks (all of them, or only the shared ones when block-parallel)
@@ -187,9 +240,14 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def save(self):
+        bad = non_finite_weights(self.model.state_dict())
+        if bad:  # finite loss and gradients, yet an update overflowed: keep the good checkpoint
+            raise TrainingError(f"step {self.step}: {len(bad)} weight tensor(s) became non-finite (first: {bad[0]}), "
+                                f"not saved as {checkpoint_name(self.step)}; {self._stop_advice()}")
         # a block-parallel rank's optimizer holds its own blocks only: the assembled checkpoint keeps none
         optimizer = None if self.block_parallel else self.optimizer
-        save_checkpoint(self.run_dir, self.model, optimizer, self.step, self.config)
+        save_checkpoint(self.run_dir, self.model, optimizer, self.step, self.config,
+                        extra={"skipped_in_a_row": self.skipped_in_a_row, "skipped_steps": self.skipped_steps})
 
     def log(self, values: dict):
         if self.writer is not None:
@@ -289,8 +347,13 @@ class Trainer:
             # resident-set high-water mark of this process (Linux reports KiB)
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "parameters": self.model.num_parameters(),
+            "skipped_nonfinite_steps": self.skipped_steps,
         }
         (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _warn(message: str) -> None:
+    print(f"loopdb train: warning: {message}", file=sys.stderr)
 
 
 class _CompiledForward:

@@ -1,0 +1,329 @@
+"""Nothing is lost when training goes wrong: a non-finite step, a damaged checkpoint, a save
+that fails midway, a process of a torchrun job that dies, a training process killed at random."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SMALL_RUN, small_config, weights_of
+from loopdb.cli import main
+from loopdb.errors import ConfigError, RunError, TrainingError
+from loopdb.runs import checkpoint as checkpoint_lib
+from loopdb.runs.checkpoint import latest_checkpoint, verify_checkpoint
+from loopdb.runs.folder import load_model
+from loopdb.training.trainer import Trainer
+
+
+def trainer(data_dir, run, resume=False, **config):
+    return Trainer(small_config(**config), data_dir, run, resume=resume, progress=False, log_tensorboard=False)
+
+
+def run_cli(capsys, *argv):
+    code = main([str(part) for part in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def poison(trainer, steps: set[int], where: str = "loss"):
+    """Make the training steps in ``steps`` (1-based) non-finite: the loss itself, or only the
+    gradients (a finite loss whose backward gives NaN: 0 * d sqrt(x)/dx at x = 0)."""
+    original = trainer.objective.loss
+
+    def loss(model, batch, generator, step):
+        value, stats = original(model, batch, generator, step)
+        if step + 1 in steps:
+            if where == "loss":
+                value = value * float("nan")
+            else:
+                first = next(p for p in model.parameters() if p.requires_grad)
+                value = value + 0.0 * torch.sqrt(first.sum() * 0.0)
+        return value, stats
+
+    trainer.objective.loss = loss
+
+
+def all_finite(state: dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+# -- a non-finite step ------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_non_finite_step_stops_the_run_before_it_changes_the_weights(data_dir, tmp_path, where):
+    run = tmp_path / "run"
+    bad = trainer(data_dir, run, max_steps=8, checkpoint_every=2, eval_every=100)
+    poison(bad, {5}, where)
+    with pytest.raises(TrainingError) as caught:
+        bad.train()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("step 5: ")
+    assert "lr=" in message and "grad_clip=" in message and "bf16" in message and "skip_nonfinite_steps" in message
+    assert "step-0000004 stays `latest`" in message
+    assert bad.step == 4 and all_finite(weights_of(bad.model))
+    assert latest_checkpoint(run).name == "step-0000004"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    # the weights are exactly those of the good checkpoint: the bad step changed nothing
+    saved = load_file(latest_checkpoint(run) / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in weights_of(bad.model).items())
+
+
+def test_skipped_non_finite_steps_change_nothing_and_too_many_in_a_row_stop(data_dir, tmp_path):
+    skipping = trainer(data_dir, tmp_path / "skip", max_steps=7, skip_nonfinite_steps=2, checkpoint_every=100)
+    poison(skipping, {3, 4, 6})
+    for _ in range(2):
+        skipping.train_step()
+    before = weights_of(skipping.model)
+    skipping.train_step()
+    skipping.train_step()  # steps 3 and 4: skipped, no update
+    assert all(torch.equal(before[k], v) for k, v in weights_of(skipping.model).items())
+    assert skipping.skipped_in_a_row == 2 and skipping.step == 4
+    skipping.train()  # step 5 is good (resets the count), 6 skipped, 7 good
+    assert skipping.step == 7 and skipping.skipped_steps == 3 and skipping.skipped_in_a_row == 0
+    assert all_finite(weights_of(skipping.model))
+    assert json.loads((tmp_path / "skip" / "train_summary.json").read_text())["skipped_nonfinite_steps"] == 3
+    exp_avg = [s["exp_avg"] for s in skipping.optimizer.state.values()]
+    assert all(bool(torch.isfinite(e).all()) for e in exp_avg)  # the optimizer never saw a NaN
+
+    stopping = trainer(data_dir, tmp_path / "stop", max_steps=9, skip_nonfinite_steps=2, checkpoint_every=100)
+    poison(stopping, {3, 4, 5})
+    with pytest.raises(TrainingError, match=r"step 5: .* \(3 non-finite steps in a row\)"):
+        stopping.train()
+    with pytest.raises(ConfigError, match="skip_nonfinite_steps must be >= 0"):
+        small_config(skip_nonfinite_steps=-1)
+
+
+def test_an_update_that_overflows_is_never_saved(data_dir, tmp_path):
+    run = tmp_path / "run"
+    overflowing = trainer(data_dir, run, max_steps=4, checkpoint_every=2)
+    overflowing.train_step()
+    overflowing.train_step()
+    overflowing.save()
+    overflowing.train_step()
+    with torch.no_grad():
+        next(overflowing.model.parameters())[0] = float("inf")  # as if an update had overflowed
+    with pytest.raises(TrainingError, match="became non-finite .* step-0000002 stays `latest`"):
+        overflowing.save()
+    assert latest_checkpoint(run).name == "step-0000002" and not (run / "checkpoints" / "step-0000003").exists()
+    with pytest.raises(RunError, match="refusing to save"):  # the storage layer refuses on its own too
+        checkpoint_lib.save_checkpoint(run, overflowing.model, None, 3, overflowing.config)
+
+
+def test_cli_diverging_run_is_one_line_and_exit_2(capsys, data_dir, tmp_path):
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--preset", "tiny", "--data", data_dir, "--out", run, "--quiet",
+                             *SMALL_RUN, "--lr=1e4", "--grad_clip=1e9", "--max_steps=30", "--checkpoint_every=2")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("loopdb train: error: step ") and "lr=10000" in lines[-1]
+    assert len(lines) == 2 and lines[0].startswith("model:")  # the model line, then the error
+    for folder in (run / "checkpoints").iterdir() if (run / "checkpoints").exists() else []:
+        assert all_finite(load_file(folder / "model.safetensors")), folder.name
+
+
+# -- a damaged checkpoint ------------------------------------------------------------------------------
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture
+def finished_run(data_dir, tmp_path):
+    """A 6-step run with checkpoints at steps 4 and 6 (KEEP_CHECKPOINTS = 2) and its final weights."""
+    run = tmp_path / "run"
+    straight = trainer(data_dir, run, max_steps=6, checkpoint_every=2, eval_every=100)
+    straight.train()
+    return run, weights_of(straight.model)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "delete trainer.pt", "delete the folder"])
+def test_manifest_catches_damage_and_resume_falls_back_bit_identical(finished_run, data_dir, capsys, damage):
+    run, final = finished_run
+    newest = run / "checkpoints" / "step-0000006"
+    assert verify_checkpoint(newest) is True
+    manifest = json.loads((newest / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"model.safetensors", "trainer.pt", "config.json"}
+    assert manifest["model.safetensors"]["bytes"] == (newest / "model.safetensors").stat().st_size
+    if damage == "truncate":
+        truncate(newest / "model.safetensors")
+    elif damage == "flip a byte":  # same size, other content: only the checksum sees it
+        data = bytearray((newest / "model.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (newest / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "delete trainer.pt":
+        (newest / "trainer.pt").unlink()
+    else:
+        import shutil
+        shutil.rmtree(newest)
+    with pytest.raises(RunError, match="step-0000006"):
+        verify_checkpoint(newest)
+    with pytest.raises(RunError, match=r"damaged|missing") as caught:
+        load_model(run)
+    assert "--resume" in str(caught.value) and "step-0000004" in str(caught.value)
+
+    resumed = trainer(data_dir, run, resume=True, max_steps=6, checkpoint_every=2, eval_every=100)
+    warnings = capsys.readouterr().err
+    assert resumed.step == 4 and "step-0000006" in warnings and "resuming from step-0000004" in warnings
+    resumed.train()
+    assert all(torch.equal(final[k], v) for k, v in weights_of(resumed.model).items())
+    assert latest_checkpoint(run).name == "step-0000006" and verify_checkpoint(latest_checkpoint(run))
+    assert all(torch.equal(final[k], v) for k, v in load_model(run)[0].state_dict().items())
+
+
+def test_resume_with_no_intact_checkpoint_says_so(finished_run, data_dir):
+    run, _ = finished_run
+    for folder in (run / "checkpoints").iterdir():
+        truncate(folder / "model.safetensors")
+    with pytest.raises(ConfigError, match="none of the 2 checkpoint"):
+        trainer(data_dir, run, resume=True, max_steps=6)
+
+
+def test_a_checkpoint_without_manifest_still_loads_and_is_refused_when_it_does_not_parse(finished_run, data_dir):
+    run, final = finished_run
+    for folder in (run / "checkpoints").iterdir():
+        (folder / "manifest.json").unlink()  # as written before manifests existed
+    newest = latest_checkpoint(run)
+    assert verify_checkpoint(newest) is False  # unverified, yet usable
+    assert all(torch.equal(final[k], v) for k, v in load_model(run)[0].state_dict().items())
+    truncate(newest / "model.safetensors")
+    with pytest.raises(RunError, match="model.safetensors is damaged"):
+        load_model(run)
+    resumed = trainer(data_dir, run, resume=True, max_steps=6, checkpoint_every=2, eval_every=100)
+    assert resumed.step == 4
+    resumed.train()
+    assert all(torch.equal(final[k], v) for k, v in weights_of(resumed.model).items())
+
+
+def test_cli_score_sample_eval_refuse_a_damaged_checkpoint_in_one_line(finished_run, capsys, tmp_path):
+    run, _ = finished_run
+    truncate(run / "checkpoints" / "step-0000006" / "model.safetensors")
+    output = tmp_path / "eval.json"
+    for argv in (["score", run, "--loops", "1"], ["sample", run],
+                 ["eval", run, "--tasks", "shakespeare_bpb", "--output", output]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "step-0000006/model.safetensors is damaged" in err and "--resume" in err
+    assert not output.exists()
+
+
+# -- a save that fails midway -------------------------------------------------------------------------------
+def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device", "model.safetensors")
+
+
+@pytest.mark.parametrize("writer", ["save_file", "torch.save", "the latest pointer"])
+def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, writer):
+    run = tmp_path / "run"
+    partial = trainer(data_dir, run, max_steps=4, checkpoint_every=2, eval_every=100)
+    for _ in range(2):
+        partial.train_step()
+    partial.save()
+    kept = weights_of(partial.model)
+    if writer == "save_file":
+        def half_written(tensors, path):  # writes part of the file, then the disk is full
+            Path(path).write_bytes(b"\0" * 100)
+            disk_full()
+        monkeypatch.setattr(checkpoint_lib, "save_file", half_written)
+    elif writer == "torch.save":
+        monkeypatch.setattr(checkpoint_lib.torch, "save", disk_full)
+    else:
+        monkeypatch.setattr(checkpoint_lib, "_atomic_write_text", disk_full)
+    with pytest.raises(RunError) as caught:
+        partial.train()
+    message = str(caught.value)
+    assert "\n" not in message and "could not save checkpoint step-0000004: No space left on device" in message
+    assert "step-0000002 is untouched and still `latest`" in message and "--resume" in message
+    assert latest_checkpoint(run).name == "step-0000002" and verify_checkpoint(latest_checkpoint(run))
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert all(torch.equal(kept[k], v) for k, v in load_model(run)[0].state_dict().items())
+    monkeypatch.undo()
+    resumed = trainer(data_dir, run, resume=True, max_steps=4, checkpoint_every=2, eval_every=100)
+    assert resumed.step == 2  # `latest` decides, even when a complete step-4 folder made it to disk
+    resumed.train()
+    assert latest_checkpoint(run).name == "step-0000004" and verify_checkpoint(latest_checkpoint(run))
+
+
+def test_cli_failed_save_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint_lib.torch, "save", disk_full)
+    code, out, err = run_cli(capsys, "train", "--preset", "tiny", "--data", data_dir, "--out", tmp_path / "run",
+                             "--quiet", *SMALL_RUN, "--max_steps=2", "--checkpoint_every=1")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("loopdb train: error: could not save checkpoint")
+    assert "no earlier checkpoint exists" in err and not (tmp_path / "run" / "latest").exists()
+
+
+# -- processes -------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopdb_train(run, data_dir, *extra, env=None, **popen):
+    return subprocess.Popen([sys.executable, "-m", "loopdb", "train", "--preset", "tiny", "--data", str(data_dir),
+                             "--out", str(run), "--quiet", *SMALL_RUN, *extra],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **popen)
+
+
+def test_a_rank_that_dies_stops_the_other_with_one_line(data_dir, tmp_path):
+    """Two gloo processes, no torchrun (which would kill the survivor itself): SIGKILL rank 1 while
+    they train; rank 0 stops within seconds, in one line, instead of waiting forever."""
+    port = free_port()
+    ranks = [loopdb_train(tmp_path / "run", data_dir, "--max_steps=100000", "--checkpoint_every=100000",
+                          "--eval_every=100000", "--device=cpu",
+                          env={"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) for rank in (0, 1)]
+    try:
+        assert ranks[0].stderr.readline().startswith("model:")  # rank 0 joined the job and is training
+        time.sleep(1.0)
+        ranks[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = ranks[0].wait(timeout=60)
+        waited = time.monotonic() - killed_at
+        err = ranks[0].stderr.read()
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("loopdb train: error: rank 0 of 2: ") and "died or hung" in lines[0]
+    assert waited < 30, f"rank 0 needed {waited:.1f}s to notice"
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(data_dir, tmp_path):
+    """kill -9 a training process at random moments (mid-step, mid-save) and resume until it
+    finishes: the final weights equal an uninterrupted run's, bit for bit."""
+    steps = ["--max_steps=120", "--checkpoint_every=7", "--eval_every=50"]
+    started = time.monotonic()
+    assert loopdb_train(tmp_path / "straight", data_dir, *steps, stdout=subprocess.DEVNULL).wait() == 0
+    duration = time.monotonic() - started
+    rng = random.Random(17)
+    kills, run = 0, tmp_path / "killed"
+    for attempt in range(30):
+        resume = ["--resume"] if latest_checkpoint(run) is not None else []
+        process = loopdb_train(run, data_dir, *steps, *resume, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            code = process.wait(timeout=rng.uniform(0.3, 0.8) * duration)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+            continue
+        assert code == 0, f"attempt {attempt} exited {code}"
+        break
+    else:
+        pytest.fail("the killed run never finished")
+    assert kills >= 2, "no process was killed: the test proved nothing"
+    straight = load_file(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
+    resumed = load_file(latest_checkpoint(run) / "model.safetensors")
+    assert latest_checkpoint(run).name == "step-0000120"
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
