@@ -33,6 +33,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     injection: str = "concat"       # concat: Linear([c_in*z ; e]) (Huginn's adapter) | add: c_in*z + e
     tie_head: bool = True
+    draft_width: int = 1            # looped: L noisy slots per position, the embeddings of tokens t+1..t+L (1 = one next token)
     # looped family: how a loop iteration sees the sequence (README "Recurrent depth")
     recurrence: str = "auto"        # sequence: every state attends to all earlier states each loop (Huginn, Ouro)
     #                                 position: a state attends to the clean stream only (DiffusionBlocks; ablation)
@@ -113,6 +114,8 @@ class TrainConfig:
     train_blocks: tuple = ()        # stacked diffusion: the blocks this run trains (one per step, uniformly); () = all
     train_shared: bool = True       # stacked: train the shared parameters (embedding, sigma embedder, norm, head)
     checkpointing: bool = False     # stacked: activation checkpointing, one layer at a time
+    anchor_weight: float = 0.0      # looped diffusion: weight of the dense next-token CE on the clean stream (the anchor head)
+    draft_fraction: float = 1.0     # looped diffusion, draft_width > 1: share of positions that draft in a step (sampled)
     skip_nonfinite_steps: int = 0   # 0: stop at the first non-finite loss or gradient norm; N: skip such steps, stop after N in a row
     collective_timeout_minutes: float = 10.0  # torchrun: a process waiting this long for another stops the job
 
@@ -221,6 +224,9 @@ class Config:
              f"train_blocks={t.train_blocks}: blocks are numbered 0..{m.num_blocks - 1}"),
             (d.partition in ("equiprob", "uniform"), f"partition must be equiprob or uniform, got {d.partition!r}"),
             (d.block_overlap >= 0, "block_overlap must be >= 0"),
+            (1 <= m.draft_width < m.context, f"draft_width must be in [1, context), got {m.draft_width}"),
+            (t.anchor_weight >= 0, "anchor_weight must be >= 0"),
+            (0 < t.draft_fraction <= 1, "draft_fraction must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -357,6 +363,23 @@ def _tiny_dit() -> Config:
     return config
 
 
+def _tiny_draft() -> Config:
+    """The tiny preset drafting L=4 future tokens per position, with the dense anchor head on."""
+    config = _tiny()
+    config.model.draft_width = 4
+    config.train.anchor_weight, config.train.draft_fraction = 1.0, 0.25
+    return config
+
+
+def _demo_draft() -> Config:
+    """The demo model drafting L=4 future tokens per position (a quarter of the positions per step:
+    about the noisy rows of L=1), with the dense anchor head on (issue 15)."""
+    config = _demo()
+    config.model.draft_width = 4
+    config.train.anchor_weight, config.train.draft_fraction = 1.0, 0.25
+    return config
+
+
 def _depth_tiny() -> Config:
     """Sequence-recurrent BPTT on the S3 word problem (state tracking), length 12, scored 2-24:
     the task where more loops pay (README "Recurrent depth"). About 10 minutes on 2 CPU cores."""
@@ -370,7 +393,7 @@ def _depth_tiny() -> Config:
     return config
 
 
-PRESETS = {"tiny": _tiny, "demo": _demo, "small": _small, "tiny-stacked": _tiny_stacked,
+PRESETS = {"tiny": _tiny, "tiny-draft": _tiny_draft, "demo-draft": _demo_draft, "demo": _demo, "small": _small, "tiny-stacked": _tiny_stacked,
            "small-stacked": _small_stacked, "tiny-vit": _tiny_vit, "tiny-dit": _tiny_dit,
            "tiny-mdm": _tiny_mdm, "depth-tiny": _depth_tiny}
 

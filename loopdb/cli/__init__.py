@@ -151,6 +151,12 @@ def cmd_study(args, overrides) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.what == "decode":
+        from .drafting import bench_decode
+
+        return bench_decode(args)
+    if args.run:
+        raise UsageError(f"loopdb bench memory takes no run folder (got {args.run})")
     from ..device import resolve_device
     from ..evaluation.bench import format_table, run_memory_bench
 
@@ -219,9 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loop counts / sampler steps T (default: 1,4,16; vit: 1,num_blocks; dit: 50)")
     p.add_argument("--cfg", type=float, default=None, help="dit: classifier-free guidance scale (default: the run's)")
     p.add_argument("--images-per-class", type=int, default=100, help="dit: generated images per class")
-    p.add_argument("--readout", choices=["predictive", "last", "elbo", "elbo_continuous"], default="predictive",
+    p.add_argument("--readout", choices=["predictive", "last", "elbo", "elbo_continuous", "anchor", "block_elbo"],
+                   default="predictive",
                    help="predictive: log-mean-exp over draws; last: mean log-prob of the last loop; "
-                        "elbo: K-step diffusion bound; elbo_continuous: continuous-time bound")
+                        "elbo: K-step diffusion bound; elbo_continuous: continuous-time bound; "
+                        "anchor: the dense anchor head; block_elbo: a drafting run's K-step bound on L-token blocks")
     p.add_argument("--samples", type=int, default=4, help="noise draws averaged per token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-windows", type=int, default=None, help="score only this many windows (evenly spaced)")
@@ -256,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence-recurrent runs: stop each token's loops early (kl:EPS, delta:EPS, gate:Q)")
     p.add_argument("--last-loop-cache", action="store_true",
                    help="sequence-recurrent runs: Ouro's shortcut, one KV cache (the last loop's) instead of one per loop")
+    drafts = p.add_mutually_exclusive_group()
+    drafts.add_argument("--speculative", action="store_true",
+                        help="drafting runs: greedy decoding with the anchor head, drafted with --loops K and verified")
+    drafts.add_argument("--parallel", action="store_true",
+                        help="drafting runs: L tokens per --loops K loops (no verification)")
 
     p = commands.add_parser("eval", help="lm-evaluation-harness tasks at several loop counts",
                             epilog="example: loopdb eval runs/demo --tasks shakespeare_bpb,shakespeare_cloze "
@@ -268,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--samples", type=int, default=4, help="noise draws averaged per token")
-    p.add_argument("--readout", choices=["predictive", "last", "elbo", "elbo_continuous"], default="predictive",
-                   help="how a token's log-likelihood is read from the loops (METHOD 5)")
+    p.add_argument("--readout", choices=["predictive", "last", "elbo", "elbo_continuous", "anchor"],
+                   default="predictive",
+                   help="how a token's log-likelihood is read from the loops (METHOD 5); anchor: the dense anchor head")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stderr", action="store_true", help="compute standard errors (bootstrap for non-mean metrics)")
     p.add_argument("--device", default="auto")
@@ -278,10 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence-recurrent runs, generate_until tasks: stop each token's loops early (kl:EPS, "
                         "delta:EPS, gate:Q); the report gives the mean loops used")
 
-    p = commands.add_parser("bench", help="benchmarks: `bench memory` (peak memory, end to end vs block-wise)")
-    p.add_argument("what", choices=["memory"])
+    p = commands.add_parser("bench", help="benchmarks: `bench memory` (peak memory, end to end vs block-wise); "
+                                          "`bench decode RUN` (speculative / parallel decoding of a drafting run)",
+                            epilog="example: loopdb bench decode runs/demo-draft --loops 1,2,4,8,16 --json")
+    p.add_argument("what", choices=["memory", "decode"])
+    p.add_argument("run", nargs="?", default=None, help="decode: a drafting run folder")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--loops", default="1,2,4,8,16", help="decode: loop counts K of the drafter")
+    p.add_argument("--prompts", type=int, default=4, help="decode: test-split prompts")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="decode: tokens per prompt")
+    p.add_argument("--tokens", type=int, default=64, help="decode: new tokens per prompt")
+    p.add_argument("--judge", default=None, help="decode: a dense run judging the parallel samples (default: the anchor)")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 

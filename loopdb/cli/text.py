@@ -21,6 +21,10 @@ from .args import parse_loops
 
 def score(args, sampler) -> int:
     """`loopdb score` of a next-token LM: bits per byte per loop count under a readout."""
+    if args.readout == "block_elbo":  # a drafting run's bound on whole blocks (loopdb.cli.drafting)
+        from .drafting import score_block_elbo
+
+        return score_block_elbo(args, sampler)
     loops = parse_loops(args.loops or "1,4,16")
     if args.samples < 1:
         raise UsageError(f"--samples {args.samples}: need at least one noise draw")
@@ -134,6 +138,10 @@ def _plot_task_scores(report: dict, path) -> None:
 
 def sample(args, sampler) -> int:
     """`loopdb sample` of a next-token LM: K loops per new token."""
+    if getattr(args, "speculative", False) or getattr(args, "parallel", False):  # drafting runs (loopdb.cli.drafting)
+        from .drafting import sample_drafts
+
+        return sample_drafts(args, sampler)
     if args.loops is not None and args.loops < 1:
         raise UsageError(f"--loops {args.loops}: the loop count must be >= 1")
     model, config = load_model(args.run, resolve_device(args.device), sampler)

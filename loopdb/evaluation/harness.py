@@ -7,7 +7,8 @@ The model class ``LoopDBLM`` is registered with the harness as ``loopdb``::
                             tasks=[...], task_manager=TaskManager(include_path="eval/tasks"))
 
 Model args: ``run`` (run folder), ``num_loops`` (K, default 1), ``samples`` (noise draws of the
-readout, default 4), ``readout`` (``predictive`` (default), ``last``, ``elbo`` or ``elbo_continuous``:
+readout, default 4), ``readout`` (``predictive`` (default), ``last``, ``elbo``, ``elbo_continuous``, or
+``anchor``: the dense anchor head of a run trained with anchor_weight > 0, for scoring AND generation;
 see ``scoring.token_logprobs``), ``seed`` (default 0),
 ``batch_size`` (default 16), ``device`` (``cpu``, ``cuda``, ``auto``; default ``cpu``), ``exit``
 (sequence-recurrent runs: an adaptive exit rule for generate_until, e.g. ``kl:5e-4``; loopdb.maths.exit).
@@ -148,6 +149,8 @@ class LoopDBLM(TemplateLM):
         elif tokenizer is None:
             raise ValueError("pass the tokenizer along with an in-memory model")
         self.run = None if run is None else str(run)
+        if readout == "anchor":  # the dense anchor head answers everything: scores, greediness, generation
+            model = scoring.anchor_head(model)
         self.model = model.to(self._device).eval()
         self.tok = tokenizer
         vocab = getattr(model.config, "vocab_size", tokenizer.vocab_size)
@@ -238,7 +241,7 @@ class LoopDBLM(TemplateLM):
                 targets = torch.tensor(tokens[-count:], dtype=torch.long)
                 scored = logprobs[row, length - count:length]
                 picked = scored.gather(-1, targets[:, None]).squeeze(-1)
-                if self.readout != "predictive":
+                if self.readout not in ("predictive", "anchor"):  # anchor: the model above is already the anchor
                     picked = self.readout_logprobs(tokens)[-count:]
                 results.append((float(picked.double().sum()), bool((scored.argmax(-1) == targets).all())))
             progress.update(len(batch))

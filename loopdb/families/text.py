@@ -14,6 +14,7 @@ from ..models.looped import LoopedLM
 from ..models.recurrent import RecurrentDepthLM
 from ..models.masked import MaskedDiffusionLM
 from ..models.stacked import HostOffload, StackedLM
+from ..objectives.drafting import DraftDiffusionObjective
 from ..objectives.masked import make_masked_objective
 from ..objectives.next_token import DenseObjective, StackedDiffusionObjective, make_objective
 from ..readouts import masked as masked_readouts
@@ -89,10 +90,18 @@ def text_data_dir(data: str | None, config: Config) -> Path:
 def _build_looped(config: Config):
     """Sequence recurrence (Huginn's wiring: loopdb.models.recurrent) or the per-position loop
     of the DiffusionBlocks LM (loopdb.models.looped), as ``config.recurrence`` says."""
-    objective = make_objective(config.train)
+    objective = _looped_objective(config)
     if config.recurrence == "sequence":
         return RecurrentDepthLM(config.model, objective, exit_gate=config.train.objective == "ouro")
     return LoopedLM(config.model, config.diffusion, objective)
+
+
+def _looped_objective(config: Config):
+    """DiffusionBlocks with drafts or the anchor head (issue 15) when asked for, else the plain objectives."""
+    train = config.train
+    if train.objective == "diffusion" and (config.model.draft_width > 1 or train.anchor_weight > 0):
+        return DraftDiffusionObjective(train.anchor_weight, train.draft_fraction)
+    return make_objective(train)
 
 
 def _looped_task(config: Config, data_dir):
@@ -104,12 +113,18 @@ def _looped_data_dir(data: str | None, config: Config) -> Path:
 
 
 def _looped_rules(config: Config) -> list:
-    objective = config.train.objective
+    m, d, t = config.model, config.diffusion, config.train
+    objective = t.objective
+    drafting = m.draft_width > 1 or t.anchor_weight > 0
     return [
         (objective != "diffusion" or config.recurrence == "position",
          "objective=diffusion loops over one position's denoised target; it needs recurrence=position (or auto)"),
         (objective != "ouro" or config.recurrence == "sequence",
          "objective=ouro trains the exit gate of the sequence-recurrent model; use recurrence=sequence (or auto)"),
+        (not drafting or objective == "diffusion",
+         f"draft_width and anchor_weight belong to objective=diffusion, not {objective!r}"),
+        (not drafting or not (d.self_condition or d.rollout_fraction or t.task),
+         "self_condition, rollout_fraction and task runs are not supported with draft_width > 1 or anchor_weight > 0"),
     ]
 
 
@@ -157,6 +172,8 @@ def _diffusion_or_dense(config: Config) -> list:
         (not (d.self_condition or d.rollout_fraction or d.train_grid_fraction),
          "self_condition, rollout_fraction and train_grid_fraction are looped-model remedies; "
          f"the {m.family} family does not support them"),
+        (m.draft_width == 1 and t.anchor_weight == 0,
+         f"draft_width and anchor_weight are looped-model keys; the {m.family} family does not support them"),
     ]
 
 

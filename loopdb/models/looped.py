@@ -17,6 +17,11 @@ Design (METHOD 3.1; [ours] where the paper is silent):
   Dhat = softmax(logits) @ normalize(E) -- the same table the training targets use.
 - ``num_loops`` is an argument of every inference call; the sigma grid is computed
   from it on the fly (loopdb.edm.sigma_grid), never stored.
+- Draft width L (``draft_width``, issue 15) [ours]: position t holds L noisy slots, the
+  embeddings of tokens t+1..t+L, denoised jointly at one sigma. A slot attends to the
+  clean keys at positions <= t and to the L slots of its own position, never to other
+  positions' slots. Slot j has rotary position t+j and a learned slot embedding (zero at
+  init; absent for L=1, which is exactly the one-next-token model above).
 """
 
 from __future__ import annotations
@@ -104,7 +109,10 @@ class LoopedLM(NextTokenDenoiser, nn.Module):
         self.prelude = blocks(model.n_prelude, False)
         self.core = blocks(model.n_core, True)
         self.coda = blocks(model.n_coda, False)
-        self.rotary = Rotary(dim // model.n_heads, model.context)
+        # slot j of the last position sits at rotary position context - 1 + j
+        self.rotary = Rotary(dim // model.n_heads, model.context + model.draft_width - 1)
+        self.draft_width = model.draft_width
+        self.slot_embedding = nn.Parameter(torch.zeros(model.draft_width, dim)) if model.draft_width > 1 else None
         self.sigma_embedder = SigmaEmbedder(dim)
         self.clean_condition = nn.Parameter(torch.zeros(dim))  # the core's conditioning for the clean stream
         self.injection = nn.Linear(2 * dim, dim, bias=False) if model.injection == "concat" else None
@@ -161,12 +169,38 @@ class LoopedLM(NextTokenDenoiser, nn.Module):
         """DiffusionBlocks: logits of the denoiser at noise level sigma for the LAST
         z.shape[1] positions of context. z: (B, Tq, C) noisy next-token embeddings;
         sigma: float or (B,) tensor; previous: the last Dhat, with self-conditioning (None = zeros)."""
-        batch, length = z.shape[0], z.shape[1]
+        length = z.shape[1]
+        anchors = torch.arange(context.length - length, context.length, device=z.device)
+        return self._denoise_rows(z, sigma, context, anchors, torch.zeros_like(anchors), previous)
+
+    def denoise_draft(self, z: torch.Tensor, sigma, context: CleanContext, positions: torch.Tensor | None = None):
+        """The draft denoiser: z (B, P, L, C), the L noisy slots of each of P positions (default: the
+        last P of context; else ``positions``, absolute, among the last encode call's), denoised
+        jointly at sigma. Returns logits (B, P, L, V): slot j of position t predicts token t+1+j."""
+        batch, count, width = z.shape[0], z.shape[1], z.shape[2]
+        if width != self.draft_width:
+            raise ValueError(f"z has {width} slots per position; this model drafts {self.draft_width}")
+        if positions is None:
+            positions = torch.arange(context.length - count, context.length, device=z.device)
+        anchors = positions.repeat_interleave(width)  # rows ordered (position, slot)
+        slots = torch.arange(width, device=z.device).repeat(count)
+        logits = self._denoise_rows(z.reshape(batch, count * width, -1), sigma, context, anchors, slots)
+        return logits.view(batch, count, width, -1)
+
+    def _denoise_rows(self, z, sigma, context: CleanContext, anchors, slots, previous=None):
+        """D and logits for noisy rows z (B, R, C); row r belongs to clean position anchors[r]
+        (absolute) as slot slots[r]. It sees clean keys <= its position and the rows of its own
+        position (METHOD 3.1; for one slot per position: itself)."""
+        batch = z.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(batch)
         pre = precondition(sigma, self.sigma_data)
-        cos, sin, mask = self._noisy_positions(length, context, z.device)
-        embedded = context.embedded[:, -length:]
+        cos, sin = self.rotary(anchors + slots)
+        to_clean = causal_mask(anchors, torch.arange(context.length, device=z.device))
+        mask = torch.cat([to_clean, anchors[:, None] == anchors[None, :]], dim=1)
+        embedded = context.embedded[:, anchors - (context.length - context.embedded.shape[1])]
         hidden = self._inject(pre.c_in[:, None, None] * z, embedded)
+        if self.slot_embedding is not None:
+            hidden = hidden + self.slot_embedding[slots].to(hidden.dtype)
         if self.self_condition is not None and previous is not None:
             hidden = hidden + self.self_condition((previous / self.target_scale).to(hidden.dtype))
         hidden = self._run_core(hidden, self.sigma_embedder(pre.c_noise), context, cos, sin, mask)

@@ -23,6 +23,13 @@ def sample_quality(model, judge, prompt: list[int], num_loops: int, num_samples:
     model (exp of its mean NLL per generated token), and distinct-2/3 of the samples."""
     samples = [generate(model, prompt, length, num_loops, temperature=temperature, seed=seed + index)
                for index in range(num_samples)]
+    return {"gen_ppl": judge_perplexity(judge, prompt, samples, seed), "distinct2": distinct_n(samples, 2),
+            "distinct3": distinct_n(samples, 3), "samples": num_samples, "length": length}
+
+
+@torch.no_grad()
+def judge_perplexity(judge, prompt: list[int], samples: list[list[int]], seed: int = 0) -> float:
+    """exp of the ``judge``'s mean NLL per generated token of ``samples``, each after ``prompt``."""
     device = next(judge.parameters()).device
     window = judge.config.context
     total_nats, total_tokens = 0.0, 0
@@ -32,5 +39,4 @@ def sample_quality(model, judge, prompt: list[int], num_loops: int, num_samples:
         scored = logprobs[0, -len(sample):] if len(sample) <= logprobs.shape[1] else logprobs[0]
         total_nats -= scored.sum().item()
         total_tokens += scored.numel()
-    return {"gen_ppl": math.exp(total_nats / max(1, total_tokens)), "distinct2": distinct_n(samples, 2),
-            "distinct3": distinct_n(samples, 3), "samples": num_samples, "length": length}
+    return math.exp(total_nats / max(1, total_tokens))

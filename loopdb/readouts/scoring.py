@@ -14,9 +14,12 @@ step's probability over N noise draws and always report N.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+
+from ..objectives.next_token import DenseObjective
 
 
 
@@ -68,7 +71,18 @@ def predictive_core(model, context, num_loops: int, samples: int, draw_state, lo
     return total - math.log(samples)
 
 
-READOUTS = ("predictive", "last", "elbo", "elbo_continuous")
+def anchor_head(model):
+    """The same model read through its dense anchor head (the clean stream's next-token logits,
+    issue 15): a shallow copy sharing every parameter, with the dense objective (K is ignored)."""
+    if model.objective.name != "dense" and not getattr(model.objective, "anchor_weight", 0) > 0:
+        raise ValueError("this model has no trained anchor head: train it with anchor_weight > 0 "
+                         "(e.g. --preset demo-draft), or score it with readout=predictive")
+    view = copy.copy(model)
+    view.objective = DenseObjective()
+    return view
+
+
+READOUTS = ("predictive", "last", "elbo", "elbo_continuous", "anchor")
 ELBO_CONTINUOUS_SIGMAS = 32  # stratified ln-sigma draws per continuous-ELBO estimate (fixed: numbers compare)
 
 
@@ -109,7 +123,10 @@ def token_logprobs(model, windows: torch.Tensor, num_loops: int, readout: str, s
         predictive       log of the last loop's probability averaged over ``samples`` noise draws;
         last             the last loop's log-probability averaged over draws (one draw: the biased readout);
         elbo             minus the K-step diffusion ELBO (a bound: never above the true log p);
-        elbo_continuous  minus the continuous-time ELBO (independent of K)."""
+        elbo_continuous  minus the continuous-time ELBO (independent of K);
+        anchor           the dense anchor head's next-token log-probability (independent of K)."""
+    if readout == "anchor":
+        return next_token_logprobs(anchor_head(model), windows, 1, generator)
     if readout == "predictive":
         return predictive_logprobs(model, windows, num_loops, samples, generator)
     if readout == "last":
@@ -194,7 +211,7 @@ def _predictive_rows(model, inputs, num_loops, samples, generators, lengths, loo
                 for generator, n in zip(generators, lengths)]
         if rows[0] is None:
             return None
-        state = torch.zeros(batch, length, width, dtype=rows[0].dtype, device=inputs.device)
+        state = torch.zeros(batch, length, *rows[0].shape[2:], dtype=rows[0].dtype, device=inputs.device)
         for index, (row, n) in enumerate(zip(rows, lengths)):
             state[index, :n] = row[0]
         return state
