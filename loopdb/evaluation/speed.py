@@ -6,6 +6,7 @@ LM under its three objectives, ``dense``, ``diffusion`` and ``bptt`` (fixed dept
 gradients through the last k, so every step does the same arithmetic). The members run
 INTERLEAVED in one process, round after round, so a neighbour's load on a shared machine
 slows all of them alike; the ratios are the numbers to read, the milliseconds are context.
+A member's time is the FASTEST of its rounds: a neighbour's load only ever adds time.
 
 FLOPs are counted explicitly (``training_flops``): 2 per multiply-add of every matmul the
 step runs; attention as 4 * Tq * Tk * d per layer for every (query, key) pair handed to the
@@ -21,7 +22,6 @@ tokens, at K = 1 and 16 loops, for batch 1 and 8 (batched generation, loopdb.rea
 
 from __future__ import annotations
 
-import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -132,7 +132,7 @@ def matmul_peak(precision: str, sizes=(1024, 2048), repeats: int = 5) -> float:
 # -- training speed ----------------------------------------------------------------------------------
 def measure_training(dims: SpeedDims, precisions=("fp32", "bf16"), compile_modes=(False,), rounds: int = 5,
                      warmup: int = 2, members=MEMBERS) -> list[dict]:
-    """Median step time of every (member, precision, compile) over ``rounds`` interleaved rounds."""
+    """Fastest step time of every (member, precision, compile) over ``rounds`` interleaved rounds."""
     from ..training.trainer import make_optimizer
 
     entries = []
@@ -165,7 +165,7 @@ def measure_training(dims: SpeedDims, precisions=("fp32", "bf16"), compile_modes
             entry["seconds"].append(one_step(entry))
     results = []
     for entry in entries:
-        seconds = statistics.median(entry["seconds"])
+        seconds = min(entry["seconds"])
         flops = training_flops(entry["member"], dims)
         results.append({"member": entry["member"], "precision": entry["precision"], "compile": entry["compile"],
                         "ms_per_step": 1000 * seconds,
@@ -195,7 +195,7 @@ def measure_generation(dims: SpeedDims, prompt_length: int = 512, new_tokens: in
             case["seconds"].append(time.perf_counter() - started)
     return [{"num_loops": c["num_loops"], "batch": c["batch"], "cache": c["cache"], "precision": precision,
              "prompt_length": prompt_length, "new_tokens": new_tokens,
-             "tokens_per_s": c["batch"] * new_tokens / statistics.median(c["seconds"])} for c in cases]
+             "tokens_per_s": c["batch"] * new_tokens / min(c["seconds"])} for c in cases]
 
 
 # -- the report ------------------------------------------------------------------------------------------
