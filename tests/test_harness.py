@@ -166,6 +166,18 @@ def test_generate_until_stops_at_the_stop_string(tiny_lm):
     assert isinstance(uni, str)
 
 
+def test_batched_generate_until_equals_one_request_at_a_time(tiny_lm):
+    """Five requests of unequal contexts, lengths and stop strings, in batches of 4 (and one
+    sampled request in a group of its own): each answer is the one it gets alone."""
+    requests = [("MACBETH.\n", {"until": ["\n\n"], "max_gen_toks": 9}), ("Thou", {"max_gen_toks": 3}),
+                ("", {"until": ["e"], "max_gen_toks": 12}), ("To be, or not", {"max_gen_toks": 7}),
+                ("Enter", {"max_gen_toks": 6, "do_sample": True, "temperature": 1.0}),
+                ("What, ho!", {"until": ["o"], "max_gen_toks": 10})]
+    batched = tiny_lm.generate_until([instance("generate_until", args) for args in requests], disable_tqdm=True)
+    alone = [tiny_lm.generate_until([instance("generate_until", args)], disable_tqdm=True)[0] for args in requests]
+    assert batched == alone and len(set(batched)) > 1
+
+
 def test_readout_model_arg_scores_under_that_readout(tokenizer):
     from loopdb.readouts import scoring as engine
     from loopdb.evaluation.harness import LoopDBLM, window_seed
