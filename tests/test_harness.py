@@ -300,6 +300,21 @@ def test_simple_evaluate_on_the_shipped_tasks_from_another_cwd(tiny_run, tmp_pat
     assert results["config"]["num_loops"] == 2 and results["config"]["readout"] == "predictive"
 
 
+@pytest.mark.slow
+def test_lm_evals_own_command_line_runs_the_loopdb_model(tiny_run, tmp_path):
+    """python -m loopdb.lm_eval takes lm-eval's flags unchanged and writes lm-eval's results."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "loopdb.lm_eval", "--model", "loopdb", "--model_args",
+               f"run={tiny_run},num_loops=2,samples=1", "--tasks", "shakespeare_bpb", "--include_path", str(TASKS),
+               "--limit", "2", "--device", "cpu", "--output_path", str(tmp_path / "out")]  # lm-eval defaults to cuda:0
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (results,) = list((tmp_path / "out").rglob("results*.json"))
+    assert 0 < json.loads(results.read_text())["results"]["shakespeare_bpb"]["bits_per_byte,none"] < 20
+
+
 def test_task_data_is_reproducible():
     sys.path.insert(0, str(ROOT / "eval"))
     try:
