@@ -16,6 +16,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """x * rsqrt(mean(x^2) + eps) * weight with a hand-written backward: on CPU, F.rms_norm is
+    a chain of small ops in both directions (about 1.3x this one's time at d=256, bench speed)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        inverse_rms = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        ctx.save_for_backward(x, weight, inverse_rms)
+        normed = x * inverse_rms
+        return normed if weight is None else normed * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, inverse_rms = ctx.saved_tensors
+        normed = x * inverse_rms
+        grad_normed = grad if weight is None else grad * weight
+        # d/dx of x * r(x): r * (g - xhat * mean(g * xhat)), with xhat = x * r
+        grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * inverse_rms
+        grad_weight = None if weight is None else (grad * normed).sum(tuple(range(grad.dim() - 1)))
+        return grad_x, grad_weight, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, affine: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -23,8 +45,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x):
-        weight = None if self.weight is None else self.weight.to(x.dtype)  # keeps the fused kernel under autocast
-        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        weight = None if self.weight is None else self.weight.to(x.dtype)  # no mixed-dtype product under autocast
+        if x.device.type == "cpu" and torch.is_grad_enabled():
+            return _RMSNormFunction.apply(x, weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)  # fused on accelerators, and fine without autograd
 
 
 class Rotary(nn.Module):
@@ -48,8 +72,11 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x, cos, sin):
-    """x: (B, H, T, hd); rotate pairs (first half, second half)."""
+    """x: (..., T, hd), e.g. (B, H, T, hd) or q and k stacked (2, B, H, T, hd); cos/sin (T, hd/2)
+    or per row (B, T, hd/2); rotate pairs (first half, second half)."""
     x1, x2 = x.chunk(2, dim=-1)
+    if cos.dim() == 3:  # per-row positions (left-padded batches): broadcast over the heads
+        cos, sin = cos[:, None], sin[:, None]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -60,16 +87,35 @@ def causal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor) -> t
     return key_positions[None, :] <= query_positions[:, None]
 
 
-def clean_context_mask(query_positions: torch.Tensor, context_positions: torch.Tensor) -> torch.Tensor:
+def padded_causal_mask(query_index: torch.Tensor, key_index: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """(B, 1, Tq, Tk) bool for left-padded rows: row b's first ``pad[b]`` slots are padding.
+    A query sees earlier-or-equal real keys of its row; a padding query sees only itself, so
+    no row is ever fully masked (its output is never read)."""
+    causal = key_index[None, None, :] <= query_index[None, :, None]  # (1, Tq, Tk)
+    real = key_index[None, None, :] >= pad[:, None, None]  # (B, 1, Tk)
+    itself = key_index[None, None, :] == query_index[None, :, None]
+    return (causal & (real | itself))[:, None]
+
+
+def padded_positions(index: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """(B, T) rotary positions of slots ``index`` in left-padded rows: a row's first real token is position 0."""
+    return (index[None, :] - pad[:, None]).clamp_min(0)
+
+
+def clean_context_mask(query_positions: torch.Tensor, context_positions: torch.Tensor,
+                       pad: torch.Tensor | None = None) -> torch.Tensor:
     """Mask of the NOISY stream over keys [clean context ; noisy rows].
 
     A noisy row at position t sees clean keys at positions <= t and itself, never
     another noisy row (METHOD 3.1). Every row sees at least itself, so no row is
-    ever fully masked (METHOD pitfall 2).
+    ever fully masked (METHOD pitfall 2). With ``pad`` (B,) the batch is left-padded and
+    the arguments are slot indices: (B, 1, Tq, Tk) that also hides the padding keys.
     """
-    to_clean = causal_mask(query_positions, context_positions)
     to_self = torch.eye(len(query_positions), dtype=torch.bool, device=query_positions.device)
-    return torch.cat([to_clean, to_self], dim=1)
+    if pad is None:
+        return torch.cat([causal_mask(query_positions, context_positions), to_self], dim=1)
+    to_clean = padded_causal_mask(query_positions, context_positions, pad)
+    return torch.cat([to_clean, to_self.expand(len(pad), 1, -1, -1)], dim=-1)
 
 
 # -- attention backends ---------------------------------------------------------------
@@ -89,14 +135,14 @@ def xformers_usable(device_type: str) -> bool:
 
 
 def attention(q, k, v, mask: torch.Tensor | None = None, is_causal: bool = False, backend: str = "auto"):
-    """q: (B, H, Tq, hd), k/v: (B, H, Tk, hd); mask: (Tq, Tk) bool, True = attend."""
+    """q: (B, H, Tq, hd), k/v: (B, H, Tk, hd); mask: (Tq, Tk) or (B, 1, Tq, Tk) bool, True = attend."""
     if backend in ("auto", "xformers") and xformers_usable(q.device.type):
         import xformers.ops as xops
 
         bias = None
         if mask is not None:
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-            bias = bias.expand(q.shape[0], q.shape[1], *mask.shape)
+            bias = bias.expand(q.shape[0], q.shape[1], *mask.shape[-2:])
         elif is_causal:
             bias = xops.LowerTriangularMask()
         # xformers wants (B, T, H, hd)
@@ -169,8 +215,9 @@ class SelfAttention(nn.Module):
         causal, or full (bidirectional) with ``causal=False``.
         """
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        q, k = apply_rotary(qkv[:2], cos, sin)  # q and k in one pass: half the small ops
+        v = qkv[2]
         keys, values = k, v
         if kv_prefix is not None:
             keys = torch.cat([kv_prefix[0].to(k.dtype), k], dim=2)
@@ -214,9 +261,10 @@ class Block(nn.Module):
             if mod.dim() == 2:
                 mod = mod[:, None, :]
             shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-            h, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, kv_prefix, mask, causal)
-            x = x + gate1 * h
-            x = x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+            # addcmul: one fused op each for modulate and gate (adaLN-Zero), forward and backward
+            h, kv = self.attn(torch.addcmul(shift1, self.norm1(x), 1 + scale1), cos, sin, kv_prefix, mask, causal)
+            x = torch.addcmul(x, gate1, h)
+            x = torch.addcmul(x, gate2, self.mlp(torch.addcmul(shift2, self.norm2(x), 1 + scale2)))
             return x, kv
         h, kv = self.attn(self.norm1(x), cos, sin, kv_prefix, mask, causal)
         if self.post_norms is not None:

@@ -166,6 +166,18 @@ def test_generate_until_stops_at_the_stop_string(tiny_lm):
     assert isinstance(uni, str)
 
 
+def test_batched_generate_until_equals_one_request_at_a_time(tiny_lm):
+    """Five requests of unequal contexts, lengths and stop strings, in batches of 4 (and one
+    sampled request in a group of its own): each answer is the one it gets alone."""
+    requests = [("MACBETH.\n", {"until": ["\n\n"], "max_gen_toks": 9}), ("Thou", {"max_gen_toks": 3}),
+                ("", {"until": ["e"], "max_gen_toks": 12}), ("To be, or not", {"max_gen_toks": 7}),
+                ("Enter", {"max_gen_toks": 6, "do_sample": True, "temperature": 1.0}),
+                ("What, ho!", {"until": ["o"], "max_gen_toks": 10})]
+    batched = tiny_lm.generate_until([instance("generate_until", args) for args in requests], disable_tqdm=True)
+    alone = [tiny_lm.generate_until([instance("generate_until", args)], disable_tqdm=True)[0] for args in requests]
+    assert batched == alone and len(set(batched)) > 1
+
+
 def test_readout_model_arg_scores_under_that_readout(tokenizer):
     from loopdb.readouts import scoring as engine
     from loopdb.evaluation.harness import LoopDBLM, window_seed
@@ -286,6 +298,21 @@ def test_simple_evaluate_on_the_shipped_tasks_from_another_cwd(tiny_run, tmp_pat
     assert 0 <= metrics["shakespeare_cloze"]["acc,none"] <= 1
     assert 0 <= metrics["shakespeare_continue"]["word_f1,none"] <= 1
     assert results["config"]["num_loops"] == 2 and results["config"]["readout"] == "predictive"
+
+
+@pytest.mark.slow
+def test_lm_evals_own_command_line_runs_the_loopdb_model(tiny_run, tmp_path):
+    """python -m loopdb.lm_eval takes lm-eval's flags unchanged and writes lm-eval's results."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "loopdb.lm_eval", "--model", "loopdb", "--model_args",
+               f"run={tiny_run},num_loops=2,samples=1", "--tasks", "shakespeare_bpb", "--include_path", str(TASKS),
+               "--limit", "2", "--device", "cpu", "--output_path", str(tmp_path / "out")]  # lm-eval defaults to cuda:0
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (results,) = list((tmp_path / "out").rglob("results*.json"))
+    assert 0 < json.loads(results.read_text())["results"]["shakespeare_bpb"]["bits_per_byte,none"] < 20
 
 
 def test_task_data_is_reproducible():

@@ -155,6 +155,17 @@ def cmd_bench(args) -> int:
         from .drafting import bench_decode
 
         return bench_decode(args)
+    if args.what == "speed":
+        from ..evaluation import speed
+
+        dims = speed.SpeedDims(d_model=args.d_model, n_layers=args.n_layers, context=args.context,
+                               batch_size=args.batch_size, vocab_size=args.vocab_size)
+        if dims.n_layers < 3 or dims.d_model % dims.head_dim:
+            raise UsageError(f"bench speed needs --n-layers >= 3 and --d-model a multiple of {dims.head_dim}")
+        report = speed.run_speed_bench(dims, compile=args.compile, rounds=args.rounds,
+                                       generation=not args.no_generation, gen_context=args.gen_context)
+        print(json.dumps(report) if args.json else speed.format_table(report))
+        return 0
     if args.run:
         raise UsageError(f"loopdb bench memory takes no run folder (got {args.run})")
     from ..device import resolve_device
@@ -293,18 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "delta:EPS, gate:Q); the report gives the mean loops used")
 
     p = commands.add_parser("bench", help="benchmarks: `bench memory` (peak memory, end to end vs block-wise); "
-                                          "`bench decode RUN` (speculative / parallel decoding of a drafting run)",
+                                          "`bench decode RUN` (speculative / parallel decoding of a drafting run); "
+                                          "`bench speed` (step and generation speed against a plain GPT)",
                             epilog="example: loopdb bench decode runs/demo-draft --loops 1,2,4,8,16 --json")
-    p.add_argument("what", choices=["memory", "decode"])
+    p.add_argument("what", choices=["memory", "decode", "speed"])
     p.add_argument("run", nargs="?", default=None, help="decode: a drafting run folder")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="bench memory and decode")
     p.add_argument("--loops", default="1,2,4,8,16", help="decode: loop counts K of the drafter")
     p.add_argument("--prompts", type=int, default=4, help="decode: test-split prompts")
     p.add_argument("--prompt-tokens", type=int, default=16, help="decode: tokens per prompt")
     p.add_argument("--tokens", type=int, default=64, help="decode: new tokens per prompt")
     p.add_argument("--judge", default=None, help="decode: a dense run judging the parallel samples (default: the anchor)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--d-model", type=int, default=256, help="bench speed: model width")
+    p.add_argument("--n-layers", type=int, default=4, help="bench speed: layers (looped: 1 prelude, n-2 core, 1 coda)")
+    p.add_argument("--context", type=int, default=256, help="bench speed: training window T")
+    p.add_argument("--batch-size", type=int, default=16, help="bench speed: training batch")
+    p.add_argument("--vocab-size", type=int, default=4096, help="bench speed: vocabulary")
+    p.add_argument("--compile", action="store_true", help="bench speed: also measure with torch.compile (slow start)")
+    p.add_argument("--rounds", type=int, default=5, help="bench speed: interleaved timed rounds")
+    p.add_argument("--gen-context", type=int, default=512, help="bench speed: prompt length for generation")
+    p.add_argument("--no-generation", action="store_true", help="bench speed: skip the generation measurements")
     return parser
 
 

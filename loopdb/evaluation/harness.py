@@ -314,29 +314,52 @@ class LoopDBLM(TemplateLM):
 
     def generate_tokens(self, context: str, until: list[str], max_gen_toks: int, temperature: float = 0.0,
                         top_k: int | None = None) -> tuple[list[int], str]:
-        """(new token ids, their text cut before the first stop string). Generation runs in chunks
-        (see the module docstring) and ends after the chunk where a stop string appears, or at
-        max_gen_toks."""
-        prompt = self.tok_encode(context) or [self.prefix_token_id]
+        """(new token ids, their text cut before the first stop string) for one context."""
+        return self.generate_tokens_batch([context], [until], [max_gen_toks], temperature, top_k)[0]
+
+    def generate_tokens_batch(self, contexts: list[str], untils: list[list[str]], max_gen_toks: list[int],
+                              temperature: float = 0.0, top_k: int | None = None) -> list[tuple[list[int], str]]:
+        """Per context, (new token ids, their text cut before the first stop string). Generation runs
+        in chunks (see the module docstring), all unfinished rows as one left-padded batch
+        (generation.generate_batch); a row ends after the chunk where a stop string appears, or at
+        its max_gen_toks. Each row gives what it gives alone: its chunks, prompts and seeds do not
+        depend on the other rows, and a row that needs fewer tokens of a chunk keeps a prefix."""
+        prompts = [self.tok_encode(context) or [self.prefix_token_id] for context in contexts]
         chunk = max(1, min(GEN_CHUNK, self.window // 4))
-        new: list[int] = []
-        text = ""
-        while len(new) < max_gen_toks:
-            count = min(chunk, max_gen_toks - len(new))
+        new: list[list[int]] = [[] for _ in contexts]
+        texts = [""] * len(contexts)
+        active = [row for row in range(len(contexts)) if max_gen_toks[row] > 0]
+        while active:
+            counts = [min(chunk, max_gen_toks[row] - len(new[row])) for row in active]
             # left-truncate so a whole chunk fits in the window: every new token sees at least
-            # window - chunk tokens of context and generation.generate never has to slide. The prompt
+            # window - chunk tokens of context and generation never has to slide. The prompt
             # does not depend on count, so a shorter run is a prefix of a longer one.
-            so_far = (prompt + new)[-max(1, self.window - chunk):]
-            stats = {}
-            new += generation.generate(self.model, so_far, count, self.num_loops, temperature=temperature, top_k=top_k,
-                                       seed=window_seed(self.seed, so_far), exit_rule=self.exit_rule, stats=stats)
-            if "mean_loops" in stats:
-                self.generation_loops.append(stats["mean_loops"])
-            text = self.tok_decode(new)
-            if any(stop and stop in text for stop in until):
-                break
-        cuts = [text.find(stop) for stop in until if stop and stop in text]
-        return new, text[:min(cuts)] if cuts else text
+            so_far = [(prompts[row] + new[row])[-max(1, self.window - chunk):] for row in active]
+            seeds = [window_seed(self.seed, tokens) for tokens in so_far]
+            if self.exit_rule is None:
+                generated = generation.generate_batch(self.model, so_far, max(counts), self.num_loops,
+                                                      temperature=temperature, top_k=top_k, seeds=seeds)
+            else:  # adaptive exit (sequence-recurrent runs): row by row, each reporting the loops it used
+                generated = []
+                for tokens, seed in zip(so_far, seeds):
+                    stats = {}
+                    generated.append(generation.generate(self.model, tokens, max(counts), self.num_loops,
+                                                         temperature=temperature, top_k=top_k, seed=seed,
+                                                         exit_rule=self.exit_rule, stats=stats))
+                    self.generation_loops.append(stats["mean_loops"])
+            still = []
+            for row, count, tokens in zip(active, counts, generated):
+                new[row] += tokens[:count]
+                texts[row] = self.tok_decode(new[row])
+                stopped = any(stop and stop in texts[row] for stop in untils[row])
+                if not stopped and len(new[row]) < max_gen_toks[row]:
+                    still.append(row)
+            active = still
+        results = []
+        for row, text in enumerate(texts):
+            cuts = [text.find(stop) for stop in untils[row] if stop and stop in text]
+            results.append((new[row], text[:min(cuts)] if cuts else text))
+        return results
 
     def generate_text(self, context: str, until: list[str], max_gen_toks: int, temperature: float = 0.0,
                       top_k: int | None = None) -> str:
@@ -344,15 +367,26 @@ class LoopDBLM(TemplateLM):
         return self.generate_tokens(context, until, max_gen_toks, temperature, top_k)[1]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Requests with the same sampling settings run ``batch_size`` at a time (batched generation)."""
         from tqdm import tqdm
 
-        answers = []
-        for request in tqdm(requests, desc=f"loopdb generate K={self.num_loops}", disable=disable_tqdm):
-            context, gen_kwargs = request.args
-            until, max_gen_toks, temperature, top_k = self._generation_settings(gen_kwargs)
-            answer = self.generate_text(context, until, max_gen_toks, temperature, top_k)
-            self.cache_hook.add_partial("generate_until", request.args, answer)
-            answers.append(answer)
+        settings = [self._generation_settings(request.args[1]) for request in requests]
+        answers: list[str | None] = [None] * len(requests)
+        groups: dict = {}
+        for index, (until, max_gen_toks, temperature, top_k) in enumerate(settings):
+            groups.setdefault((temperature, top_k), []).append(index)
+        bar = tqdm(total=len(requests), desc=f"loopdb generate K={self.num_loops}", disable=disable_tqdm)
+        for (temperature, top_k), indices in groups.items():
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                results = self.generate_tokens_batch([requests[i].args[0] for i in batch],
+                                                     [settings[i][0] for i in batch], [settings[i][1] for i in batch],
+                                                     temperature, top_k)
+                for index, (_, answer) in zip(batch, results):
+                    self.cache_hook.add_partial("generate_until", requests[index].args, answer)
+                    answers[index] = answer
+                bar.update(len(batch))
+        bar.close()
         return answers
 
 

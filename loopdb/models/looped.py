@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from ..config import DiffusionConfig, ModelConfig
 from ..maths.edm import NoiseSchedule, precondition
-from ..layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, init_linears, run_clean_layers
+from ..layers import (Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, init_linears,
+                      padded_causal_mask, padded_positions, run_clean_layers)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class CleanContext:
 
     prelude_kv / core_kv / coda_kv: per layer (k, v), each (B, H, length, hd).
     embedded: the prelude output e for the positions of the last encode call.
+    pad: (B,) left-padding slots per row of a batch of prompts of unequal length, or None.
     """
 
     prelude_kv: list
@@ -51,6 +53,7 @@ class CleanContext:
     embedded: torch.Tensor
     final_hidden: torch.Tensor
     length: int
+    pad: torch.Tensor | None = None
 
 
 class NextTokenDenoiser:
@@ -76,10 +79,22 @@ class NextTokenDenoiser:
         hidden = self.final_norm(hidden)
         return hidden @ self.embedding.weight.t() if self.head is None else self.head(hidden)
 
+    def _clean_positions(self, start: int, length: int, pad, device):
+        """cos, sin and mask of a clean-stream call over slots [start, start + length); pad: (B,)
+        left padding or None. mask None: the plain causal fast path (no cache, no padding)."""
+        index = torch.arange(start, start + length, device=device)
+        keys = torch.arange(start + length, device=device)
+        if pad is not None:
+            cos, sin = self.rotary(padded_positions(index, pad))
+            return cos, sin, padded_causal_mask(index, keys, pad)
+        cos, sin = self.rotary(index)
+        return cos, sin, None if start == 0 else causal_mask(index, keys)
+
     def _noisy_positions(self, length: int, context, device):
-        positions = torch.arange(context.length - length, context.length, device=device)
-        cos, sin = self.rotary(positions)
-        mask = clean_context_mask(positions, torch.arange(context.length, device=device))
+        index = torch.arange(context.length - length, context.length, device=device)
+        pad = getattr(context, "pad", None)
+        cos, sin = self.rotary(index if pad is None else padded_positions(index, pad))
+        mask = clean_context_mask(index, torch.arange(context.length, device=device), pad)
         return cos, sin, mask
 
     def num_parameters(self) -> int:
@@ -133,13 +148,12 @@ class LoopedLM(NextTokenDenoiser, nn.Module):
             nn.init.zeros_(self.self_condition.weight)
 
     # -- clean stream -----------------------------------------------------------------
-    def encode(self, tokens: torch.Tensor, cache: CleanContext | None = None) -> CleanContext:
-        """Run the clean stream over ``tokens`` (B, T), appending to ``cache`` if given."""
+    def encode(self, tokens: torch.Tensor, cache: CleanContext | None = None, pad=None) -> CleanContext:
+        """Run the clean stream over ``tokens`` (B, T), appending to ``cache`` if given; ``pad``
+        (B,): the rows are left-padded by that many slots (kept by the cache)."""
         start = 0 if cache is None else cache.length
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        cos, sin = self.rotary(positions)
-        key_positions = torch.arange(0, start + tokens.shape[1], device=tokens.device)
-        mask = None if cache is None else causal_mask(positions, key_positions)  # None: plain causal fast path
+        pad = pad if cache is None else cache.pad
+        cos, sin, mask = self._clean_positions(start, tokens.shape[1], pad, tokens.device)
 
         def run(layers, hidden, past, cond=None):
             return run_clean_layers(layers, hidden, cos, sin, past, cond, mask)
@@ -148,7 +162,7 @@ class LoopedLM(NextTokenDenoiser, nn.Module):
         clean_cond = self.clean_condition.to(embedded.dtype).expand(tokens.shape[0], -1)
         hidden, core_kv = run(self.core, embedded, None if cache is None else cache.core_kv, clean_cond)
         final_hidden, coda_kv = run(self.coda, hidden, None if cache is None else cache.coda_kv)
-        return CleanContext(prelude_kv, core_kv, coda_kv, embedded, final_hidden, start + tokens.shape[1])
+        return CleanContext(prelude_kv, core_kv, coda_kv, embedded, final_hidden, start + tokens.shape[1], pad)
 
     # -- noisy stream ----------------------------------------------------------------------
     def _run_core(self, hidden, cond, context: CleanContext, cos, sin, mask):
@@ -194,9 +208,14 @@ class LoopedLM(NextTokenDenoiser, nn.Module):
         batch = z.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(batch)
         pre = precondition(sigma, self.sigma_data)
-        cos, sin = self.rotary(anchors + slots)
-        to_clean = causal_mask(anchors, torch.arange(context.length, device=z.device))
-        mask = torch.cat([to_clean, anchors[:, None] == anchors[None, :]], dim=1)
+        keys, own_position = torch.arange(context.length, device=z.device), anchors[:, None] == anchors[None, :]
+        pad = getattr(context, "pad", None)
+        if pad is None:
+            cos, sin = self.rotary(anchors + slots)
+            mask = torch.cat([causal_mask(anchors, keys), own_position], dim=1)
+        else:  # left-padded rows (batched generation): row positions start at its first real token
+            cos, sin = self.rotary(padded_positions(anchors, pad) + slots)
+            mask = torch.cat([padded_causal_mask(anchors, keys, pad), own_position.expand(len(pad), 1, -1, -1)], dim=-1)
         embedded = context.embedded[:, anchors - (context.length - context.embedded.shape[1])]
         hidden = self._inject(pre.c_in[:, None, None] * z, embedded)
         if self.slot_embedding is not None:

@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import DiffusionConfig, ModelConfig
 from ..maths.edm import NoiseSchedule, precondition
 from ..maths.partition import sigma_partition
-from ..layers import Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, run_clean_layers
+from ..layers import Block, RMSNorm, Rotary, SigmaEmbedder, run_clean_layers
 from ..layers import init_linears
 from .looped import NextTokenDenoiser
 
@@ -63,6 +63,7 @@ class StackedContext:
     embedded: torch.Tensor
     final_hidden: torch.Tensor | None
     length: int
+    pad: torch.Tensor | None = None  # (B,) left padding per row, or None (loopdb.models.looped.CleanContext)
 
 
 class DiffusionBlock(nn.Module):
@@ -176,14 +177,13 @@ class StackedLM(NextTokenDenoiser, nn.Module):
 
     # -- clean stream -------------------------------------------------------------------------
     def encode(self, tokens: torch.Tensor, cache: StackedContext | None = None,
-               blocks: list[int] | None = None) -> StackedContext:
+               blocks: list[int] | None = None, pad=None) -> StackedContext:
         """Clean stream over ``tokens`` (B, T), appending to ``cache``; ``blocks``: only these
         blocks' streams (training runs one block; default all). Dense: the chained stream."""
         start = 0 if cache is None else cache.length
         length = tokens.shape[1]
-        positions = torch.arange(start, start + length, device=tokens.device)
-        cos, sin = self.rotary(positions)
-        mask = None if cache is None else causal_mask(positions, torch.arange(start + length, device=tokens.device))
+        pad = pad if cache is None else cache.pad
+        cos, sin, mask = self._clean_positions(start, length, pad, tokens.device)
         embedded = self.embedding(tokens)  # (B, T, C)
         wanted = range(len(self.blocks)) if blocks is None else blocks
         block_kv = [None] * len(self.blocks)
@@ -196,7 +196,7 @@ class StackedLM(NextTokenDenoiser, nn.Module):
             hidden, block_kv[index] = run_clean_layers(block.layers, source, cos, sin, past, cond, mask,
                                                        self._layer_call)
         final_hidden = hidden if self.chained and blocks is None else None
-        return StackedContext(block_kv, embedded, final_hidden, start + length)
+        return StackedContext(block_kv, embedded, final_hidden, start + length, pad)
 
     # -- noisy stream ------------------------------------------------------------------------
     def denoise(self, z: torch.Tensor, sigma, context: StackedContext, previous=None) -> torch.Tensor:

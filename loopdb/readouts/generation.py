@@ -26,50 +26,88 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
 def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temperature: float = 1.0,
              top_k: int | None = None, seed: int = 0, use_cache: bool = True, exit_rule=None,
              last_cache_only: bool = False, stats: dict | None = None) -> list[int]:
-    """Sample ``max_new_tokens`` after ``prompt``; returns the new token ids.
+    """Sample ``max_new_tokens`` after ``prompt``; returns the new token ids (one prompt of generate_batch).
 
     A sequence-recurrent model (``model.sequence_recurrence``) decodes with one cache per loop
     (``_generate_recurrent``): ``exit_rule`` (loopdb.maths.exit) stops each token's loops early,
     ``last_cache_only`` is Ouro's one-cache shortcut, and ``stats`` receives the mean loops used
-    and the cache's size.
-
-    With the cache, each new token costs one clean-stream step plus ``num_loops``
-    noisy-stream steps against ONE cache of clean keys/values per layer (its size
-    does not depend on num_loops). Without it, the clean stream is recomputed over
-    the whole window each token: same tokens, slower (a test checks they agree).
-    When the window fills, it slides: the last half is re-encoded.
-    """
-    if not prompt:
-        raise ValueError("generation needs a non-empty prompt (the model predicts the token after each position)")
-    if num_loops < 1:
-        raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+    and the cache's size."""
     if getattr(model, "sequence_recurrence", False):
+        _check_request([prompt], num_loops)
         return _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
                                    exit_rule, last_cache_only, stats)
     if exit_rule is not None or last_cache_only:
         raise ValueError("adaptive exit and the last-loop cache apply to sequence-recurrent models "
                          "(objective bptt or ouro with recurrence=sequence)")
+    return generate_batch(model, [prompt], max_new_tokens, num_loops, temperature, top_k, [seed], use_cache)[0]
+
+
+def _check_request(prompts, num_loops: int) -> None:
+    if not prompts or any(not prompt for prompt in prompts):
+        raise ValueError("generation needs non-empty prompts (the model predicts the token after each position)")
+    if num_loops < 1:
+        raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loops: int, temperature: float = 1.0,
+                   top_k: int | None = None, seeds: list[int] | int = 0, use_cache: bool = True) -> list[list[int]]:
+    """Sample ``max_new_tokens`` after each of ``prompts`` at once; returns each row's new token ids.
+
+    With the cache, each new token costs one clean-stream step plus ``num_loops``
+    noisy-stream steps against ONE cache of clean keys/values per layer (its size
+    does not depend on num_loops). Without it, the clean stream is recomputed over
+    the whole window each token: same tokens, slower (a test checks they agree).
+
+    Prompts of unequal length are LEFT-padded: every row's new token sits in the same last
+    slot, and a row's positions start at 0 at its first real token (the model hides the
+    padding), so row i gives what ``generate(prompts[i], seed=seeds[i])`` gives alone (a test
+    checks it; ``seeds``: one per row, or one for all). The initial states and the token
+    draws come from the row's own generator; a sampler that draws along the way (ancestral
+    steps, sampled estimates) draws from row 0's when batched. When the window fills, it
+    slides for all rows at once: the last half of the slots is re-encoded. A sequence-recurrent
+    model (per-loop caches) generates its rows one after another.
+    """
+    _check_request(prompts, num_loops)
+    seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    if getattr(model, "sequence_recurrence", False):
+        return [_generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
+                                    None, False, None) for prompt, seed in zip(prompts, seeds)]
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     window = model.config.context
-    tokens = list(prompt)
-    start = max(0, len(tokens) - window)
-    context = model.encode(torch.tensor([tokens[start:]], device=device)) if use_cache else None
-    new_tokens = []
+    prompts = [list(prompt[-window:]) for prompt in prompts]  # what fits in the window
+    longest = max(len(prompt) for prompt in prompts)
+    pad = torch.tensor([longest - len(prompt) for prompt in prompts], device=device)
+    slots = torch.tensor([[0] * (longest - len(prompt)) + prompt for prompt in prompts], device=device)  # (B, L)
+
+    def encode_window():
+        return model.encode(slots, pad=pad if bool(pad.any()) else None)  # no padding: the causal fast path
+
+    context = encode_window() if use_cache else None
+    new_tokens = [[] for _ in prompts]
+    width = model.config.d_model
     for _ in range(max_new_tokens):
         if not use_cache:
-            context = model.encode(torch.tensor([tokens[start:]], device=device))
-        z = scoring.initial_noise(model, (1, 1, model.config.d_model), num_loops, generator, device)
-        logits = scoring.loop_logits(model, context, z, num_loops, generator)[0, -1]
-        token = sample_next_token(logits, temperature, top_k, generator)
-        tokens.append(token)
-        new_tokens.append(token)
-        if len(tokens) - start > window:  # slide the window: keep the last half
-            start = len(tokens) - window // 2
+            context = encode_window()
+        rows = [scoring.initial_noise(model, (1, 1, width), num_loops, generator, device) for generator in generators]
+        z = None if rows[0] is None else torch.cat(rows)  # (B, 1, C)
+        logits = scoring.loop_logits(model, context, z, num_loops, generators[0])[:, -1]  # (B, V)
+        column = [sample_next_token(logits[row], temperature, top_k, generator)
+                  for row, generator in enumerate(generators)]
+        for row, token in enumerate(column):
+            new_tokens[row].append(token)
+        column = torch.tensor(column, device=device)[:, None]
+        slots = torch.cat([slots, column], dim=1)
+        if slots.shape[1] > window:  # slide the window: keep the last half
+            dropped = slots.shape[1] - window // 2
+            slots, pad = slots[:, dropped:], (pad - dropped).clamp_min(0)
             if use_cache:
-                context = model.encode(torch.tensor([tokens[start:]], device=device))
+                context = encode_window()
         elif use_cache:
-            context = model.encode(torch.tensor([[token]], device=device), cache=context)
+            context = model.encode(column, cache=context)
     return new_tokens
 
 

@@ -1,0 +1,58 @@
+"""bench speed: the FLOP count, the hand-written RMSNorm backward, and the report's shape."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loopdb.evaluation import speed
+from loopdb.layers import RMSNorm
+from loopdb.models.reference_gpt import ReferenceGPT
+
+TINY = speed.SpeedDims(d_model=64, n_layers=3, context=16, batch_size=2, vocab_size=64, mean_depth=3,
+                       backprop_depth=2)
+
+
+def test_reference_flops_match_nanogpts_6n_plus_attention_formula():
+    """nanoGPT's estimate: 6 N + 12 L T d per token, N = parameters without positions and norms."""
+    dims = speed.SpeedDims()
+    model = ReferenceGPT(dims.vocab_size, dims.d_model, dims.n_layers, 4, dims.context)
+    matrices = sum(p.numel() for name, p in model.named_parameters() if "position" not in name and p.dim() == 2)
+    per_token = 6 * matrices + 12 * dims.n_layers * dims.context * dims.d_model
+    assert speed.training_flops("reference", dims) == per_token * dims.batch_size * dims.context
+
+
+def test_the_objectives_cost_more_arithmetic_than_a_dense_step():
+    flops = {member: speed.training_flops(member, speed.SpeedDims()) for member in speed.MEMBERS}
+    assert flops["reference"] < flops["dense"] < flops["diffusion"] < flops["bptt"]
+
+
+def test_hand_written_rmsnorm_backward_matches_autograd():
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    norm = RMSNorm(16).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    grad = torch.randn(3, 5, 16, dtype=torch.float64)
+    norm(x).backward(grad)
+    ours = x.grad.clone(), norm.weight.grad.clone()
+    x.grad = norm.weight.grad = None
+    F.rms_norm(x, (16,), norm.weight, norm.eps).backward(grad)
+    torch.testing.assert_close(ours, (x.grad, norm.weight.grad))
+    assert torch.autograd.gradcheck(lambda t: RMSNorm(16, affine=False).double()(t), (x,))
+
+
+@pytest.mark.slow  # about a minute: every member, both precisions, the generation grid
+def test_bench_speed_json_has_the_ratios_the_issue_names(capsys):
+    from loopdb.cli import main
+
+    args = ["bench", "speed", "--json", "--d-model=64", "--n-layers=3", "--context=16", "--batch-size=2",
+            "--vocab-size=64", "--rounds=1", "--gen-context=8"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"dense_vs_reference_fp32", "dense_vs_reference_bf16", "cached_vs_uncached_k16_ctx8",
+            "batch8_vs_batch1_cached_k16", "diffusion_vs_dense_flops_per_s_fp32"} <= set(report["ratios"])
+    assert all(value > 0 for value in report["ratios"].values())
+    assert set(report["fraction_of_peak"]) == {f"{m}_{p}" for m in speed.MEMBERS for p in ("fp32", "bf16")}
+    assert {(row["num_loops"], row["batch"], row["cache"]) for row in report["generation"]} == \
+        {(k, b, c) for k in (1, 16) for b in (1, 8) for c in (True, False)}
