@@ -66,6 +66,7 @@ class DiffusionConfig:
     estimate: str = "soft"          # Dhat from logits: soft (softmax @ table) | argmax | sample
     train_grid_fraction: float = 0.0  # share of sequences trained at a sigma of the inference grid (K in 1..16; LM presets: 0.3)
     self_condition: bool = False    # feed the previous Dhat to the core (half of the training steps)
+    likelihood_logits: bool = False  # looped: add log N(z; y_v, sigma^2) to the logits, so the net predicts the prior only
     rollout_fraction: float = 0.0   # share of steps trained on the sampler's own (detached) states
     rollout_loops: int = 8          # grid used for those rollouts
     rollout_max_steps: int = 0      # most sampler steps per rollout; 0 = the whole grid
@@ -367,6 +368,7 @@ def _tiny_draft() -> Config:
     """The tiny preset drafting L=4 future tokens per position, with the dense anchor head on."""
     config = _tiny()
     config.model.draft_width = 4
+    config.diffusion.likelihood_logits = True
     config.train.anchor_weight, config.train.draft_fraction = 1.0, 0.25
     return config
 
@@ -376,6 +378,8 @@ def _demo_draft() -> Config:
     about the noisy rows of L=1), with the dense anchor head on (issue 15)."""
     config = _demo()
     config.model.draft_width = 4
+    # the slots' own evidence in the logits: without it the block ELBO explodes below sigma = 1 (docs/drafting.md)
+    config.diffusion.likelihood_logits = True
     config.train.anchor_weight, config.train.draft_fraction = 1.0, 0.25
     return config
 

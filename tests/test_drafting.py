@@ -233,3 +233,33 @@ def test_next_token_readouts_of_a_drafting_model_read_slot_0_of_the_joint_draft(
     last = torch.log_softmax(model.denoise_draft(state, grid[1], context)[:, :, 0], -1)
     assert torch.allclose(logprobs, last.gather(-1, windows[:, 1:, None]).squeeze(-1), atol=1e-5)
     assert len(generation.generate(model, [1, 2], 5, 2)) == 5
+
+
+def test_likelihood_logits_add_the_exact_gaussian_evidence_of_each_slot():
+    """likelihood_logits: logits = network + <z, y_v> / sigma^2, so an untrained drafter is already
+    sure of every slot's token at small sigma (logits of scale 1/sigma^2, which a bare network
+    behind the final norm can barely reach)."""
+    plain, evidenced = drafting_model(), tiny_model(0, draft_width=4, likelihood_logits=True)
+    evidenced.load_state_dict(plain.state_dict())  # same weights: only the logits' evidence differs
+    x, future = tokens(2, 6), tokens(2, 24, seed=3).view(2, 6, 4, 1)[..., 0]
+    context = plain.encode(x)
+    for sigma in (0.05, 2.0):
+        z = plain.targets(future) + sigma * torch.randn(2, 6, 4, 32, generator=torch.Generator().manual_seed(1))
+        network = plain.denoise_draft(z, sigma, context)
+        evidence = z @ plain.target_table().t() / sigma**2
+        assert torch.allclose(evidenced.denoise_draft(z, sigma, context), network + evidence, atol=1e-3, rtol=1e-5)
+    small = plain.targets(future) + 0.05 * torch.randn(2, 6, 4, 32, generator=torch.Generator().manual_seed(2))
+    def confidence(model):
+        return torch.softmax(model.denoise_draft(small, 0.05, context), -1).gather(-1, future[..., None]).min()
+
+    assert confidence(evidenced) > 0.99 and confidence(plain) < 0.5
+
+
+def test_study_scores_the_anchor_once_and_the_block_elbo_per_loop_count(draft_run):
+    """score_member (compare, study): block_elbo per K, the anchor head at K=1 only (K changes nothing)."""
+    from loopdb.evaluation.compare import score_member
+
+    bounds = score_member(draft_run, (1, 2), 1, 2, 0, readout="block_elbo")
+    assert set(bounds) == {"1", "2"} and all(0 < v < 50 for v in bounds.values())
+    anchor = score_member(draft_run, (1, 2), 1, 2, 0, readout="anchor")
+    assert set(anchor) == {"1"} and 0 < anchor["1"] < 50

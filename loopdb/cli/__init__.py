@@ -129,17 +129,17 @@ def cmd_eval(args) -> int:
 def cmd_study(args, overrides) -> int:
     from ..config import preset
     from ..evaluation.compare import TASK_READOUTS
-    from ..evaluation.study import STUDY_READOUTS, load_variants, run_study
+    from ..evaluation.study import DRAFT_READOUTS, STUDY_READOUTS, load_variants, run_study
     from ..families import family_of
 
     if overrides:
         raise UsageError("put config overrides in the variants file, not on the command line")
     check_budget(args)
     readouts = [r for r in args.readouts.split(",") if r]
-    unknown = [r for r in readouts if r not in STUDY_READOUTS + ("elbo_continuous",) + TASK_READOUTS]
+    unknown = [r for r in readouts if r not in STUDY_READOUTS + ("elbo_continuous",) + DRAFT_READOUTS + TASK_READOUTS]
     if unknown:
         raise UsageError(f"unknown readout(s) {', '.join(unknown)}; choose from predictive, last, elbo, elbo_continuous "
-                         "(reasoning-task presets: accuracy, accuracy_beyond)")
+                         "(drafting runs: anchor, block_elbo; reasoning-task presets: accuracy, accuracy_beyond)")
     load_variants(args.variants)  # a bad file fails here, before any data preparation or training
     config = preset(args.preset)
     data_dir = family_of(config).data_dir(args.data, config)

@@ -55,13 +55,28 @@ def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: 
     tokens = data_lib.load_tokens(data_dir, split)
     token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
     windows = data_lib.eval_windows(tokens, config.model.context, max_windows)
-    counts = loops if model.objective.has_loops else (1,)
+    counts = loop_counts(model, loops, readout)
+    if readout == "block_elbo":  # one pass per K over the L-token blocks of a drafting run
+        from ..readouts.drafting import block_elbo_bits_per_byte
+
+        bounds = block_elbo_bits_per_byte(model, windows, token_bytes, counts, samples, seed, device=device)
+        print(f"[loopdb] {run.name} block_elbo: " + ", ".join(f"K={k} {v:.4f}" for k, v in
+                                                             bounds["block_elbo"].items()), file=sys.stderr)
+        return {str(k): v for k, v in bounds["block_elbo"].items()}
     results = {}
     for num_loops in counts:
         results[str(num_loops)] = bits_per_byte(model, windows, token_bytes, num_loops, samples=samples,
                                                        seed=seed, device=device, readout=readout)
         print(f"[loopdb] {run.name} {readout} K={num_loops}: {results[str(num_loops)]:.4f} bpb", file=sys.stderr)
     return results
+
+
+LOOP_FREE_READOUTS = ("anchor",)  # the dense anchor head: one clean pass, whatever K
+
+
+def loop_counts(model, loops, readout: str) -> tuple:
+    """The loop counts a readout of ``model`` is scored at: K = 1 only where K changes nothing."""
+    return tuple(loops) if model.objective.has_loops and readout not in LOOP_FREE_READOUTS else (1,)
 
 
 def _task_scores(run, model, config, loops, samples, max_windows, seed, device, readout, split) -> dict:

@@ -29,9 +29,10 @@ from ..config import preset
 from ..errors import ConfigError
 from ..readouts.quality import sample_quality
 from ..runs.folder import load_model, run_data_dir
-from .compare import score_member, train_member
+from .compare import LOOP_FREE_READOUTS, score_member, train_member
 
 STUDY_READOUTS = ("predictive", "last", "elbo")
+DRAFT_READOUTS = ("anchor", "block_elbo")  # drafting runs (issue 15); skipped for members without drafts or anchor
 INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last")  # change the sampler, not the trained weights
 
 
@@ -101,7 +102,7 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
                 try:
                     member["readouts"][readout] = score_member(run, loops, samples, max_windows, 0, readout=readout,
                                                                split=split, sampler=variant["sampler"])
-                except ValueError as error:  # e.g. the ELBO of a dense or BPTT variant
+                except ValueError as error:  # e.g. the ELBO of a dense or BPTT variant, the anchor of a run without one
                     member.setdefault("skipped", []).append(readout)
                     print(f"[study] {name}: {readout} skipped: {error}", file=sys.stderr)
             if "samples" in missing:
@@ -146,10 +147,11 @@ def _reuse(earlier: dict | None, summary: dict, readouts, loops, judged: bool) -
     """A member record holding what ``earlier`` (same run, same settings) already scored, and the list of
     what is still missing: readout names, and "samples" when a judge is given."""
     member = {"train": summary, "readouts": {}}
-    counts = {"1"} if summary.get("objective") == "dense" else {str(k) for k in loops}
+    loop_free = summary.get("objective") == "dense"
     earlier = earlier or {}
     missing = []
     for readout in readouts:
+        counts = {"1"} if loop_free or readout in LOOP_FREE_READOUTS else {str(k) for k in loops}
         if readout in earlier.get("skipped", []):
             member.setdefault("skipped", []).append(readout)
         elif counts <= set(earlier.get("readouts", {}).get(readout, {})):
@@ -157,7 +159,7 @@ def _reuse(earlier: dict | None, summary: dict, readouts, loops, judged: bool) -
         else:
             missing.append(readout)
     if judged:
-        if counts <= set(earlier.get("samples", {})):
+        if ({"1"} if loop_free else {str(k) for k in loops}) <= set(earlier.get("samples", {})):
             member["samples"] = earlier["samples"]
         else:
             missing.append("samples")

@@ -169,8 +169,8 @@ def _diffusion_or_dense(config: Config) -> list:
         (not t.task, f"reasoning tasks (--task) train the looped family, not {m.family}"),
         (t.objective in ("diffusion", "dense"),
          f"the {m.family} family trains with objective diffusion or dense, not {t.objective!r}"),
-        (not (d.self_condition or d.rollout_fraction or d.train_grid_fraction),
-         "self_condition, rollout_fraction and train_grid_fraction are looped-model remedies; "
+        (not (d.self_condition or d.rollout_fraction or d.train_grid_fraction or d.likelihood_logits),
+         "self_condition, rollout_fraction, train_grid_fraction and likelihood_logits are looped-model remedies; "
          f"the {m.family} family does not support them"),
         (m.draft_width == 1 and t.anchor_weight == 0,
          f"draft_width and anchor_weight are looped-model keys; the {m.family} family does not support them"),

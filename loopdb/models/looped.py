@@ -15,6 +15,12 @@ Design (METHOD 3.1; [ours] where the paper is silent):
 - Denoiser (EDM preconditioning): D = c_skip*z + c_out*F with F = out(R(inject(c_in*z, e)));
   logits = head(C(D / target_scale)). The sampler's estimate of the clean target is
   Dhat = softmax(logits) @ normalize(E) -- the same table the training targets use.
+- Likelihood logits (``likelihood_logits``, issue 15) [ours]: each row's logits get
+  log N(z; y_v, sigma^2 I) = <z, y_v> / sigma^2 + const added, the exact evidence its own
+  noisy state gives about each token (Bayes: posterior = prior x likelihood). The network
+  then only predicts the prior given the context and the other slots, and is sure of the
+  token at small sigma from the start: a bare network reads z through c_skip but has to
+  learn logits of scale 1/sigma^2 behind the final norm (the block ELBO exploded there).
 - ``num_loops`` is an argument of every inference call; the sigma grid is computed
   from it on the fly (loopdb.edm.sigma_grid), never stored.
 - Draft width L (``draft_width``, issue 15) [ours]: position t holds L noisy slots, the
@@ -224,7 +230,13 @@ class LoopedLM(NextTokenDenoiser, nn.Module):
             hidden = hidden + self.self_condition((previous / self.target_scale).to(hidden.dtype))
         hidden = self._run_core(hidden, self.sigma_embedder(pre.c_noise), context, cos, sin, mask)
         denoised = pre.denoised(z, self.denoiser_out(self.core_norm(hidden)))
-        return self._run_coda(denoised / self.target_scale, context, cos, sin, mask)  # the coda sees unit scale
+        logits = self._run_coda(denoised / self.target_scale, context, cos, sin, mask)  # the coda sees unit scale
+        if not self.diffusion.likelihood_logits:
+            return logits
+        # float32: at small sigma the evidence reaches 1e5 nats; the table is detached because a
+        # 1/sigma^2 gradient into the embeddings would swamp every other one
+        evidence = z.float() @ self.target_table().detach().float().t() / sigma.float()[:, None, None] ** 2
+        return logits.float() + evidence
 
     def recur(self, state: torch.Tensor, context: CleanContext) -> torch.Tensor:
         """BPTT (Huginn): one plain iteration of the core, state -> next state (unit RMS).
