@@ -153,6 +153,23 @@ def attention(q, k, v, mask: torch.Tensor | None = None, is_causal: bool = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
 
 
+FEW_QUERIES = 16  # up to this many query rows (a generation step, a draft's slots) attend without a key copy
+
+
+def few_query_attention(q, prefix, k, v, mask: torch.Tensor | None):
+    """Attention of a few queries over [prefix keys ; own keys] without concatenating them: at a
+    generation step the copy of a long cache (per layer, per loop) cost more than the attention
+    itself. q: (B, H, Tq, hd); prefix: (k, v) each (B, H, Tp, hd); mask as in ``attention``
+    over the Tp + Tk keys (None: every key)."""
+    scale = q.shape[-1] ** -0.5
+    scores = torch.cat([q @ prefix[0].transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    length = prefix[0].shape[2]
+    return weights[..., :length] @ prefix[1] + weights[..., length:] @ v
+
+
 # -- sigma conditioning -----------------------------------------------------------------
 class SigmaEmbedder(nn.Module):
     """c_noise -> sinusoidal features -> MLP -> conditioning vector (DiT's TimestepEmbedder)."""
@@ -218,11 +235,14 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         q, k = apply_rotary(qkv[:2], cos, sin)  # q and k in one pass: half the small ops
         v = qkv[2]
-        keys, values = k, v
-        if kv_prefix is not None:
-            keys = torch.cat([kv_prefix[0].to(k.dtype), k], dim=2)
-            values = torch.cat([kv_prefix[1].to(v.dtype), v], dim=2)
-        out = attention(q, keys, values, mask=mask, is_causal=causal and mask is None, backend=self.backend)
+        if kv_prefix is not None and T <= FEW_QUERIES:
+            out = few_query_attention(q, (kv_prefix[0].to(k.dtype), kv_prefix[1].to(v.dtype)), k, v, mask)
+        else:
+            keys, values = k, v
+            if kv_prefix is not None:
+                keys = torch.cat([kv_prefix[0].to(k.dtype), k], dim=2)
+                values = torch.cat([kv_prefix[1].to(v.dtype), v], dim=2)
+            out = attention(q, keys, values, mask=mask, is_causal=causal and mask is None, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from loopdb.evaluation import speed
-from loopdb.layers import RMSNorm
+from loopdb.layers import RMSNorm, attention, few_query_attention
 from loopdb.models.reference_gpt import ReferenceGPT
 
 TINY = speed.SpeedDims(d_model=64, n_layers=3, context=16, batch_size=2, vocab_size=64, mean_depth=3,
@@ -40,6 +40,18 @@ def test_hand_written_rmsnorm_backward_matches_autograd():
     F.rms_norm(x, (16,), norm.weight, norm.eps).backward(grad)
     torch.testing.assert_close(ours, (x.grad, norm.weight.grad))
     assert torch.autograd.gradcheck(lambda t: RMSNorm(16, affine=False).double()(t), (x,))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_few_query_attention_equals_attention_over_the_concatenated_keys(masked):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 3, 8, generator=generator) for _ in range(3))
+    prefix = tuple(torch.randn(2, 4, 20, 8, generator=generator) for _ in range(2))
+    mask = None
+    if masked:  # each query sees a different number of prefix keys, and its own key only
+        mask = torch.cat([torch.arange(20)[None] < torch.tensor([5, 12, 20])[:, None], torch.eye(3, dtype=torch.bool)], 1)
+    expected = attention(q, torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2), mask=mask)
+    assert torch.allclose(few_query_attention(q, prefix, k, v, mask), expected, atol=1e-6)
 
 
 @pytest.mark.slow  # about a minute: every member, both precisions, the generation grid

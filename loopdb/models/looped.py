@@ -69,8 +69,19 @@ class NextTokenDenoiser:
 
     # -- tables -----------------------------------------------------------------------
     def target_table(self) -> torch.Tensor:
-        """Normalised embedding rows (norm ``target_norm``): the training targets AND the table of Dhat."""
-        table = F.normalize(self.embedding.weight, dim=-1)
+        """Normalised embedding rows (norm ``target_norm``): the training targets AND the table of Dhat.
+        Without gradients it is computed once per weight version: generation asks for it twice per loop,
+        and normalising a (V, C) table cost more than the loop's layers on one row."""
+        weight = self.embedding.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return self._normalised_table(weight)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self.__dict__.get("_table_key") != key:
+            self.__dict__["_table"], self.__dict__["_table_key"] = self._normalised_table(weight.detach()), key
+        return self.__dict__["_table"]
+
+    def _normalised_table(self, weight: torch.Tensor) -> torch.Tensor:
+        table = F.normalize(weight, dim=-1)
         return table if self.target_norm == 1.0 else table * self.target_norm
 
     def targets(self, next_tokens: torch.Tensor) -> torch.Tensor:
