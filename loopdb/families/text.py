@@ -21,7 +21,7 @@ from ..readouts import masked as masked_readouts
 from ..readouts.generation import generate
 from ..readouts.scoring import bits_per_byte
 from .reasoning import ReasoningTask
-from .spec import BLOCK_PARALLEL_HELP, Family
+from .spec import BLOCK_PARALLEL_HELP, Family, dense_trains_every_parameter
 
 
 class TextTask:
@@ -182,8 +182,9 @@ def _build_masked(config: Config) -> MaskedDiffusionLM:
     return MaskedDiffusionLM(config.model, config.diffusion, make_masked_objective(config.train.objective))
 
 
-LOOPED = Family(build=_build_looped, task=_looped_task, data_dir=_looped_data_dir, rules=_looped_rules)
+LOOPED = Family(build=_build_looped, task=_looped_task, data_dir=_looped_data_dir, rules=_looped_rules,
+                trains_every_parameter=lambda config: config.train.objective != "dense")  # dense skips the denoiser
 STACKED = Family(build=build_stacked, task=TextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
                  block_parallel_refusal=_stacked_refusal, build_for_blocks=_stacked_blocks, after_optimizer=_stacked_after_optimizer)
 MASKED = Family(build=_build_masked, task=MaskedTextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
-                commands="masked")
+                commands="masked", trains_every_parameter=dense_trains_every_parameter)
