@@ -169,9 +169,19 @@ def save_distributed_state(staging: Path, model, optimizer) -> None:
     try:
         dcp.save(_distributed_state(model, optimizer), checkpoint_id=staging / DISTRIBUTED)
     except (OSError, CheckpointException) as error:  # raised on every rank when any rank fails
-        detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise RunError(f"could not save the shards of checkpoint {staging.name.removesuffix('.tmp')}: {detail}; "
+        raise RunError(f"could not save the shards of checkpoint {staging.name.removesuffix('.tmp')}: {_first_line(error)}; "
                        f"{_still_latest(staging.parent.parent)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """One line for an error; a CheckpointException's is that of the first rank's failure."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        rank, failure = next(iter(failures.items()))
+        failure = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback)
+        return f"rank {rank}: {_first_line(failure)}"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
 def has_distributed_state(checkpoint) -> bool:
@@ -185,13 +195,25 @@ def load_distributed_state(checkpoint, model, optimizer) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = _distributed_state(model, optimizer)
+    folder = Path(checkpoint) / DISTRIBUTED
+    state = _distributed_state(model, optimizer)  # gives every parameter AdamW state to load into
     try:
-        dcp.load(state, checkpoint_id=Path(checkpoint) / DISTRIBUTED)
+        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        # a parameter that never had a gradient had no AdamW state when saved, and gets none now
+        with_state = {key.removeprefix("optimizer.state.").rsplit(".", 1)[0] for key in saved
+                      if key.startswith("optimizer.state.")}
+        for name, parameter in model.named_parameters():
+            if name not in with_state:
+                optimizer.state.pop(parameter, None)
+        state["optimizer"] = {key: value for key, value in state["optimizer"].items()
+                              if not key.startswith("state.") or key.removeprefix("state.").rsplit(".", 1)[0] in with_state}
+        dcp.load(state, checkpoint_id=folder)
     except (OSError, RuntimeError, CheckpointException) as error:
-        raise _damaged(Path(checkpoint) / DISTRIBUTED, str(error).strip().splitlines()[0][:300]) from None
+        raise _damaged(Path(checkpoint) / DISTRIBUTED, _first_line(error)) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_state_dict_options(strict=False))  # strict=False: the blocks a rank does not hold
+    for parameter in [p for p, p_state in optimizer.state.items() if not p_state]:
+        del optimizer.state[parameter]  # as the saving run had it: no state until a first gradient
 
 
 def _still_latest(run_dir: Path) -> str:

@@ -22,6 +22,7 @@ with ``ProcessLost``.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -128,6 +129,9 @@ def fully_sharded(model, group: Group, device) -> torch.nn.Module:
 
     from ..layers import Block
 
+    # FSDP warns of a block returning views (its attention keys and values), in case the caller
+    # changes them in place; loopdb never does
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     with collective("sharding the model (FSDP)"):
         mesh = init_device_mesh(device.type, (group.world_size,))
         for module in model.modules():
