@@ -134,6 +134,7 @@ def test_block_parallel_stop_and_resume_gives_identical_weights(data_dir, tmp_pa
     assert_same(weights_at(resumed, STEPS), final)
 
 
+@pytest.mark.slow  # two launches of 2 processes: about 35 s on the shared cores
 def test_fsdp_on_two_processes_equals_one_process_and_resumes_identically(data_dir, tmp_path):
     """FSDP2 (each transformer block and the rest sharded over the 2 ranks), objective dense."""
     flags = run_flags(objective="dense", data_parallel="fsdp")

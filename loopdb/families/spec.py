@@ -23,7 +23,7 @@ def _no_block_parallel(config: Config) -> str:
     return BLOCK_PARALLEL_HELP
 
 
-def _nothing_after_optimizer(model, optimizer, device, block_parallel: bool) -> None:
+def _nothing_after_optimizer(model, optimizer, device, distributed: bool) -> None:
     return None
 
 

@@ -157,9 +157,9 @@ def _stacked_blocks(config: Config, blocks: tuple[int, ...]) -> StackedLM:
     return build_stacked(own, held_blocks=blocks)
 
 
-def _stacked_after_optimizer(model, optimizer, device, block_parallel: bool) -> None:
+def _stacked_after_optimizer(model, optimizer, device, distributed: bool) -> None:
     # one process training every block on a GPU: inactive blocks' weights and AdamW state wait in host memory
-    if device.type == "cuda" and model.objective.name == "diffusion" and not block_parallel:
+    if device.type == "cuda" and model.objective.name == "diffusion" and not distributed:
         model.offload = HostOffload(model, optimizer, device)
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -207,7 +208,9 @@ def load_distributed_state(checkpoint, model, optimizer) -> None:
                 optimizer.state.pop(parameter, None)
         state["optimizer"] = {key: value for key, value in state["optimizer"].items()
                               if not key.startswith("state.") or key.removeprefix("state.").rsplit(".", 1)[0] in with_state}
-        dcp.load(state, checkpoint_id=folder)
+        with warnings.catch_warnings():  # one process reading a multi-process checkpoint is intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=folder)
     except (OSError, RuntimeError, CheckpointException) as error:
         raise _damaged(Path(checkpoint) / DISTRIBUTED, _first_line(error)) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],

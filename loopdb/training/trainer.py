@@ -91,7 +91,7 @@ class Trainer:
         self.objective = self.model.objective
         self.wrapper = self._wrap_for_ranks()  # DDP or FSDP around the whole step; None: one process
         self.optimizer = make_optimizer(self.model, config)
-        family.after_optimizer(self.model, self.optimizer, self.device, block_parallel or self.wrapper is not None)
+        family.after_optimizer(self.model, self.optimizer, self.device, self.group.world_size > 1)
         self.step = 0
         self.skipped_in_a_row = self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite_steps)
         if saved is not None:
@@ -163,6 +163,12 @@ class Trainer:
         return self.owned_blocks is not None
 
     @property
+    def batch_draws(self) -> tuple[int, int]:
+        """(ranks drawing their own micro-batches, this rank's index among them): data-parallel
+        ranks draw their own, block-parallel ranks all train on one batch."""
+        return (1, 0) if self.block_parallel else (self.group.world_size, self.group.rank)
+
+    @property
     def sharded(self) -> bool:
         """FSDP: every rank holds a share of each tensor, so every rank runs evaluation as well."""
         return self.group.world_size > 1 and self.config.train.data_parallel == "fsdp"
@@ -197,8 +203,7 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         totals = {"loss": 0.0}
-        # data-parallel ranks draw different batches; block-parallel ranks the same one
-        draws, draw = (1, 0) if self.block_parallel else (self.group.world_size, self.group.rank)
+        draws, draw = self.batch_draws
         for micro in range(train.grad_accum):
             generator = step_generator(train.seed, self.step, micro * draws + draw)
             batch = self.task.batch(generator, self.device)
@@ -333,7 +338,7 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, on_signal)
         bar = tqdm(total=train.max_steps, initial=self.step, disable=not (self.progress and self.group.is_main),
                    desc="train", unit="step")
-        tokens_per_step = train.batch_size * train.grad_accum * self.config.model.context
+        tokens_per_step = train.batch_size * train.grad_accum * self.config.model.context * self.batch_draws[0]  # the job's
         last_eval = {}
         step_seconds = []
         stopping = False
