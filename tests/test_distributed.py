@@ -20,8 +20,9 @@ STEPS = 4
 
 def run_flags(**extra):
     """tiny-stacked at d_model 32, context 16: a step samples one of the two blocks per micro-batch,
-    so on some steps a block has a gradient on one rank only."""
-    keys = {"n_layers": 4, "num_blocks": 2, "max_steps": STEPS, "eval_every": 100, "checkpoint_every": 2, **extra}
+    so on some steps a block has a gradient on one rank only. Evaluation and checkpoints at step 2
+    (between two training steps, where a rank evaluating alone must leave DDP's state alone)."""
+    keys = {"n_layers": 4, "num_blocks": 2, "max_steps": STEPS, "eval_every": 2, "checkpoint_every": 2, **extra}
     return [*SMALL_RUN, *[f"--{k}={v}" for k, v in keys.items()]]
 
 

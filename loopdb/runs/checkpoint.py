@@ -75,14 +75,15 @@ def _write_manifest(folder: Path, step: int) -> None:
     (folder / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=2))
 
 
-def _staging(run_dir, step: int) -> Path:
+def staging_folder(run_dir, step: int) -> Path:
+    """Where checkpoint ``step`` is written before it is renamed into place."""
     return Path(run_dir) / "checkpoints" / (checkpoint_name(step) + ".tmp")
 
 
 def start_checkpoint(run_dir, step: int) -> Path:
     """An empty staging folder for checkpoint ``step``, where every rank of a multi-process run
     writes its shards (save_distributed_state) before rank 0 completes it (save_checkpoint, staged)."""
-    staging = _staging(run_dir, step)
+    staging = staging_folder(run_dir, step)
     try:
         staging.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -103,7 +104,7 @@ def save_checkpoint(run_dir, model, optimizer, step: int, config: Config, extra:
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     name = checkpoint_name(step)
-    final, staging, replaced = root / name, _staging(run_dir, step), root / (name + ".replaced")
+    final, staging, replaced = root / name, staging_folder(run_dir, step), root / (name + ".replaced")
     weights = {key: value.detach().contiguous().cpu()
                for key, value in (model.state_dict() if weights is None else weights).items()}
     bad = non_finite_weights(weights)

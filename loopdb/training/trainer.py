@@ -29,7 +29,7 @@ from ..errors import ConfigError, RunError, TrainingError
 from ..families import check_config, family_of
 from ..runs.checkpoint import (checkpoint_name, checkpoints, has_distributed_state, latest_checkpoint,
                                load_distributed_state, newest_intact_checkpoint, non_finite_weights,
-                               save_checkpoint, save_distributed_state, start_checkpoint)
+                               save_checkpoint, save_distributed_state, staging_folder, start_checkpoint)
 from ..runs.folder import write_run_files
 from . import parallel
 
@@ -80,7 +80,7 @@ class Trainer:
         self.task = family.task(config, self.data_dir)  # may fill in data-given fields (vocab_size)
         self.config = check_config(config)
         self.device = resolve_device(config.train.device)
-        self.group, self.owned_blocks = self._join_processes(config, block_parallel, resume)
+        self.group, self.owned_blocks = self._join_processes(config, block_parallel)
         if self.group.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", self.group.local_rank)
         torch.manual_seed(config.train.seed)
@@ -141,7 +141,7 @@ class Trainer:
         self.optimizer.load_state_dict(saved.trainer_state["optimizer"])
 
     @staticmethod
-    def _join_processes(config: Config, block_parallel: bool, resume: bool):
+    def _join_processes(config: Config, block_parallel: bool):
         """(group, blocks this rank owns or None): the torchrun job this process belongs to."""
         refusal = family_of(config).block_parallel_refusal(config) if block_parallel else None
         if refusal:
@@ -249,9 +249,11 @@ class Trainer:
                 f"clipping (grad_clip={train.grad_clip:g}; 1 is the usual), bf16 overflow (bf16={train.bf16}); "
                 "or pass --skip_nonfinite_steps=N to skip up to N such steps in a row")
 
-    def _run(self, compute):
-        """``compute()`` inside the DDP / FSDP wrapper's forward (so its reduction sees every parameter used)."""
-        return compute() if self.wrapper is None else self.wrapper(compute)
+    def _run(self, compute, training: bool = True):
+        """``compute()``, inside the DDP / FSDP wrapper's forward where it must be: a training pass (so
+        the gradient reduction sees every parameter used), and under FSDP any pass (so the shards are gathered)."""
+        inside = self.wrapper is not None and (training or self.sharded)
+        return self.wrapper(compute) if inside else compute()
 
     def _synchronise_and_clip(self) -> float:
         """Clip the gradients (averaged over ranks by DDP or FSDP in backward); block-parallel clips
@@ -275,12 +277,12 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self) -> dict:
         self.model.eval()
-        return self._run(lambda: self.task.evaluate(self.model, self.device, self.autocast))
+        return self._run(lambda: self.task.evaluate(self.model, self.device, self.autocast), training=False)
 
     def sample_text(self) -> str | None:
         self.model.eval()
         with self.autocast():
-            return self._run(lambda: self.task.sample_text(self.model, self.step))
+            return self._run(lambda: self.task.sample_text(self.model, self.step), training=False)
 
     # -- the loop ---------------------------------------------------------------------------
     def save(self):
@@ -301,8 +303,7 @@ class Trainer:
             save_checkpoint(self.run_dir, self.model, self.optimizer, self.step, self.config, extra=extra)
             return
         self._on_main_then_agree(lambda: start_checkpoint(self.run_dir, self.step))
-        staging = self.run_dir / "checkpoints" / (checkpoint_name(self.step) + ".tmp")
-        save_distributed_state(staging, self.model, self.optimizer)  # a failure is raised on every rank
+        save_distributed_state(staging_folder(self.run_dir, self.step), self.model, self.optimizer)  # a failure is raised on every rank
         weights = parallel.consolidated_weights(self.model, self.group, self.owned_blocks, self.sharded)
         # the optimizer state lives in the shards only
         self._on_main_then_agree(lambda: save_checkpoint(self.run_dir, None, None, self.step, self.config, extra=extra,
