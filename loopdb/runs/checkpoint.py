@@ -190,6 +190,11 @@ def has_distributed_state(checkpoint) -> bool:
     return (Path(checkpoint) / DISTRIBUTED).is_dir()
 
 
+def _parameter_of(state_key: str) -> str:
+    """'state.<parameter name>.<statistic>' -> the parameter name (AdamW's statistics have no dots)."""
+    return state_key.removeprefix("state.").rsplit(".", 1)[0]
+
+
 def load_distributed_state(checkpoint, model, optimizer) -> None:
     """Load this rank's share of a multi-process checkpoint into ``model`` and ``optimizer`` (the
     ranks may split the model as the saving run did or otherwise; one process loads it all)."""
@@ -202,13 +207,12 @@ def load_distributed_state(checkpoint, model, optimizer) -> None:
     try:
         saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
         # a parameter that never had a gradient had no AdamW state when saved, and gets none now
-        with_state = {key.removeprefix("optimizer.state.").rsplit(".", 1)[0] for key in saved
-                      if key.startswith("optimizer.state.")}
+        with_state = {_parameter_of(key.removeprefix("optimizer.")) for key in saved if key.startswith("optimizer.state.")}
         for name, parameter in model.named_parameters():
             if name not in with_state:
                 optimizer.state.pop(parameter, None)
         state["optimizer"] = {key: value for key, value in state["optimizer"].items()
-                              if not key.startswith("state.") or key.removeprefix("state.").rsplit(".", 1)[0] in with_state}
+                              if not key.startswith("state.") or _parameter_of(key) in with_state}
         with warnings.catch_warnings():  # one process reading a multi-process checkpoint is intended
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=folder)

@@ -10,9 +10,10 @@
 - block-parallel (stacked DiffusionBlocks, ``--block-parallel``): rank r owns a contiguous
   share of the blocks: their weights, gradients and optimizer state live on that rank
   only (the other blocks are never allocated there). Only the SHARED parameters'
-  gradients are averaged (DDP with the blocks ignored). Every rank draws the same batch at a step, so a rank trains
-  its block exactly as a single process training that block alone would. At the end,
-  rank 0 gathers the blocks and holds (and saves) the whole model.
+  gradients are averaged (DDP with the blocks ignored). Every rank draws the same batch at
+  a step, so a rank trains its block exactly as a single process training that block
+  alone would. Each checkpoint gathers the blocks on rank 0 for the whole model's weights;
+  at the end rank 0 also holds the whole model (to evaluate it).
 
 A process that dies or hangs does not leave the others waiting forever: every collective
 gives up after the job's timeout (``collective_timeout_minutes``), and the ranks left stop
@@ -189,12 +190,12 @@ def consolidated_weights(model, group: Group, owned: tuple[int, ...] | None, sha
         with collective("gathering the shards"):
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if group.is_main else None
-    held = {key: value.detach().cpu() for key, value in model.state_dict().items() if not value.is_meta}
-    if owned is None:
-        return held if group.is_main else None
+    if owned is None:  # data-parallel: every rank holds the same weights
+        return {key: value.detach().cpu() for key, value in model.state_dict().items()} if group.is_main else None
     blocks = gather_blocks(model, owned, group)
     if not group.is_main:
         return None
+    held = {key: value.detach().cpu() for key, value in model.state_dict().items() if not value.is_meta}
     for index, block in blocks.items():
         held.update({f"blocks.{index}.{key}": value for key, value in block.items()})
     return held
