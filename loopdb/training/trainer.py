@@ -187,7 +187,8 @@ class Trainer:
                 return None
             ignored = {name for name, p in self.model.named_parameters() if id(p) not in shared}
             ignored |= {name for name, buffer in self.model.named_buffers() if buffer.is_meta}
-        every_parameter_used = not self.block_parallel and family_of(self.config).trains_every_parameter(self.config)
+        # block-parallel: DDP sees only the shared parameters, and every step trains them all (test_stacked checks)
+        every_parameter_used = self.block_parallel or family_of(self.config).trains_every_parameter(self.config)
         return parallel.data_parallel(self.model, self.group, self.device, ignored, every_parameter_used)
 
     # -- one optimisation step ---------------------------------------------------------
