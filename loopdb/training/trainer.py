@@ -64,8 +64,9 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
 class Trainer:
     def __init__(self, config: Config, data_dir, run_dir, resume: bool = False, progress: bool = True,
                  log_tensorboard: bool = True, block_parallel: bool = False):
-        """Under torchrun (WORLD_SIZE > 1) the run is data-parallel, or block-parallel with
-        ``block_parallel`` (loopdb.parallel); rank 0 evaluates, logs and saves."""
+        """Under torchrun (WORLD_SIZE > 1) the run is data-parallel (DDP, or FSDP2 with
+        data_parallel=fsdp), or block-parallel with ``block_parallel`` (loopdb.training.parallel);
+        rank 0 evaluates (FSDP: every rank) and logs, every rank saves its shards."""
         self.run_dir = Path(run_dir)
         self.data_dir = None if data_dir is None else Path(data_dir)  # None: the family's embedded data
         self.progress = progress
