@@ -119,6 +119,7 @@ class TrainConfig:
     draft_fraction: float = 1.0     # looped diffusion, draft_width > 1: share of positions that draft in a step (sampled)
     skip_nonfinite_steps: int = 0   # 0: stop at the first non-finite loss or gradient norm; N: skip such steps, stop after N in a row
     collective_timeout_minutes: float = 10.0  # torchrun: a process waiting this long for another stops the job
+    data_parallel: str = "ddp"      # torchrun: ddp (every rank holds the model) | fsdp (FSDP2: parameters sharded over ranks)
 
 
 @dataclass
@@ -216,6 +217,12 @@ class Config:
             (t.skip_nonfinite_steps >= 0,
              "skip_nonfinite_steps must be >= 0 (0: stop at the first non-finite step; N: skip up to N in a row)"),
             (t.collective_timeout_minutes > 0, "collective_timeout_minutes must be > 0"),
+            (t.data_parallel in ("ddp", "fsdp"), f"data_parallel must be ddp or fsdp, got {t.data_parallel!r}"),
+            # FSDP gathers each block's weights when it runs: every rank must run the same blocks in the
+            # same order, which only the dense objective guarantees (the others sample blocks or loops per rank)
+            (t.data_parallel != "fsdp" or t.objective == "dense",
+             f"data_parallel=fsdp needs objective=dense (ranks running different blocks or loop counts, as "
+             f"objective={t.objective} draws them, cannot share sharded weights); use data_parallel=ddp"),
             (t.lr > 0, "lr must be positive"),
             (all(k >= 1 for k in t.eval_loops), "eval_loops must all be >= 1"),
             (t.eval_samples >= 1, "eval_samples must be >= 1"),

@@ -91,3 +91,19 @@ def assert_only_block_has_gradients(blocks, trained: int) -> None:
                 f"block {index} was trained but has no gradient"
         else:
             assert all(g is None for g in grads), f"block {index} got gradients while block {trained} trained"
+
+
+def torchrun(*argv):
+    """``torchrun --nproc-per-node 2 -m loopdb ...`` from this checkout (inherits this process's CPU pinning)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "loopdb", *[str(a) for a in argv]]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import VOCAB, assert_only_block_has_gradients
+from conftest import VOCAB, assert_only_block_has_gradients, torchrun
 from loopdb.readouts import scoring as engine
 from loopdb.readouts import generation
 from loopdb.config import Config, ModelConfig
@@ -232,22 +232,6 @@ def test_bench_memory_json_meets_the_target(capsys):
 
 
 # -- several processes (torchrun, gloo) ---------------------------------------------------------
-def torchrun(*argv):
-    """``torchrun --nproc-per-node 2 -m loopdb ...`` from this checkout (inherits this process's CPU pinning)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "loopdb", *[str(a) for a in argv]]
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def two_block_run(**extra):
     from conftest import SMALL_RUN
 

@@ -18,7 +18,10 @@ them names one.
   hooks the trainer calls without naming the family:
       build_for_blocks(config, blocks) -> the model holding only ``blocks`` (one process of
           a block-parallel run), or None when the family has no block-parallel training;
-      after_optimizer(model, optimizer, device, block_parallel): e.g. host offload.
+      after_optimizer(model, optimizer, device, distributed): e.g. host offload (``distributed``:
+          several processes hold the parameters, through DDP, FSDP or block-parallel);
+      trains_every_parameter(config) -> True if every trainable parameter gets a gradient at
+          every step (DDP then skips its search for unused ones); False is always safe.
 Block-parallel models also answer ``shared_parameters()`` (the gradients averaged over
 ranks), ``block_parameters(index)`` and ``materialize_block(index, device)`` (assembly).
 """

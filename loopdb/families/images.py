@@ -14,7 +14,7 @@ from ..models.dit import DiTDenoiser
 from ..models.vit import ViTClassifier
 from ..objectives.vision import DiTObjective, ViTObjective
 from ..readouts.vision import QualityJudge, classification_accuracy, sample_quality
-from .spec import Family
+from .spec import Family, dense_trains_every_parameter
 
 
 class ImageTask:
@@ -80,4 +80,4 @@ def _build_dit(config: Config) -> DiTDenoiser:
 VIT = Family(build=_build_vit, task=functools.partial(ImageTask, classifies=True), data_dir=image_data_dir,
              rules=_vision_rules, commands="images")
 DIT = Family(build=_build_dit, task=functools.partial(ImageTask, classifies=False), data_dir=image_data_dir,
-             rules=_vision_rules, commands="images")
+             rules=_vision_rules, commands="images", trains_every_parameter=dense_trains_every_parameter)

@@ -23,8 +23,16 @@ def _no_block_parallel(config: Config) -> str:
     return BLOCK_PARALLEL_HELP
 
 
-def _nothing_after_optimizer(model, optimizer, device, block_parallel: bool) -> None:
+def _nothing_after_optimizer(model, optimizer, device, distributed: bool) -> None:
     return None
+
+
+def _some_parameters_idle(config: Config) -> bool:
+    return False
+
+
+def dense_trains_every_parameter(config: Config) -> bool:
+    return config.train.objective == "dense"
 
 
 @dataclass(frozen=True)
@@ -37,3 +45,4 @@ class Family:
     block_parallel_refusal: Callable[[Config], str | None] = _no_block_parallel  # None: the run can
     build_for_blocks: Callable | None = None
     after_optimizer: Callable = _nothing_after_optimizer
+    trains_every_parameter: Callable[[Config], bool] = _some_parameters_idle

@@ -21,7 +21,7 @@ from ..readouts import masked as masked_readouts
 from ..readouts.generation import generate
 from ..readouts.scoring import bits_per_byte
 from .reasoning import ReasoningTask
-from .spec import BLOCK_PARALLEL_HELP, Family
+from .spec import BLOCK_PARALLEL_HELP, Family, dense_trains_every_parameter
 
 
 class TextTask:
@@ -157,9 +157,9 @@ def _stacked_blocks(config: Config, blocks: tuple[int, ...]) -> StackedLM:
     return build_stacked(own, held_blocks=blocks)
 
 
-def _stacked_after_optimizer(model, optimizer, device, block_parallel: bool) -> None:
+def _stacked_after_optimizer(model, optimizer, device, distributed: bool) -> None:
     # one process training every block on a GPU: inactive blocks' weights and AdamW state wait in host memory
-    if device.type == "cuda" and model.objective.name == "diffusion" and not block_parallel:
+    if device.type == "cuda" and model.objective.name == "diffusion" and not distributed:
         model.offload = HostOffload(model, optimizer, device)
 
 
@@ -182,8 +182,9 @@ def _build_masked(config: Config) -> MaskedDiffusionLM:
     return MaskedDiffusionLM(config.model, config.diffusion, make_masked_objective(config.train.objective))
 
 
-LOOPED = Family(build=_build_looped, task=_looped_task, data_dir=_looped_data_dir, rules=_looped_rules)
+LOOPED = Family(build=_build_looped, task=_looped_task, data_dir=_looped_data_dir, rules=_looped_rules,
+                trains_every_parameter=lambda config: config.train.objective != "dense")  # dense skips the denoiser
 STACKED = Family(build=build_stacked, task=TextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
                  block_parallel_refusal=_stacked_refusal, build_for_blocks=_stacked_blocks, after_optimizer=_stacked_after_optimizer)
 MASKED = Family(build=_build_masked, task=MaskedTextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
-                commands="masked")
+                commands="masked", trains_every_parameter=dense_trains_every_parameter)

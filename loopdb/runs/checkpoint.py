@@ -2,7 +2,9 @@
 
 RUN/
   checkpoints/step-N/    model.safetensors, trainer.pt (optimizer, RNG, step), config.json,
-                         manifest.json (size and sha256 of the other three)
+                         manifest.json (size and sha256 of every other file)
+                         distributed/ (multi-process runs): torch.distributed.checkpoint shards of
+                         every rank's weights and optimizer state; trainer.pt then holds no optimizer
   latest                 name of the newest COMPLETE checkpoint
 
 A checkpoint is written into a temporary folder and renamed into place, and ``latest`` is
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +35,7 @@ from ..errors import RunError
 
 KEEP_CHECKPOINTS = 2
 WEIGHTS, TRAINER_STATE, CONFIG, MANIFEST = "model.safetensors", "trainer.pt", "config.json", "manifest.json"
+DISTRIBUTED = "distributed"  # the folder of a multi-process run's shards (torch.distributed.checkpoint)
 CHECKSUMMED = (WEIGHTS, TRAINER_STATE, CONFIG)
 MANIFEST_FORMAT = 1
 _NAME = re.compile(r"step-\d+")  # a complete checkpoint's folder (staging ones carry a suffix)
@@ -65,28 +69,52 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(folder: Path, step: int) -> None:
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in CHECKSUMMED}
+    shards = sorted(path.relative_to(folder).as_posix() for path in (folder / DISTRIBUTED).rglob("*") if path.is_file())
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+             for name in (*CHECKSUMMED, *shards)}
     (folder / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=2))
 
 
-def save_checkpoint(run_dir, model, optimizer, step: int, config: Config, extra: dict | None = None) -> Path:
+def staging_folder(run_dir, step: int) -> Path:
+    """Where checkpoint ``step`` is written before it is renamed into place."""
+    return Path(run_dir) / "checkpoints" / (checkpoint_name(step) + ".tmp")
+
+
+def start_checkpoint(run_dir, step: int) -> Path:
+    """An empty staging folder for checkpoint ``step``, where every rank of a multi-process run
+    writes its shards (save_distributed_state) before rank 0 completes it (save_checkpoint, staged)."""
+    staging = staging_folder(run_dir, step)
+    try:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as error:
+        raise _save_failed(Path(run_dir), checkpoint_name(step), error) from None
+    return staging
+
+
+def save_checkpoint(run_dir, model, optimizer, step: int, config: Config, extra: dict | None = None,
+                    weights: dict | None = None, staged: bool = False) -> Path:
     """Write checkpoint ``step`` and point ``latest`` at it; keep the newest KEEP_CHECKPOINTS.
+    ``weights``: the whole model's state (default ``model.state_dict()``); ``staged``: complete the
+    folder start_checkpoint made, whose shards are already written.
 
     RunError, with ``latest`` and the previous checkpoint untouched, if a weight is non-finite
     or the write fails (e.g. the disk is full)."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     name = checkpoint_name(step)
-    weights = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    final, staging, replaced = root / name, staging_folder(run_dir, step), root / (name + ".replaced")
+    weights = {key: value.detach().contiguous().cpu()
+               for key, value in (model.state_dict() if weights is None else weights).items()}
     bad = non_finite_weights(weights)
     if bad:
+        shutil.rmtree(staging, ignore_errors=True)
         raise RunError(f"refusing to save checkpoint {name}: {len(bad)} weight tensor(s) are non-finite "
                        f"(first: {bad[0]}); {_still_latest(run_dir)}")
-    final, staging, replaced = root / name, root / (name + ".tmp"), root / (name + ".replaced")
+    if not staged:
+        start_checkpoint(run_dir, step)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
         save_file(weights, staging / WEIGHTS)
         state = {
             "step": step,
@@ -105,13 +133,95 @@ def save_checkpoint(run_dir, model, optimizer, step: int, config: Config, extra:
         _atomic_write_text(run_dir / "latest", name)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
-        reason = f"{error.strerror} ({error.filename})" if error.strerror else str(error)
-        raise RunError(f"could not save checkpoint {name}: {reason}; {_still_latest(run_dir)}; "
-                       "free some space, then continue with --resume") from None
+        raise _save_failed(run_dir, name, error) from None
     shutil.rmtree(replaced, ignore_errors=True)
     for old in checkpoints(run_dir)[KEEP_CHECKPOINTS:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_failed(run_dir: Path, name: str, error: OSError) -> RunError:
+    reason = f"{error.strerror} ({error.filename})" if error.strerror else str(error)
+    return RunError(f"could not save checkpoint {name}: {reason}; {_still_latest(run_dir)}; "
+                    "free some space, then continue with --resume")
+
+
+# -- the shards of a multi-process run (torch.distributed.checkpoint) ----------------------------
+def _state_dict_options(**options):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # optimizer state keyed by parameter name, so ranks holding different parameters never share a key
+    return StateDictOptions(flatten_optimizer_state_dict=True, **options)
+
+
+def _distributed_state(model, optimizer) -> dict:
+    """This rank's weights (sharded or plain; not the blocks it does not hold) and optimizer state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options())
+    return {"model": {key: value for key, value in weights.items() if not value.is_meta}, "optimizer": optimizer_state}
+
+
+def save_distributed_state(staging: Path, model, optimizer) -> None:
+    """Every rank, together: write its share into ``staging`` (from start_checkpoint); a tensor that
+    several ranks hold alike (data-parallel weights, shared parameters) is written once."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(_distributed_state(model, optimizer), checkpoint_id=staging / DISTRIBUTED)
+    except (OSError, CheckpointException) as error:  # raised on every rank when any rank fails
+        raise RunError(f"could not save the shards of checkpoint {staging.name.removesuffix('.tmp')}: {_first_line(error)}; "
+                       f"{_still_latest(staging.parent.parent)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """One line for an error; a CheckpointException's is that of the first rank's failure."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        rank, failure = next(iter(failures.items()))
+        failure = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback)
+        return f"rank {rank}: {_first_line(failure)}"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
+def has_distributed_state(checkpoint) -> bool:
+    return (Path(checkpoint) / DISTRIBUTED).is_dir()
+
+
+def _parameter_of(state_key: str) -> str:
+    """'state.<parameter name>.<statistic>' -> the parameter name (AdamW's statistics have no dots)."""
+    return state_key.removeprefix("state.").rsplit(".", 1)[0]
+
+
+def load_distributed_state(checkpoint, model, optimizer) -> None:
+    """Load this rank's share of a multi-process checkpoint into ``model`` and ``optimizer`` (the
+    ranks may split the model as the saving run did or otherwise; one process loads it all)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    folder = Path(checkpoint) / DISTRIBUTED
+    state = _distributed_state(model, optimizer)  # gives every parameter AdamW state to load into
+    try:
+        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        # a parameter that never had a gradient had no AdamW state when saved, and gets none now
+        with_state = {_parameter_of(key.removeprefix("optimizer.")) for key in saved if key.startswith("optimizer.state.")}
+        for name, parameter in model.named_parameters():
+            if name not in with_state:
+                optimizer.state.pop(parameter, None)
+        state["optimizer"] = {key: value for key, value in state["optimizer"].items()
+                              if not key.startswith("state.") or _parameter_of(key) in with_state}
+        with warnings.catch_warnings():  # one process reading a multi-process checkpoint is intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=folder)
+    except (OSError, RuntimeError, CheckpointException) as error:
+        raise _damaged(Path(checkpoint) / DISTRIBUTED, _first_line(error)) from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_state_dict_options(strict=False))  # strict=False: the blocks a rank does not hold
+    for parameter in [p for p, p_state in optimizer.state.items() if not p_state]:
+        del optimizer.state[parameter]  # as the saving run had it: no state until a first gradient
 
 
 def _still_latest(run_dir: Path) -> str:

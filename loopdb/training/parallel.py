@@ -1,15 +1,19 @@
 """Training on several processes, launched by torchrun (gloo on CPU, nccl on GPU).
 
-- data-parallel (any model): every rank holds the whole model and draws its own batches;
-  after each backward the gradients are averaged over ranks (all-reduce), so every rank
-  takes the same optimizer step, as DistributedDataParallel does. A parameter that got a
-  gradient on some ranks only (a stacked run samples blocks) counts as zero elsewhere.
+- data-parallel (any model, ``data_parallel=ddp``): DistributedDataParallel; every rank holds
+  the whole model and draws its own micro-batches, the gradients are averaged over ranks,
+  so every rank takes the same optimizer step. A parameter that got a gradient on some
+  ranks only (a stacked run samples blocks) counts as zero elsewhere.
+- fully sharded (``data_parallel=fsdp``, objective dense): FSDP2, each transformer block's
+  parameters, gradients and AdamW state split over the ranks, for a model that does not
+  fit one device.
 - block-parallel (stacked DiffusionBlocks, ``--block-parallel``): rank r owns a contiguous
   share of the blocks: their weights, gradients and optimizer state live on that rank
   only (the other blocks are never allocated there). Only the SHARED parameters'
-  gradients are all-reduced. Every rank draws the same batch at a step, so a rank trains
-  its block exactly as a single process training that block alone would. At the end,
-  rank 0 gathers the blocks and holds (and saves) the whole model.
+  gradients are averaged (DDP with the blocks ignored). Every rank draws the same batch at
+  a step, so a rank trains its block exactly as a single process training that block
+  alone would. Each checkpoint gathers the blocks on rank 0 for the whole model's weights;
+  at the end rank 0 also holds the whole model (to evaluate it).
 
 A process that dies or hangs does not leave the others waiting forever: every collective
 gives up after the job's timeout (``collective_timeout_minutes``), and the ranks left stop
@@ -19,6 +23,7 @@ with ``ProcessLost``.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,30 +91,75 @@ def all_agree(flag: bool, group: Group, device) -> bool:
     return bool(vote.item())
 
 
-def average_gradients(parameters, world_size: int) -> None:
-    """Replace each gradient by its mean over ranks (one flat all-reduce); a parameter
-    without a gradient on every rank keeps None."""
-    parameters = list(parameters)
-    device = parameters[0].device if parameters else torch.device("cpu")
-    present = torch.tensor([float(p.grad is not None) for p in parameters], device=device)
-    with collective("averaging gradients"):
-        dist.all_reduce(present, op=dist.ReduceOp.MAX)
-    grads = []
-    for parameter, flag in zip(parameters, present.tolist()):
-        if flag:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            grads.append(parameter.grad)
-    if not grads:
+class WholeStep(torch.nn.Module):
+    """The model as one module whose forward runs a whole computation: ``wrapper(compute)`` calls
+    ``compute()``. The objectives use the model's methods as well as ``model(...)``, and DDP and
+    FSDP only see what happens inside their wrapper's forward, so the whole loss runs in it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, compute):
+        return compute()
+
+
+def data_parallel(model, group: Group, device, ignored: set[str] = frozenset(),
+                  every_parameter_used: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around ``WholeStep(model)``: after backward every gradient is the mean
+    over ranks. A parameter that got a gradient on some ranks only (a stacked run samples blocks)
+    counts as zero on the others; ``ignored`` (parameter and buffer names of ``model``) are left
+    alone (block-parallel: each rank's own blocks). ``every_parameter_used``: every trainable
+    parameter gets a gradient at every step, so DDP need not search for unused ones."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapper = WholeStep(model)
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, [f"model.{n}" for n in ignored])
+    with collective("wrapping the model in DistributedDataParallel"):
+        return DistributedDataParallel(wrapper, device_ids=[group.local_rank] if device.type == "cuda" else None,
+                                       find_unused_parameters=not every_parameter_used,
+                                       forward_sync_buffers=False)  # the buffers are constants (rotary tables)
+
+
+def fully_sharded(model, group: Group, device) -> torch.nn.Module:
+    """FSDP2: every transformer block, then the rest of the model, sharded over the ranks; a block's
+    weights are gathered while it runs. Build the optimizer after this (it holds the shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..layers import Block
+
+    # FSDP warns of a block returning views (its attention keys and values), in case the caller
+    # changes them in place; loopdb never does
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    with collective("sharding the model (FSDP)"):
+        mesh = init_device_mesh(device.type, (group.world_size,))
+        for module in model.modules():
+            if isinstance(module, Block):
+                fully_shard(module, mesh=mesh)
+        return fully_shard(WholeStep(model), mesh=mesh)
+
+
+@contextmanager
+def gradient_sync(wrapper, sync: bool):
+    """One micro-step's forward and backward; with gradient accumulation the gradients are reduced
+    over ranks in the last micro-step's backward only."""
+    if wrapper is None:
+        yield
         return
-    flat = torch.cat([grad.flatten() for grad in grads])
-    with collective("averaging gradients"):
-        dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    with collective("the training step (gradients averaged over ranks)"):
+        if sync:
+            yield
+        elif hasattr(wrapper, "no_sync"):  # DDP
+            with wrapper.no_sync():
+                yield
+        else:  # FSDP2
+            wrapper.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                wrapper.set_requires_gradient_sync(True)
 
 
 def owned_blocks(num_blocks: int, group: Group) -> tuple[int, ...]:
@@ -121,18 +171,34 @@ def owned_blocks(num_blocks: int, group: Group) -> tuple[int, ...]:
     return tuple(range(group.rank * share, (group.rank + 1) * share))
 
 
-def gather_blocks(model, owned: tuple[int, ...], group: Group) -> None:
-    """Rank 0 receives every rank's blocks (CPU copies) and loads them into ``model``."""
+def gather_blocks(model, owned: tuple[int, ...], group: Group) -> dict | None:
+    """Rank 0 receives every rank's blocks: {block index: state dict of CPU tensors}; None elsewhere."""
     state = {index: {k: v.detach().cpu() for k, v in model.blocks[index].state_dict().items()} for index in owned}
     gathered = [None] * group.world_size if group.is_main else None
     with collective("gathering the blocks"):
         dist.gather_object(state, gathered, dst=0)
+    return {index: block for rank_state in gathered for index, block in rank_state.items()} if group.is_main else None
+
+
+def consolidated_weights(model, group: Group, owned: tuple[int, ...] | None, sharded: bool) -> dict | None:
+    """The whole model's weights as CPU tensors on rank 0 (None elsewhere), for the checkpoint that
+    `score` and `sample` read. A collective when the weights are split over ranks (FSDP shards,
+    block-parallel blocks): every rank calls it."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        with collective("gathering the shards"):
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if group.is_main else None
+    if owned is None:  # data-parallel: every rank holds the same weights
+        return {key: value.detach().cpu() for key, value in model.state_dict().items()} if group.is_main else None
+    blocks = gather_blocks(model, owned, group)
     if not group.is_main:
-        return
-    device = next(p.device for p in model.parameters() if not p.is_meta)
-    for rank_state in gathered:
-        for index, block_state in rank_state.items():
-            model.materialize_block(index, device).load_state_dict(block_state)
+        return None
+    held = {key: value.detach().cpu() for key, value in model.state_dict().items() if not value.is_meta}
+    for index, block in blocks.items():
+        held.update({f"blocks.{index}.{key}": value for key, value in block.items()})
+    return held
 
 
 def barrier(group: Group) -> None:

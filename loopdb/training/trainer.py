@@ -25,10 +25,11 @@ import torch
 
 from ..config import Config
 from ..device import resolve_device
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, RunError, TrainingError
 from ..families import check_config, family_of
-from ..runs.checkpoint import (checkpoint_name, checkpoints, latest_checkpoint, newest_intact_checkpoint,
-                               non_finite_weights, save_checkpoint)
+from ..runs.checkpoint import (checkpoint_name, checkpoints, has_distributed_state, latest_checkpoint,
+                               load_distributed_state, newest_intact_checkpoint, non_finite_weights,
+                               save_checkpoint, save_distributed_state, staging_folder, start_checkpoint)
 from ..runs.folder import write_run_files
 from . import parallel
 
@@ -43,9 +44,11 @@ def learning_rate(step: int, config: Config) -> float:
     return floor + 0.5 * (train.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def step_generator(seed: int, step: int, micro: int = 0, stream: int = 0) -> torch.Generator:
-    """The generator of one micro-step; ``stream`` separates the draws of data-parallel ranks."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro + stream * 7_919) % (2**63))
+def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
+    """The generator of one micro-batch. Data-parallel rank r of W, at its micro-step m, draws
+    micro-batch m * W + r: the W ranks together draw what one process with W times the
+    accumulation draws."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) % (2**63))
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
@@ -61,8 +64,9 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
 class Trainer:
     def __init__(self, config: Config, data_dir, run_dir, resume: bool = False, progress: bool = True,
                  log_tensorboard: bool = True, block_parallel: bool = False):
-        """Under torchrun (WORLD_SIZE > 1) the run is data-parallel, or block-parallel with
-        ``block_parallel`` (loopdb.parallel); rank 0 evaluates, logs and saves."""
+        """Under torchrun (WORLD_SIZE > 1) the run is data-parallel (DDP, or FSDP2 with
+        data_parallel=fsdp), or block-parallel with ``block_parallel`` (loopdb.training.parallel);
+        rank 0 evaluates (FSDP: every rank) and logs, every rank saves its shards."""
         self.run_dir = Path(run_dir)
         self.data_dir = None if data_dir is None else Path(data_dir)  # None: the family's embedded data
         self.progress = progress
@@ -77,7 +81,7 @@ class Trainer:
         self.task = family.task(config, self.data_dir)  # may fill in data-given fields (vocab_size)
         self.config = check_config(config)
         self.device = resolve_device(config.train.device)
-        self.group, self.owned_blocks = self._join_processes(config, block_parallel, resume)
+        self.group, self.owned_blocks = self._join_processes(config, block_parallel)
         if self.group.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", self.group.local_rank)
         torch.manual_seed(config.train.seed)
@@ -86,14 +90,14 @@ class Trainer:
         else:  # this rank allocates and trains its own blocks only
             self.model = family.build_for_blocks(config, self.owned_blocks).to(self.device)
         self.objective = self.model.objective
+        self.wrapper = self._wrap_for_ranks()  # DDP or FSDP around the whole step; None: one process
         self.optimizer = make_optimizer(self.model, config)
-        family.after_optimizer(self.model, self.optimizer, self.device, block_parallel)
+        family.after_optimizer(self.model, self.optimizer, self.device, self.group.world_size > 1)
         self.step = 0
         self.skipped_in_a_row = self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite_steps)
         if saved is not None:
-            self.model.load_state_dict(saved.weights)
+            self._load(saved)
             state = saved.trainer_state
-            self.optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"]["torch"])
             self.step = state["step"]
             self.skipped_in_a_row = state["extra"].get("skipped_in_a_row", 0)
@@ -125,16 +129,28 @@ class Trainer:
                 "again, exactly as before")
         return saved
 
+    def _load(self, saved) -> None:
+        """Weights and optimizer state of the resume point: a multi-process checkpoint's shards
+        (each rank its share), else the single-process checkpoint's files."""
+        if has_distributed_state(saved.path):
+            load_distributed_state(saved.path, self.model, self.optimizer)
+            return
+        if self.block_parallel or self.sharded:
+            raise ConfigError(f"--resume: {saved.path.name} was written by one process; a block-parallel or "
+                              "data_parallel=fsdp run resumes a multi-process checkpoint only (resume it with one process)")
+        self.model.load_state_dict(saved.weights)
+        self.optimizer.load_state_dict(saved.trainer_state["optimizer"])
+
     @staticmethod
-    def _join_processes(config: Config, block_parallel: bool, resume: bool):
+    def _join_processes(config: Config, block_parallel: bool):
         """(group, blocks this rank owns or None): the torchrun job this process belongs to."""
         refusal = family_of(config).block_parallel_refusal(config) if block_parallel else None
         if refusal:
             raise ConfigError(refusal)
         if parallel.world_size_from_env() > 1 and config.train.time_budget_minutes > 0:
             raise ConfigError("time_budget_minutes is single-process only (ranks would stop at different steps)")
-        if block_parallel and resume:
-            raise ConfigError("--block-parallel runs cannot --resume yet; start a new run")
+        if block_parallel and config.train.data_parallel == "fsdp":
+            raise ConfigError("--block-parallel already splits the model by blocks; drop data_parallel=fsdp")
         group = parallel.init_from_env(resolve_device(config.train.device).type, config.train.collective_timeout_minutes)
         if not block_parallel:
             return group, None
@@ -146,6 +162,35 @@ class Trainer:
     @property
     def block_parallel(self) -> bool:
         return self.owned_blocks is not None
+
+    @property
+    def batch_draws(self) -> tuple[int, int]:
+        """(ranks drawing their own micro-batches, this rank's index among them): data-parallel
+        ranks draw their own, block-parallel ranks all train on one batch."""
+        return (1, 0) if self.block_parallel else (self.group.world_size, self.group.rank)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: every rank holds a share of each tensor, so every rank runs evaluation as well."""
+        return self.group.world_size > 1 and self.config.train.data_parallel == "fsdp"
+
+    def _wrap_for_ranks(self):
+        """DDP (data-parallel; block-parallel: the shared parameters only) or FSDP around the
+        whole training step, or None for one process (or nothing shared to average)."""
+        if self.group.world_size == 1:
+            return None
+        if self.sharded:
+            return parallel.fully_sharded(self.model, self.group, self.device)
+        ignored = set()
+        if self.block_parallel:  # each rank's own blocks (and the meta stand-ins of the others)
+            shared = {id(p) for p in self.model.shared_parameters()}
+            if not any(p.requires_grad for p in self.model.shared_parameters()):
+                return None
+            ignored = {name for name, p in self.model.named_parameters() if id(p) not in shared}
+            ignored |= {name for name, buffer in self.model.named_buffers() if buffer.is_meta}
+        # block-parallel: DDP sees only the shared parameters, and every step trains them all (test_stacked checks)
+        every_parameter_used = self.block_parallel or family_of(self.config).trains_every_parameter(self.config)
+        return parallel.data_parallel(self.model, self.group, self.device, ignored, every_parameter_used)
 
     # -- one optimisation step ---------------------------------------------------------
     def autocast(self):
@@ -160,14 +205,14 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         totals = {"loss": 0.0}
-        # data-parallel ranks draw different batches; block-parallel ranks the same one
-        stream = 0 if self.block_parallel else self.group.rank
+        draws, draw = self.batch_draws
         for micro in range(train.grad_accum):
-            generator = step_generator(train.seed, self.step, micro, stream)
+            generator = step_generator(train.seed, self.step, micro * draws + draw)
             batch = self.task.batch(generator, self.device)
-            with self.autocast():
-                loss, stats = self.objective.loss(self._loss_model(), batch, generator, self.step)
-            (loss / train.grad_accum).backward()
+            with parallel.gradient_sync(self.wrapper, sync=micro == train.grad_accum - 1):
+                with self.autocast():
+                    loss, stats = self._run(lambda: self.objective.loss(self._loss_model(), batch, generator, self.step))
+                (loss / train.grad_accum).backward()
             for key, value in {"loss": loss, **stats}.items():
                 totals[key] = totals.get(key, 0.0) + float(torch.as_tensor(value).detach()) / train.grad_accum
         grad_norm = self._synchronise_and_clip()
@@ -206,18 +251,21 @@ class Trainer:
                 f"clipping (grad_clip={train.grad_clip:g}; 1 is the usual), bf16 overflow (bf16={train.bf16}); "
                 "or pass --skip_nonfinite_steps=N to skip up to N such steps in a row")
 
+    def _run(self, compute, training: bool = True):
+        """``compute()``, inside the DDP / FSDP wrapper's forward where it must be: a training pass (so
+        the gradient reduction sees every parameter used), and under FSDP any pass (so the shards are gathered)."""
+        inside = self.wrapper is not None and (training or self.sharded)
+        return self.wrapper(compute) if inside else compute()
+
     def _synchronise_and_clip(self) -> float:
-        """Average gradients over ranks (all of them, or only the shared ones when block-parallel)
-        and clip; block-parallel clips the shared gradients on their own so every rank takes the
-        same shared step. Returns the pre-clip norm of this rank's own gradients."""
+        """Clip the gradients (averaged over ranks by DDP or FSDP in backward); block-parallel clips
+        the shared gradients on their own so every rank takes the same shared step. Returns the
+        pre-clip norm of this rank's own gradients (FSDP: of the whole model's)."""
         clip = self.config.train.grad_clip
-        if self.group.world_size == 1:
-            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
         if not self.block_parallel:
-            parallel.average_gradients(self.model.parameters(), self.group.world_size)
-            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         shared = self.model.shared_parameters()
-        parallel.average_gradients(shared, self.group.world_size)
         torch.nn.utils.clip_grad_norm_([p for p in shared if p.grad is not None], clip)
         owned = [p for index in self.owned_blocks for p in self.model.block_parameters(index) if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(owned, clip).item()
@@ -231,23 +279,48 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self) -> dict:
         self.model.eval()
-        return self.task.evaluate(self.model, self.device, self.autocast)
+        return self._run(lambda: self.task.evaluate(self.model, self.device, self.autocast), training=False)
 
     def sample_text(self) -> str | None:
         self.model.eval()
         with self.autocast():
-            return self.task.sample_text(self.model, self.step)
+            return self._run(lambda: self.task.sample_text(self.model, self.step), training=False)
 
     # -- the loop ---------------------------------------------------------------------------
     def save(self):
-        bad = non_finite_weights(self.model.state_dict())
-        if bad:  # finite loss and gradients, yet an update overflowed: keep the good checkpoint
-            raise TrainingError(f"step {self.step}: {len(bad)} weight tensor(s) became non-finite (first: {bad[0]}), "
+        """Checkpoint the step. Several processes: every rank writes its shards (weights and optimizer
+        state, for an exact --resume) into the checkpoint folder, then rank 0 completes it with the
+        whole model's weights; every rank calls this, and every rank stops if any save fails."""
+        distributed = self.group.world_size > 1
+        held = {key: value.to_local() if hasattr(value, "to_local") else value  # FSDP: this rank's shard
+                for key, value in self.model.state_dict().items() if not value.is_meta}
+        bad = non_finite_weights(held)
+        if not parallel.all_agree(not bad, self.group, self.device):
+            # finite loss and gradients, yet an update overflowed: keep the good checkpoint
+            first = f" (first: {bad[0]})" if bad else " on another rank"
+            raise TrainingError(f"step {self.step}: weight tensor(s) became non-finite{first}, "
                                 f"not saved as {checkpoint_name(self.step)}; {self._stop_advice()}")
-        # a block-parallel rank's optimizer holds its own blocks only: the assembled checkpoint keeps none
-        optimizer = None if self.block_parallel else self.optimizer
-        save_checkpoint(self.run_dir, self.model, optimizer, self.step, self.config,
-                        extra={"skipped_in_a_row": self.skipped_in_a_row, "skipped_steps": self.skipped_steps})
+        extra = {"skipped_in_a_row": self.skipped_in_a_row, "skipped_steps": self.skipped_steps}
+        if not distributed:
+            save_checkpoint(self.run_dir, self.model, self.optimizer, self.step, self.config, extra=extra)
+            return
+        self._on_main_then_agree(lambda: start_checkpoint(self.run_dir, self.step))
+        save_distributed_state(staging_folder(self.run_dir, self.step), self.model, self.optimizer)  # a failure is raised on every rank
+        weights = parallel.consolidated_weights(self.model, self.group, self.owned_blocks, self.sharded)
+        # the optimizer state lives in the shards only
+        self._on_main_then_agree(lambda: save_checkpoint(self.run_dir, None, None, self.step, self.config, extra=extra,
+                                                         weights=weights, staged=True))
+
+    def _on_main_then_agree(self, action) -> None:
+        """Run ``action`` on rank 0; if it fails, rank 0 raises its error and every other rank one line."""
+        failure = None
+        if self.group.is_main:
+            try:
+                action()
+            except RunError as error:
+                failure = error
+        if not parallel.all_agree(failure is None, self.group, self.device):
+            raise failure or RunError(f"rank 0 could not save checkpoint {checkpoint_name(self.step)} (see its message)")
 
     def log(self, values: dict):
         if self.writer is not None:
@@ -268,11 +341,12 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, on_signal)
         bar = tqdm(total=train.max_steps, initial=self.step, disable=not (self.progress and self.group.is_main),
                    desc="train", unit="step")
-        tokens_per_step = train.batch_size * train.grad_accum * self.config.model.context
+        tokens_per_step = train.batch_size * train.grad_accum * self.config.model.context * self.batch_draws[0]  # the job's
         last_eval = {}
         step_seconds = []
+        stopping = False
         try:
-            while self.step < train.max_steps and not interrupted["flag"]:
+            while self.step < train.max_steps and not (stopping := self._stop_agreed(interrupted["flag"])):
                 started = time.perf_counter()
                 stats = self.train_step()
                 elapsed = time.perf_counter() - started
@@ -287,21 +361,16 @@ class Trainer:
                     for key, value in stats.items():
                         self.writer.add_scalar(f"train/{key}", value, self.step)
                 done = self.step == train.max_steps
+                # rank 0 evaluates (FSDP: every rank, each holding a share); block-parallel: once assembled
+                evaluate_now = done if self.block_parallel else (self.step % train.eval_every == 0 or done)
                 if self.block_parallel and done:
                     self._assemble()
-                if not self.group.is_main or (self.block_parallel and not done):
-                    continue  # rank 0 evaluates and saves; block-parallel: once the model is assembled
-                if self.step % train.eval_every == 0 or done:
-                    last_eval = self.evaluate()
-                    self.log({"train/loss": stats["loss"], **last_eval})
-                    bar.write(f"step {self.step}: " + "  ".join(f"{k}={v:.3f}" for k, v in last_eval.items()))
-                    sample = self.sample_text()
-                    if self.writer is not None and sample is not None:
-                        self.writer.add_text("sample", sample, self.step)
+                if evaluate_now and (self.group.is_main or self.sharded):
+                    last_eval = self._evaluate_and_log(stats["loss"], bar)
                 if self.step % train.checkpoint_every == 0 or done:
-                    self.save()
+                    self.save()  # every rank: several processes write their shards together
         except KeyboardInterrupt:
-            if self.group.is_main and not self.block_parallel:
+            if self.group.world_size == 1:  # several processes cannot agree on a save once interrupted
                 bar.write("interrupted: saving a checkpoint (resume with --resume)")
                 self.save()
             raise
@@ -310,16 +379,35 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
             if self.writer is not None:
                 self.writer.flush()
-        if interrupted["flag"] and self.group.is_main and not self.block_parallel:
+        if stopping:
             self.save()
         if self.group.is_main:
             self._write_summary(step_seconds, tokens_per_step)
         parallel.barrier(self.group)
         return last_eval
 
+    def _stop_agreed(self, asked: bool) -> bool:
+        """SIGTERM: finish the step, checkpoint, stop; several processes stop at the same step."""
+        return asked if self.group.world_size == 1 else not parallel.all_agree(not asked, self.group, self.device)
+
+    def _evaluate_and_log(self, train_loss: float, bar) -> dict:
+        evaluation = self.evaluate()
+        sample = self.sample_text()
+        if self.group.is_main:
+            self.log({"train/loss": train_loss, **evaluation})
+            bar.write(f"step {self.step}: " + "  ".join(f"{k}={v:.3f}" for k, v in evaluation.items()))
+            if self.writer is not None and sample is not None:
+                self.writer.add_text("sample", sample, self.step)
+        return evaluation
+
     def _assemble(self) -> None:
         """Block-parallel: rank 0 gathers every rank's blocks into one whole model."""
-        parallel.gather_blocks(self.model, self.owned_blocks, self.group)
+        blocks = parallel.gather_blocks(self.model, self.owned_blocks, self.group)
+        if blocks is None:
+            return
+        device = next(p.device for p in self.model.parameters() if not p.is_meta)
+        for index, state in blocks.items():
+            self.model.materialize_block(index, device).load_state_dict(state)
 
     def _fit_budget(self, step_seconds: list[float], bar) -> None:
         """With a time budget, set max_steps from the measured step time (re-estimated every
