@@ -23,10 +23,13 @@ def cmd_prepare(args) -> int:
     from ..data import prepare
 
     corpus = None if args.corpus in (None, ["shakespeare"]) else args.corpus
-    meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
+    streaming = {key: getattr(args, key) for key in ("workers", "tokenizer_sample_mb", "shard_mb", "chunk_mb")
+                 if getattr(args, key) is not None}  # unset: loopdb.data's defaults
+    meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size, tokenizer=args.tokenizer, **streaming)
     splits = meta["splits"]
-    print(f"prepared {args.out}: vocab {meta['vocab_size']}, tokens "
-          + ", ".join(f"{name} {splits[name]['tokens']:,}" for name in ("train", "val", "test")))
+    print(f"prepared {args.out}: vocab {meta['vocab_size']} ({meta['dtype']}), tokens "
+          + ", ".join(f"{name} {splits[name]['tokens']:,} ({len(splits[name]['shards'])} shard(s))"
+                      for name in ("train", "val", "test")))
     print(f"unigram test bits per byte (the no-context line): {meta['unigram_test_bpb']:.3f}")
     return 0
 
@@ -186,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe",
                    help="bpe (sentencepiece, --vocab-size pieces) or char (one id per character: bits per character)")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: min(CPU count, 8))")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=None,
+                   help="the BPE tokenizer trains on at most this much of the train split, sampled evenly across "
+                        "it (default 64)")
+    p.add_argument("--shard-mb", type=float, default=None, help="token file size per shard (default 256)")
+    p.add_argument("--chunk-mb", type=float, default=None, help="text per encoding task (default 4)")
 
     p = commands.add_parser("train", help="train a model; extra --key=value override the preset",
                             epilog="example: loopdb train --preset tiny --out runs/tiny --max_steps=500")
