@@ -41,6 +41,7 @@ import re
 import secrets
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -180,7 +181,7 @@ class _Piece:
         return self.end - self.start + self.add_newline
 
 
-def _scan_file(path: Path, bar, alphabet: set | None) -> _FileScan:
+def _scan_file(path: Path, alphabet: set | None) -> _FileScan:
     """Read one file in blocks: valid UTF-8, no U+2581, has text? (alphabet: add its characters)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     has_text, offset, chars, last = False, 0, 0, b""
@@ -208,14 +209,13 @@ def _scan_file(path: Path, bar, alphabet: set | None) -> _FileScan:
                 if not block:
                     break
                 offset, chars, last = offset + len(block), chars + len(text), block[-1:]
-                bar.update(len(block))
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise DataError(f"cannot read {path} ({reason}); fix its permissions or leave it out") from None
     return _FileScan(path, offset, has_text, last == b"\n")
 
 
-def _scan_corpus(corpus, say, show_progress: bool, alphabet: set | None) -> tuple[object, list[_Piece]]:
+def _scan_corpus(corpus, say, alphabet: set | None) -> tuple[object, list[_Piece]]:
     """(corpus label for meta.json, one piece per file with text, sorted by name)."""
     if corpus is None or corpus == DEFAULT_CORPUS:
         files = default_corpus_files()
@@ -227,9 +227,10 @@ def _scan_corpus(corpus, say, show_progress: bool, alphabet: set | None) -> tupl
     if not files:
         raise DataError("the corpus has no files; pass text files or folders that contain some")
     say(f"reading {len(files)} files")
-    total = sum(f.stat().st_size for f in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="check", disable=not show_progress, leave=False) as bar:
-        scans = [_scan_file(f, bar, alphabet) for f in files]
+    started = time.perf_counter()
+    scans = [_scan_file(f, alphabet) for f in files]  # no bar: an error here must be the only line
+    total, seconds = sum(scan.size for scan in scans), time.perf_counter() - started
+    say(f"checked {total / 1e6:.2f} MB in {seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
     docs = [_Piece(name, scan.path, 0, scan.size, not scan.ends_with_newline)
             for name, scan in zip(names, scans) if scan.has_text]
     if not docs:
@@ -774,7 +775,7 @@ def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=T
     _check_out_dir(out)
 
     alphabet = set() if tokenizer == "char" else None
-    label, docs = _scan_corpus(corpus, say, show_progress, alphabet)
+    label, docs = _scan_corpus(corpus, say, alphabet)
     splits = _split_documents(docs, default_corpus=label == DEFAULT_CORPUS)
     n_bytes = {split: sum(piece.size for piece in splits[split]) for split in SPLITS}
     say("documents: " + ", ".join(f"{s} {len(splits[s])} ({n_bytes[s] / 1e6:.2f} MB)" for s in SPLITS))
