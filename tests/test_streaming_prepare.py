@@ -126,7 +126,8 @@ def test_sharded_tokens_index_like_an_array():
     assert len(tokens) == 11 and tokens.shape == (11,)
     for key in [0, 3, 4, 5, 10, -1, -11]:
         assert tokens[key] == flat[key]
-    for key in [slice(None), slice(2, 9), slice(3, 3), slice(9, 2), slice(-3, None), slice(1, 10, 3), slice(None, None, -1)]:
+    for key in [slice(None), slice(2, 9), slice(3, 3), slice(9, 2), slice(-3, None), slice(1, 10, 3),
+                slice(None, None, -1)]:
         assert np.array_equal(tokens[key], flat[key]), key
     assert np.array_equal(tokens[[10, 0, -1, 4]], flat[[10, 0, -1, 4]])
     assert tokens.tolist() == flat.tolist() and int(np.max(tokens)) == 10
