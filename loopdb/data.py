@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -615,9 +616,13 @@ class _ChunkEncoder:
     def __call__(self, task) -> np.ndarray:
         parts = []
         for path, start, end, add_newline in task:
-            with open(path, "rb") as f:
-                f.seek(start)
-                parts.append(f.read(end - start).decode("utf-8") + ("\n" if add_newline else ""))
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    parts.append(f.read(end - start).decode("utf-8") + ("\n" if add_newline else ""))
+            except (OSError, UnicodeDecodeError) as error:  # it passed the checking pass
+                raise DataError(f"{path} changed or became unreadable during preparation "
+                                f"({type(error).__name__}); leave the corpus alone and rerun") from None
         text = "".join(parts)
         ids = np.asarray(self.tokenizer.encode(text), dtype=self.dtype)
         where = f"{task[0][0]} from byte {task[0][1]}"
@@ -820,8 +825,8 @@ def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=T
         writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
         counts = {split: np.zeros(tokenizer.vocab_size, dtype=np.int64) for split in ("train", "test")}
         encoded = _encode_in_order([task for _, task in tasks], workers, (kind, model, dtype))
-        with tqdm(total=sum(n_bytes.values()), unit="B", unit_scale=True, desc="encode",
-                  disable=not show_progress) as bar:
+        with contextlib.closing(encoded), tqdm(total=sum(n_bytes.values()), unit="B", unit_scale=True,
+                                               desc="encode", disable=not show_progress) as bar:
             for (split, task), ids in zip(tasks, encoded):
                 writers[split].write(ids)
                 if split in counts:

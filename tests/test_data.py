@@ -262,6 +262,7 @@ def test_progress_goes_to_stderr_only_when_asked(dataset, tmp_path, capfd):
     captured = capfd.readouterr()
     assert captured.out == ""
     assert "reading 8 files" in captured.err and "training" in captured.err
+    assert "with 1 worker(s)" in captured.err  # a corpus under PARALLEL_MIN_BYTES encodes in-process
 
 
 # --- errors --------------------------------------------------------------------

@@ -260,6 +260,25 @@ def test_bad_streaming_settings_are_clear_errors(prepared, tmp_path, settings, m
     assert not (tmp_path / "out").exists()
 
 
+def test_a_worker_error_is_one_clear_error_and_leaves_nothing(prepared, tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in prepared[0].iterdir():
+        (corpus / path.name).write_bytes(path.read_bytes())
+    train_tokenizer = data._train_tokenizer
+
+    def train_then_spoil(*args, **kwargs):  # the corpus changes after the checking pass
+        model = train_tokenizer(*args, **kwargs)
+        (corpus / "doc05.txt").write_bytes(b"\xff" * 100_000)
+        return model
+
+    monkeypatch.setattr(data, "_train_tokenizer", train_then_spoil)
+    with pytest.raises(DataError, match=r"doc05\.txt changed or became unreadable during preparation "
+                                        r"\(UnicodeDecodeError\); leave the corpus alone and rerun"):
+        data.prepare(tmp_path / "out", corpus=[corpus], vocab_size=VOCAB, show_progress=False, **STREAMED)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
 def test_vocabulary_too_large_for_the_sample_names_the_cap(prepared, tmp_path):
     corpus = prepared[0]
     with pytest.raises(DataError, match=r"too large for the tokenizer's sample of this corpus \(or raise "
