@@ -157,7 +157,7 @@ def cmd_bench(args) -> int:
     if args.what == "prepare":
         from ..evaluation import prepare_bench
 
-        if args.size_mb <= 0 or (args.workers is not None and args.workers < 1):
+        if not args.size_mb > 0 or (args.workers is not None and args.workers < 1):
             raise UsageError(f"bench prepare needs --size-mb > 0 and --workers >= 1 "
                              f"(got {args.size_mb}, {args.workers})")
         report = prepare_bench.run_prepare_bench(args.size_mb, args.workers, folder=args.run, seed=args.seed)
@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe",
                    help="bpe (sentencepiece, --vocab-size pieces) or char (one id per character: bits per character)")
-    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: min(CPU count, 8); 1 for a corpus under 16 MB)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="encoding processes (default: min(CPU count, 8); 1 for a corpus under 16 MB)")
     p.add_argument("--tokenizer-sample-mb", type=float, default=None,
                    help="the BPE tokenizer trains on at most this much of the train split, sampled evenly across "
                         "it (default 64)")
