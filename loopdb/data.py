@@ -62,6 +62,9 @@ TEST_DOCUMENTS = ("macbeth_gut",)
 SPLITS = ("train", "val", "test")
 FORMAT = 2  # 2: sharded token files listed in meta.json; 1: one uint16 {split}.bin (still read)
 READABLE_FORMATS = (1, 2)
+# A task folder holds no token files, so its layout is format 1's still; keeping the number lets
+# older loopdb versions share ~/.cache/loopdb/tasks (each rewrites a meta.json that differs).
+TASK_FORMAT = 1
 TOKENIZER_FILE = "tokenizer.model"
 CHAR_TOKENIZER_FILE = "tokenizer.json"
 TASK_TOKENIZER_FILE = "words.json"
@@ -931,7 +934,7 @@ def task_data_dir(task_name: str) -> Path:
     task = get_task(task_name)
     out = Path(os.environ.get("LOOPDB_DATA", Path.home() / ".cache" / "loopdb")) / "tasks" / task.name
     tokenizer = task.tokenizer()
-    meta = {"format": FORMAT, "task": task.name, "vocab_size": tokenizer.vocab_size, "tokenizer": TASK_TOKENIZER_FILE}
+    meta = {"format": TASK_FORMAT, "task": task.name, "vocab_size": tokenizer.vocab_size, "tokenizer": TASK_TOKENIZER_FILE}
     if not (out / META_FILE).is_file() or json.loads((out / META_FILE).read_text()) != meta:
         out.mkdir(parents=True, exist_ok=True)
         for name, content in ((TASK_TOKENIZER_FILE, tokenizer.to_bytes()), (META_FILE, json.dumps(meta).encode())):

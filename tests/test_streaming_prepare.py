@@ -313,3 +313,11 @@ def test_cli_prepare_takes_the_streaming_flags(prepared, tmp_path, capsys):
     meta = data.load_meta(tmp_path / "out")
     assert f"train {meta['splits']['train']['tokens']:,} ({len(meta['splits']['train']['shards'])} shard(s))" in out
     assert meta["tokenizer_sample"]["cap_mb"] == 0.1 and len(meta["splits"]["train"]["shards"]) > 20
+
+
+def test_task_folders_keep_format_1(tmp_path, monkeypatch):
+    """A reasoning task's folder holds no token files: its meta.json stays format 1, so a loopdb
+    from before shards can share ~/.cache/loopdb/tasks."""
+    monkeypatch.setenv("LOOPDB_DATA", str(tmp_path))
+    folder = data.task_data_dir("s3")
+    assert json.loads((folder / "meta.json").read_text())["format"] == 1 == data.load_meta(folder)["format"]
