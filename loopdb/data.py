@@ -81,6 +81,7 @@ PARALLEL_MIN_BYTES = 16_000_000
 DEFAULT_TOKENIZER_SAMPLE_MB = 64.0  # the whole train split of the shipped corpus (4.8 MB) fits
 DEFAULT_SHARD_MB = 256.0  # bytes of token file per shard
 DEFAULT_CHUNK_MB = 4.0  # text per encoding task
+ENCODE_BATCH_CHARS = 1 << 18  # a worker encodes (and checks) a task this many characters (+ a line) at a time
 MIN_CHUNK_BYTES = 1 << 16  # smaller automatic chunks cost more in hand-offs than they gain
 SCAN_BLOCK = 1 << 23  # bytes read at a time by the checking pass
 SAMPLE_PIECES = 1024  # pieces of a sampled tokenizer training set (fewer when the cap is small)
@@ -626,9 +627,17 @@ class _ChunkEncoder:
             except (OSError, UnicodeDecodeError) as error:  # it passed the checking pass
                 raise DataError(f"{path} changed or became unreadable during preparation "
                                 f"({type(error).__name__}); leave the corpus alone and rerun") from None
-        text = "".join(parts)
+        text, where = "".join(parts), f"{task[0][0]} from byte {task[0][1]}"
+        pieces, position = [], 0
+        while position < len(text):  # a batch of whole lines at a time: few ids are ever Python ints
+            cut = text.find("\n", position + ENCODE_BATCH_CHARS)
+            cut = len(text) if cut < 0 else cut + 1
+            pieces.append(self._encode_checked(text[position:cut], where))
+            position = cut
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
+
+    def _encode_checked(self, text: str, where: str) -> np.ndarray:
         ids = np.asarray(self.tokenizer.encode(text), dtype=self.dtype)
-        where = f"{task[0][0]} from byte {task[0][1]}"
         if self.tokenizer.decode(ids) != text:
             raise DataError(f"the text of {where} does not round-trip through the tokenizer; "
                             "report this corpus as a bug")

@@ -98,6 +98,16 @@ def test_shards_decode_to_the_split_text(prepared):
     assert every == sorted(p.name for p in corpus.iterdir())
 
 
+def test_a_worker_encodes_its_chunk_in_line_batches_to_the_same_ids(prepared, monkeypatch):
+    corpus, root, _, _ = prepared
+    model, path = (root / "whole" / "tokenizer.model").read_bytes(), corpus / "crlf.txt"
+    task = ((str(path), 0, path.stat().st_size, False),)
+    whole = data._ChunkEncoder("bpe", model, "uint16")(task)
+    assert whole.tolist() == data.load_tokenizer(root / "whole").encode(path.read_bytes().decode("utf-8"))
+    monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 500)  # ~50 batches instead of one
+    assert np.array_equal(data._ChunkEncoder("bpe", model, "uint16")(task), whole)
+
+
 def test_readers_see_the_shards_as_one_split(prepared):
     _, root, _, _ = prepared
     sharded, single = data.load_tokens(root / "streamed", "train"), data.load_tokens(root / "whole", "train")
