@@ -646,36 +646,44 @@ class _ChunkEncoder:
         return ids
 
 
-_WORKER_ENCODER: _ChunkEncoder | None = None  # set in each worker process by _start_worker
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+    """``workers`` encoding processes, or None (encode in-process) for one.
+
+    Spawned, not forked: a fresh worker holds only numpy and sentencepiece, not the parent's
+    torch, sentencepiece training memory or threads, on every platform. Started before the
+    tokenizer trains, while this process is small: a spawned process's ru_maxrss starts at the
+    parent's RSS at the fork before its exec, so late workers would report the parent's peak."""
+    if workers == 1:
+        yield None
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield pool
 
 
-def _start_worker(kind: str, model: bytes, dtype: str) -> None:
+_WORKER_ENCODER: tuple | None = None  # (encoder args, _ChunkEncoder) of a worker process, from its first task
+
+
+def _encode_in_worker(encoder_args: tuple, task) -> np.ndarray:
     global _WORKER_ENCODER
-    _WORKER_ENCODER = _ChunkEncoder(kind, model, dtype)
+    if _WORKER_ENCODER is None or _WORKER_ENCODER[0] != encoder_args:
+        _WORKER_ENCODER = (encoder_args, _ChunkEncoder(*encoder_args))
+    return _WORKER_ENCODER[1](task)
 
 
-def _encode_in_worker(task) -> np.ndarray:
-    return _WORKER_ENCODER(task)
-
-
-def _encode_in_order(tasks: list, workers: int, encoder_args: tuple) -> Iterator[np.ndarray]:
+def _encode_in_order(tasks: list, pool, workers: int, encoder_args: tuple) -> Iterator[np.ndarray]:
     """ids of each task, in task order; at most 2 * workers tasks in flight, so memory stays
     bounded however far the workers run ahead."""
-    if workers == 1 or len(tasks) <= 1:
-        encoder = _ChunkEncoder(*encoder_args)
-        yield from map(encoder, tasks)
+    if pool is None:
+        yield from map(_ChunkEncoder(*encoder_args), tasks)
         return
-    # spawn, not fork: a fresh worker holds only numpy and sentencepiece (a forked one would share
-    # the parent's torch and sentencepiece training memory, and its threads), on every platform
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(tasks)), _start_worker, encoder_args) as pool:
-        in_flight = collections.deque()
-        for task in tasks:
-            in_flight.append(pool.apply_async(_encode_in_worker, (task,)))
-            if len(in_flight) >= 2 * workers:
-                yield in_flight.popleft().get()
-        while in_flight:
+    in_flight = collections.deque()
+    for task in tasks:
+        in_flight.append(pool.apply_async(_encode_in_worker, (encoder_args, task)))
+        if len(in_flight) >= 2 * workers:
             yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
 
 
 def _unigram_bpb(train_counts: np.ndarray, test_counts: np.ndarray, test_bytes: int) -> float:
@@ -804,79 +812,79 @@ def prepare(out_dir, corpus=None, vocab_size=DEFAULT_VOCAB_SIZE, show_progress=T
     splits = _split_documents(docs, default_corpus=label == DEFAULT_CORPUS)
     n_bytes = {split: sum(piece.size for piece in splits[split]) for split in SPLITS}
     say("documents: " + ", ".join(f"{s} {len(splits[s])} ({n_bytes[s] / 1e6:.2f} MB)" for s in SPLITS))
-    timings["check"], started = time.perf_counter() - started, time.perf_counter()
-
-    sample = None
-    if tokenizer == "char":
-        chars = CharTokenizer("".join(sorted(alphabet)))
-        say(f"character tokenizer: {chars.vocab_size} characters")
-        tokenizer_file, model, tokenizer = CHAR_TOKENIZER_FILE, chars.to_bytes(), chars
-    else:
-        lines, sample = _tokenizer_sample(splits["train"], sample_bytes)
-        whole = "the train split" if sample["whole_train_split"] else \
-            f"a {sample_bytes / 1e6:g} MB sample of the train split ({sample['pieces']} pieces)"
-        say(f"training a {vocab_size}-piece BPE tokenizer on {whole}")
-        model = _train_tokenizer(lines, vocab_size, sampled=not sample["whole_train_split"])
-        tokenizer_file, tokenizer = TOKENIZER_FILE, Tokenizer.from_bytes(model)
-    kind = "char" if tokenizer_file == CHAR_TOKENIZER_FILE else "bpe"
-    timings["tokenizer"], started = time.perf_counter() - started, time.perf_counter()
-    dtype = token_dtype(tokenizer.vocab_size)
-    shard_tokens = max(1, shard_bytes // np.dtype(dtype).itemsize)
-
     if workers is None:
         workers = DEFAULT_WORKERS if sum(n_bytes.values()) >= PARALLEL_MIN_BYTES else 1
-    # Enough tasks to keep every worker busy, however small the corpus.
-    chunk_bytes = min(chunk_bytes, max(MIN_CHUNK_BYTES, sum(n_bytes.values()) // (4 * workers)))
-    tasks = [(split, task) for split in SPLITS for task in _plan_tasks(splits[split], chunk_bytes)]
-    say(f"encoding {len(tasks)} chunks with {workers} worker(s) into {dtype} shards")
+    timings["check"], started = time.perf_counter() - started, time.perf_counter()
+    with _worker_pool(workers) as pool:  # started now, while this process is small (see there)
+        sample = None
+        if tokenizer == "char":
+            chars = CharTokenizer("".join(sorted(alphabet)))
+            say(f"character tokenizer: {chars.vocab_size} characters")
+            tokenizer_file, model, tokenizer = CHAR_TOKENIZER_FILE, chars.to_bytes(), chars
+        else:
+            lines, sample = _tokenizer_sample(splits["train"], sample_bytes)
+            whole = "the train split" if sample["whole_train_split"] else \
+                f"a {sample_bytes / 1e6:g} MB sample of the train split ({sample['pieces']} pieces)"
+            say(f"training a {vocab_size}-piece BPE tokenizer on {whole}")
+            model = _train_tokenizer(lines, vocab_size, sampled=not sample["whole_train_split"])
+            tokenizer_file, tokenizer = TOKENIZER_FILE, Tokenizer.from_bytes(model)
+        kind = "char" if tokenizer_file == CHAR_TOKENIZER_FILE else "bpe"
+        timings["tokenizer"], started = time.perf_counter() - started, time.perf_counter()
+        dtype = token_dtype(tokenizer.vocab_size)
+        shard_tokens = max(1, shard_bytes // np.dtype(dtype).itemsize)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_dir(out, "tmp")
-    try:
-        _write_file(tmp / tokenizer_file, model)
-        writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
-        counts = {split: np.zeros(tokenizer.vocab_size, dtype=np.int64) for split in ("train", "test")}
-        encoded = _encode_in_order([task for _, task in tasks], workers, (kind, model, dtype))
-        with contextlib.closing(encoded), tqdm(total=sum(n_bytes.values()), unit="B", unit_scale=True,
-                                               desc="encode", disable=not show_progress) as bar:
-            for (split, task), ids in zip(tasks, encoded):
-                writers[split].write(ids)
-                if split in counts:
-                    counts[split] += np.bincount(ids, minlength=tokenizer.vocab_size)
-                bar.update(sum(end - start + add for _, start, end, add in task))
-        meta = {
-            "format": FORMAT,
-            "corpus": label,
-            "vocab_size": tokenizer.vocab_size,
-            "tokenizer": tokenizer_file,
-            "dtype": dtype,
-            "splits": {
-                split: {
-                    "documents": [piece.name for piece in splits[split]],
-                    "tokens": sum(shard["tokens"] for shard in writers[split].shards),
-                    "bytes": n_bytes[split],
-                    "shards": writers[split].close(),
-                }
-                for split in SPLITS
-            },
-            "unigram_test_bpb": _unigram_bpb(counts["train"], counts["test"], n_bytes["test"]),
-        }
-        if sample is not None:
-            meta["tokenizer_sample"] = {"cap_mb": sample_bytes / 1e6, **sample}
-        _write_file(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    timings["encode"] = time.perf_counter() - started
-    say(
-        "wrote "
-        + str(out)
-        + ": "
-        + ", ".join(f"{s} {meta['splits'][s]['tokens']:,} tokens" for s in SPLITS)
-        + f"; unigram test bpb {meta['unigram_test_bpb']:.3f}"
-    )
-    return meta
+        # Enough tasks to keep every worker busy, however small the corpus.
+        chunk_bytes = min(chunk_bytes, max(MIN_CHUNK_BYTES, sum(n_bytes.values()) // (4 * workers)))
+        tasks = [(split, task) for split in SPLITS for task in _plan_tasks(splits[split], chunk_bytes)]
+        say(f"encoding {len(tasks)} chunks with {workers} worker(s) into {dtype} shards")
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _fresh_dir(out, "tmp")
+        try:
+            _write_file(tmp / tokenizer_file, model)
+            writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
+            counts = {split: np.zeros(tokenizer.vocab_size, dtype=np.int64) for split in ("train", "test")}
+            encoded = _encode_in_order([task for _, task in tasks], pool, workers, (kind, model, dtype))
+            with contextlib.closing(encoded), tqdm(total=sum(n_bytes.values()), unit="B", unit_scale=True,
+                                                   desc="encode", disable=not show_progress) as bar:
+                for (split, task), ids in zip(tasks, encoded):
+                    writers[split].write(ids)
+                    if split in counts:
+                        counts[split] += np.bincount(ids, minlength=tokenizer.vocab_size)
+                    bar.update(sum(end - start + add for _, start, end, add in task))
+            meta = {
+                "format": FORMAT,
+                "corpus": label,
+                "vocab_size": tokenizer.vocab_size,
+                "tokenizer": tokenizer_file,
+                "dtype": dtype,
+                "splits": {
+                    split: {
+                        "documents": [piece.name for piece in splits[split]],
+                        "tokens": sum(shard["tokens"] for shard in writers[split].shards),
+                        "bytes": n_bytes[split],
+                        "shards": writers[split].close(),
+                    }
+                    for split in SPLITS
+                },
+                "unigram_test_bpb": _unigram_bpb(counts["train"], counts["test"], n_bytes["test"]),
+            }
+            if sample is not None:
+                meta["tokenizer_sample"] = {"cap_mb": sample_bytes / 1e6, **sample}
+            _write_file(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+            _install(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        timings["encode"] = time.perf_counter() - started
+        say(
+            "wrote "
+            + str(out)
+            + ": "
+            + ", ".join(f"{s} {meta['splits'][s]['tokens']:,} tokens" for s in SPLITS)
+            + f"; unigram test bpb {meta['unigram_test_bpb']:.3f}"
+        )
+        return meta
 
 
 # ---------------------------------------------------------------------------
@@ -943,7 +951,8 @@ def task_data_dir(task_name: str) -> Path:
     task = get_task(task_name)
     out = Path(os.environ.get("LOOPDB_DATA", Path.home() / ".cache" / "loopdb")) / "tasks" / task.name
     tokenizer = task.tokenizer()
-    meta = {"format": TASK_FORMAT, "task": task.name, "vocab_size": tokenizer.vocab_size, "tokenizer": TASK_TOKENIZER_FILE}
+    meta = {"format": TASK_FORMAT, "task": task.name, "vocab_size": tokenizer.vocab_size,
+            "tokenizer": TASK_TOKENIZER_FILE}
     if not (out / META_FILE).is_file() or json.loads((out / META_FILE).read_text()) != meta:
         out.mkdir(parents=True, exist_ok=True)
         for name, content in ((TASK_TOKENIZER_FILE, tokenizer.to_bytes()), (META_FILE, json.dumps(meta).encode())):
