@@ -1,8 +1,10 @@
 """Tests for loopdb.data: preparation, tokenizer round trip, splits, errors, windows."""
 
 import importlib.util
+import io
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,7 @@ def test_bins_decode_to_split_text(dataset):
     for split in data.SPLITS:
         tokens = data.load_tokens(out, split)
         assert tokens.dtype == np.uint16 and len(tokens) == meta["splits"][split]["tokens"]
+        assert [shard["tokens"] for shard in meta["splits"][split]["shards"]] == [len(tokens)]
         text = _split_text(corpus, meta, split)
         assert tok.decode(tokens) == text
         assert meta["splits"][split]["bytes"] == len(text.encode("utf-8"))
@@ -123,17 +126,21 @@ def test_bins_decode_to_split_text(dataset):
 def test_meta_json_matches_return_value(dataset):
     corpus, out, meta = dataset
     assert json.loads((out / "meta.json").read_text()) == meta == data.load_meta(out)
-    assert meta["format"] == 1 and meta["dtype"] == "uint16" and meta["tokenizer"] == "tokenizer.model"
+    assert meta["format"] == 2 and meta["dtype"] == "uint16" and meta["tokenizer"] == "tokenizer.model"
     assert meta["corpus"] == [str(corpus)]
     assert 0 < meta["unigram_test_bpb"] < 8
-    assert sorted(p.name for p in out.iterdir()) == sorted(data.DATASET_FILES)
+    assert meta["tokenizer_sample"]["whole_train_split"] and meta["tokenizer_sample"]["cap_mb"] == 64
+    shards = [f"{split}-00000.bin" for split in data.SPLITS]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", "tokenizer.model"] + shards)
 
 
 def test_prepare_is_deterministic(dataset, tmp_path):
     corpus, out, _ = dataset
     again = tmp_path / "again"
     data.prepare(again, corpus=[corpus], vocab_size=VOCAB, show_progress=False)
-    for name in data.DATASET_FILES:
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in again.iterdir())
+    for name in names:
         assert (out / name).read_bytes() == (again / name).read_bytes(), name
     a, b = data.load_tokenizer(out), data.load_tokenizer(again)
     assert [a.piece(i) for i in range(VOCAB)] == [b.piece(i) for i in range(VOCAB)]
@@ -180,12 +187,41 @@ def test_few_documents_split_by_paragraph(tmp_path):
             assert para in decoded[s]
 
 
-def test_paragraph_chunks_concatenate_back():
+def _paragraphs(text: str) -> list[str]:
+    raw = text.encode("utf-8")
+    return [raw[a:b].decode("utf-8") for a, b in data._paragraph_spans(io.BytesIO(raw))]
+
+
+def test_paragraph_spans_concatenate_back():
     text = "\n\n  \nfirst\nline\n\n\nsecond\n \t\nthird\n\n"
-    chunks = data._paragraph_chunks("x", text)
-    assert "".join(c for _, c in chunks) == text
-    assert [n for n, _ in chunks] == ["x#0", "x#1", "x#2"]
-    assert all(c.strip() for _, c in chunks)
+    assert _paragraphs(text) == ["\n\n  \nfirst\nline\n\n\n", "second\n \t\n", "third\n\n"]
+
+
+def _regex_paragraphs(text: str) -> list[str]:
+    """The in-memory paragraph split of loopdb before streaming (the split semantics kept)."""
+    pieces, start = [], 0
+    for match in re.finditer(r"\n(?:[ \t\r]*\n)+", text):
+        pieces.append(text[start : match.end()])
+        start = match.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    chunks, pending = [], ""
+    for piece in pieces:
+        pending += piece
+        if pending.strip():
+            chunks.append(pending)
+            pending = ""
+    if pending and chunks:
+        chunks[-1] += pending
+    return chunks
+
+
+def test_streamed_paragraphs_equal_the_in_memory_split():
+    rng = random.Random(5)
+    alphabet = ["a", "b", " ", "\t", "\r", "\n", "\n", "\n", "\u3000", "é", "\x0c"]
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) + "\n"
+        assert _paragraphs(text) == _regex_paragraphs(text), repr(text)
 
 
 def test_folder_expansion_skips_hidden_and_recurses(tmp_path):
@@ -226,6 +262,7 @@ def test_progress_goes_to_stderr_only_when_asked(dataset, tmp_path, capfd):
     captured = capfd.readouterr()
     assert captured.out == ""
     assert "reading 8 files" in captured.err and "training" in captured.err
+    assert "with 1 worker(s)" in captured.err  # a corpus under PARALLEL_MIN_BYTES encodes in-process
 
 
 # --- errors --------------------------------------------------------------------
@@ -270,14 +307,14 @@ def test_error_non_utf8(tmp_path):
 
 def test_error_unreadable_file(tmp_path, monkeypatch):
     corpus = _write_corpus(tmp_path / "corpus", n_docs=3)
-    real = Path.read_bytes
+    real = Path.open
 
-    def read_bytes(self):
+    def open_file(self, *args, **kwargs):
         if self.name == "doc01.txt":
             raise PermissionError(13, "Permission denied")
-        return real(self)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)  # root ignores chmod 000
+    monkeypatch.setattr(Path, "open", open_file)  # root ignores chmod 000
     _expect_error(tmp_path, [corpus], ["cannot read", "doc01.txt", "Permission denied", "permissions"])
 
 
@@ -305,8 +342,8 @@ def test_error_vocab_below_corpus_minimum(tmp_path):
     assert int(message.rsplit(" ", 1)[1]) > 270
 
 
-def test_error_vocab_over_uint16(tmp_path):
-    _expect_error(tmp_path, None, ["uint16", "use at most 65535"], 65536)
+def test_error_vocab_beyond_int32(tmp_path):
+    _expect_error(tmp_path, None, ["int32", f"use at most {2**31 - 1}"], 2**31)
 
 
 def test_error_too_few_paragraphs(tmp_path):

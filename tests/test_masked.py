@@ -207,7 +207,7 @@ def test_char_tokenizer_round_trips_and_counts_bytes(tmp_path):
                         show_progress=False)
     tokenizer = data.load_tokenizer(tmp_path / "out")
     written = {p.name for p in (tmp_path / "out").iterdir()}
-    assert written == set(data.DATASET_FILES) - {data.TOKENIZER_FILE} | {data.CHAR_TOKENIZER_FILE}
+    assert written == {data.META_FILE, data.CHAR_TOKENIZER_FILE} | {f"{split}-00000.bin" for split in data.SPLITS}
     assert isinstance(tokenizer, data.CharTokenizer) and meta["vocab_size"] == tokenizer.vocab_size
     assert tokenizer.vocab_size == len(set("".join(texts.values())))
     for split in data.SPLITS:

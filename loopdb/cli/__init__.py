@@ -23,10 +23,13 @@ def cmd_prepare(args) -> int:
     from ..data import prepare
 
     corpus = None if args.corpus in (None, ["shakespeare"]) else args.corpus
-    meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
+    streaming = {key: getattr(args, key) for key in ("workers", "tokenizer_sample_mb", "shard_mb", "chunk_mb")
+                 if getattr(args, key) is not None}  # unset: loopdb.data's defaults
+    meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size, tokenizer=args.tokenizer, **streaming)
     splits = meta["splits"]
-    print(f"prepared {args.out}: vocab {meta['vocab_size']}, tokens "
-          + ", ".join(f"{name} {splits[name]['tokens']:,}" for name in ("train", "val", "test")))
+    print(f"prepared {args.out}: vocab {meta['vocab_size']} ({meta['dtype']}), tokens "
+          + ", ".join(f"{name} {splits[name]['tokens']:,} ({len(splits[name]['shards'])} shard(s))"
+                      for name in ("train", "val", "test")))
     print(f"unigram test bits per byte (the no-context line): {meta['unigram_test_bpb']:.3f}")
     return 0
 
@@ -151,6 +154,15 @@ def cmd_study(args, overrides) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.what == "prepare":
+        from ..evaluation import prepare_bench
+
+        if not args.size_mb > 0 or (args.workers is not None and args.workers < 1):
+            raise UsageError(f"bench prepare needs --size-mb > 0 and --workers >= 1 "
+                             f"(got {args.size_mb}, {args.workers})")
+        report = prepare_bench.run_prepare_bench(args.size_mb, args.workers, folder=args.run, seed=args.seed)
+        print(json.dumps(report) if args.json else prepare_bench.format_report(report))
+        return 0
     if args.what == "decode":
         from .drafting import bench_decode
 
@@ -186,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe",
                    help="bpe (sentencepiece, --vocab-size pieces) or char (one id per character: bits per character)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="encoding processes (default: min(CPU count, 8); 1 for a corpus under 16 MB)")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=None,
+                   help="the BPE tokenizer trains on at most this much of the train split, sampled evenly across "
+                        "it (default 64)")
+    p.add_argument("--shard-mb", type=float, default=None, help="token file size per shard (default 256)")
+    p.add_argument("--chunk-mb", type=float, default=None, help="text per encoding task (default 4)")
 
     p = commands.add_parser("train", help="train a model; extra --key=value override the preset",
                             epilog="example: loopdb train --preset tiny --out runs/tiny --max_steps=500")
@@ -305,10 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="benchmarks: `bench memory` (peak memory, end to end vs block-wise); "
                                           "`bench decode RUN` (speculative / parallel decoding of a drafting run); "
-                                          "`bench speed` (step and generation speed against a plain GPT)",
+                                          "`bench speed` (step and generation speed against a plain GPT); "
+                                          "`bench prepare [FOLDER]` (streaming prepare of a generated corpus)",
                             epilog="example: loopdb bench decode runs/demo-draft --loops 1,2,4,8,16 --json")
-    p.add_argument("what", choices=["memory", "decode", "speed"])
-    p.add_argument("run", nargs="?", default=None, help="decode: a drafting run folder")
+    p.add_argument("what", choices=["memory", "decode", "speed", "prepare"])
+    p.add_argument("run", nargs="?", default=None,
+                   help="decode: a drafting run folder; prepare: a scratch folder to keep (default: a temporary one)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", help="bench memory and decode")
     p.add_argument("--loops", default="1,2,4,8,16", help="decode: loop counts K of the drafter")
@@ -317,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="decode: new tokens per prompt")
     p.add_argument("--judge", default=None, help="decode: a dense run judging the parallel samples (default: the anchor)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size-mb", type=float, default=1000, help="bench prepare: generated corpus size")
+    p.add_argument("--workers", type=int, default=None, help="bench prepare: encoding processes")
     p.add_argument("--d-model", type=int, default=256, help="bench speed: model width")
     p.add_argument("--n-layers", type=int, default=4, help="bench speed: layers (looped: 1 prelude, n-2 core, 1 coda)")
     p.add_argument("--context", type=int, default=256, help="bench speed: training window T")
