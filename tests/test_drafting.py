@@ -168,7 +168,7 @@ def draft_run(data_dir, tmp_path_factory):
     return run
 
 
-def test_cli_scores_block_elbo_benches_decoding_and_samples_speculatively(draft_run, capsys):
+def test_cli_scores_block_elbo_benches_decoding_and_samples_speculatively(draft_run, capsys, tmp_path):
     import json
 
     from loopdb.cli import main
@@ -178,7 +178,9 @@ def test_cli_scores_block_elbo_benches_decoding_and_samples_speculatively(draft_
     report = json.loads(capsys.readouterr().out)
     assert set(report["block_elbo_bpb"]) == {"1", "2"} and report["anchor_bpb"] > 0 and report["draft_width"] == 4
     assert main(["bench", "decode", str(draft_run), "--loops", "1,2", "--prompts", "1", "--tokens", "9",
-                 "--json"]) == 0
+                 "--json", "--plot", str(tmp_path / "plots")]) == 0
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
+        "acceptance_vs_loops.png", "parallel_gen_ppl_vs_loops.png", "tokens_per_s_vs_loops.png"]
     bench = json.loads(capsys.readouterr().out)
     assert set(bench["accepted"]) == set(bench["tokens_per_s"]) == {"1", "2"}
     assert bench["identical"] is True and bench["greedy_tokens_per_s"] > 0

@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", help="bench memory and decode")
     p.add_argument("--loops", default="1,2,4,8,16", help="decode: loop counts K of the drafter")
+    p.add_argument("--plot", default=None, metavar="DIR", help="decode: PNGs of acceptance, tokens/s and the "
+                   "parallel samples' perplexity against K")
     p.add_argument("--prompts", type=int, default=4, help="decode: test-split prompts")
     p.add_argument("--prompt-tokens", type=int, default=16, help="decode: tokens per prompt")
     p.add_argument("--tokens", type=int, default=64, help="decode: new tokens per prompt")

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import torch
 
@@ -67,8 +69,6 @@ def sample_drafts(args, sampler) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(args.prompt + tokenizer.decode(ids))
-    import sys
-
     print(f"[loopdb] {'speculative' if args.speculative else 'parallel'} K={loops}: {note}", file=sys.stderr)
     return 0
 
@@ -87,4 +87,13 @@ def bench_decode(args) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(json.dumps(report) if args.json else format_decode_table(report))
+    if args.plot:
+        from ..evaluation.decoding import plot_decode_reports
+        from ..evaluation.plots import PlotUnavailable
+
+        try:
+            for path in plot_decode_reports({Path(args.run).name: report}, args.plot):
+                print(f"[loopdb] wrote {path}", file=sys.stderr)
+        except PlotUnavailable as error:
+            raise UsageError(str(error)) from None
     return 0

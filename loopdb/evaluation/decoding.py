@@ -95,3 +95,31 @@ def format_decode_table(report: dict) -> str:
                  f"{report['identical']}; anchor samples (T=1): gen ppl {report['anchor_sampled']['gen_ppl']:.1f}, "
                  f"distinct-2 {report['anchor_sampled']['distinct2']:.3f}; judge: {report['judge']}")
     return "\n".join(lines)
+
+
+def plot_decode_reports(reports: dict[str, dict], out_dir) -> list:
+    """PNGs against K of `bench decode` reports (name -> report; several runs, e.g. seeds, on one
+    figure): accepted drafts per verification, tokens/s (speculative, with each run's greedy
+    tokens/s as a line), and the parallel samples' judge perplexity (each run's anchor samples
+    as a line)."""
+    from pathlib import Path
+
+    from .plots import plot_against_loops
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def curves(pick):
+        return {name: {int(k): v for k, v in pick(report).items()} for name, report in reports.items()}
+
+    return [
+        plot_against_loops(curves(lambda r: r["accepted"]), out_dir / "acceptance_vs_loops.png",
+                           "accepted drafts per verification", title="self-speculative decoding"),
+        plot_against_loops(curves(lambda r: r["tokens_per_s"]), out_dir / "tokens_per_s_vs_loops.png",
+                           "speculative tokens/s", title="speculative vs greedy decoding",
+                           reference={f"{name} greedy": r["greedy_tokens_per_s"] for name, r in reports.items()}),
+        plot_against_loops(curves(lambda r: r["parallel"]["gen_ppl"]), out_dir / "parallel_gen_ppl_vs_loops.png",
+                           "judge perplexity of parallel samples", title="parallel decoding (L tokens per K loops)",
+                           reference={f"{name} anchor T=1": r["anchor_sampled"]["gen_ppl"]
+                                      for name, r in reports.items()}),
+    ]
