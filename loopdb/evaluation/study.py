@@ -147,11 +147,11 @@ def _reuse(earlier: dict | None, summary: dict, readouts, loops, judged: bool) -
     """A member record holding what ``earlier`` (same run, same settings) already scored, and the list of
     what is still missing: readout names, and "samples" when a judge is given."""
     member = {"train": summary, "readouts": {}}
-    loop_free = summary.get("objective") == "dense"
+    every_count = {"1"} if summary.get("objective") == "dense" else {str(k) for k in loops}
     earlier = earlier or {}
     missing = []
     for readout in readouts:
-        counts = {"1"} if loop_free or readout in LOOP_FREE_READOUTS else {str(k) for k in loops}
+        counts = {"1"} if readout in LOOP_FREE_READOUTS else every_count
         if readout in earlier.get("skipped", []):
             member.setdefault("skipped", []).append(readout)
         elif counts <= set(earlier.get("readouts", {}).get(readout, {})):
@@ -159,7 +159,7 @@ def _reuse(earlier: dict | None, summary: dict, readouts, loops, judged: bool) -
         else:
             missing.append(readout)
     if judged:
-        if ({"1"} if loop_free else {str(k) for k in loops}) <= set(earlier.get("samples", {})):
+        if every_count <= set(earlier.get("samples", {})):
             member["samples"] = earlier["samples"]
         else:
             missing.append("samples")
