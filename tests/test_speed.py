@@ -1,13 +1,16 @@
-"""bench speed: the FLOP count, the hand-written RMSNorm backward, and the report's shape."""
+"""bench speed: the FLOP count, the hand-written RMSNorm and rotary backwards, the allocator setting,
+and the report's shape."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from loopdb.evaluation import speed
-from loopdb.layers import RMSNorm, attention, few_query_attention
+from loopdb.layers import RMSNorm, Rotary, apply_rotary, attention, few_query_attention
 from loopdb.models.reference_gpt import ReferenceGPT
 
 TINY = speed.SpeedDims(d_model=64, n_layers=3, context=16, batch_size=2, vocab_size=64, mean_depth=3,
@@ -40,6 +43,42 @@ def test_hand_written_rmsnorm_backward_matches_autograd():
     F.rms_norm(x, (16,), norm.weight, norm.eps).backward(grad)
     torch.testing.assert_close(ours, (x.grad, norm.weight.grad))
     assert torch.autograd.gradcheck(lambda t: RMSNorm(16, affine=False).double()(t), (x,))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rotary_rotates_pairs_of_halves_and_its_backward_is_the_inverse_rotation(per_row):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 3, 5, 8, dtype=torch.float64, generator=generator, requires_grad=True)  # (2, B, H, T, hd)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]) if per_row else torch.arange(5)
+    cos, sin = (table.double() for table in Rotary(8, 16)(positions))
+    first, second = x[..., :4], x[..., 4:]
+    c, s = (cos[:, None], sin[:, None]) if per_row else (cos, sin)
+    expected = torch.cat([first * c - second * s, first * s + second * c], dim=-1)
+    torch.testing.assert_close(apply_rotary(x, cos, sin), expected)
+    with torch.no_grad():  # the inference path (no autograd function) is the same rotation
+        torch.testing.assert_close(apply_rotary(x, cos, sin), expected)
+    assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (x,))
+
+
+def test_keeping_freed_memory_stops_the_page_faults_of_a_repeated_large_allocation():
+    """A 64 MiB tensor allocated and freed 8 times: glibc maps it afresh each time (8 x 16k page
+    faults) until keep_freed_memory, after which the freed block is reused (one mapping's faults)."""
+    script = (
+        "import resource, torch\n"
+        "from loopdb.device import keep_freed_memory\n"
+        "def faults():\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    for _ in range(8):\n"
+        "        torch.ones(4096, 4096)\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+        "plain = faults()\n"
+        "assert keep_freed_memory()\n"
+        "faults()\n"  # the first allocation after the switch still maps its pages once
+        "print(plain, faults())\n")
+    plain, kept = map(int, subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                                          text=True).stdout.split())
+    pages = 4096 * 4096 * 4 // 4096
+    assert plain >= 6 * pages and kept < pages // 4
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -172,7 +172,7 @@ def measure_training(dims: SpeedDims, precisions=("fp32", "bf16"), compile_modes
         seconds = min(entry["seconds"])
         flops = training_flops(entry["member"], dims)
         results.append({"member": entry["member"], "precision": entry["precision"], "compile": entry["compile"],
-                        "ms_per_step": 1000 * seconds,
+                        "ms_per_step": 1000 * seconds, "ms_rounds": [round(1000 * s, 1) for s in entry["seconds"]],
                         "tokens_per_s": dims.batch_size * dims.context / seconds,
                         "gflop_per_step": flops / 1e9, "gflop_per_s": flops / seconds / 1e9})
     return results
@@ -210,6 +210,9 @@ def _find(rows, **keys):
 def run_speed_bench(dims: SpeedDims | None = None, compile: bool = False, rounds: int = 5,
                     generation: bool = True, gen_context: int = 512, gen_rounds: int = 3) -> dict:
     dims = dims or SpeedDims()
+    from ..device import keep_freed_memory
+
+    kept = keep_freed_memory()  # as the trainer does on the CPU: every member alike
     peaks = {precision: matmul_peak(precision) for precision in ("fp32", "bf16")}
     compile_modes = (False, True) if compile else (False,)
     training = measure_training(dims, compile_modes=compile_modes, rounds=rounds, peaks=peaks)
@@ -229,7 +232,7 @@ def run_speed_bench(dims: SpeedDims | None = None, compile: bool = False, rounds
             for member in MEMBERS:
                 row = _find(training, member=member, precision=precision, compile=compiled)
                 fraction_of_peak[f"{member}_{precision}{suffix}"] = row["fraction_of_peak"]
-    report = {"dims": asdict(dims), "threads": torch.get_num_threads(),
+    report = {"dims": asdict(dims), "threads": torch.get_num_threads(), "keep_freed_memory": kept,
               "matmul_peak_gflop_per_s": peaks, "training": training,
               "ratios": ratios, "fraction_of_peak": fraction_of_peak}
     if generation:

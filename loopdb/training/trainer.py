@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..device import resolve_device
+from ..device import keep_freed_memory, resolve_device
 from ..errors import ConfigError, RunError, TrainingError
 from ..families import check_config, family_of
 from ..runs.checkpoint import (checkpoint_name, checkpoints, has_distributed_state, latest_checkpoint,
@@ -84,6 +84,8 @@ class Trainer:
         self.group, self.owned_blocks = self._join_processes(config, block_parallel)
         if self.group.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", self.group.local_rank)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults on each step's large activations
         torch.manual_seed(config.train.seed)
         if self.owned_blocks is None:
             self.model = family.build(config).to(self.device)
