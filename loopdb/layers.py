@@ -350,6 +350,28 @@ def run_clean_layers(layers, hidden, cos, sin, past=None, cond=None, mask=None, 
         else:
             hidden, (k, v) = call(layer, hidden, cos, sin, cond, prefix, mask)
         if prefix is not None:
-            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+            k, v = extend_cache(prefix[0], k), extend_cache(prefix[1], v)
         new_kv.append((k, v))
     return hidden, new_kv
+
+
+def extend_cache(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``cached`` (B, H, T, hd) keys or values followed by ``new`` (B, H, n, hd), along the positions.
+
+    Concatenating copies the whole cache for every token and layer (at batch 8 and 512 positions,
+    more time than the token's own layers). Without autograd the cache lives in a buffer with room to
+    grow instead, and extending its newest view writes in place. Extending any other view (an older
+    context, one cut back by speculative decoding) copies, so no context ever sees another's writes."""
+    if torch.is_grad_enabled():
+        return torch.cat([cached, new], dim=2)
+    length, total = cached.shape[2], cached.shape[2] + new.shape[2]
+    buffer = cached._base
+    in_place = (buffer is not None and getattr(buffer, "_loopdb_filled", None) == length
+                and buffer.shape[2] >= total and buffer.dtype == new.dtype
+                and buffer[:, :, :length].stride() == cached.stride() and buffer.data_ptr() == cached.data_ptr())
+    if not in_place:  # a new buffer, twice the length: appends cost O(1) amortised
+        buffer = cached.new_empty(*cached.shape[:2], max(2 * total, 64), cached.shape[3], dtype=new.dtype)
+        buffer[:, :, :length] = cached
+    buffer[:, :, length:total] = new
+    buffer._loopdb_filled = total  # the newest view's length: only it may extend in place
+    return buffer[:, :, :total]

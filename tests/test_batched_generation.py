@@ -56,3 +56,26 @@ def test_a_sliding_window_still_matches_the_cacheless_run(model):
     cached = generation.generate_batch(model, prompts, 20, 2, seeds=[1, 2], top_k=20)  # 29 > 16: slides
     uncached = generation.generate_batch(model, prompts, 20, 2, seeds=[1, 2], top_k=20, use_cache=False)
     assert cached == uncached and all(len(row) == 20 for row in cached)
+
+
+def test_a_cache_grows_in_place_and_an_older_context_extended_again_is_copied():
+    from loopdb.layers import extend_cache
+
+    generator = torch.Generator().manual_seed(0)
+    start, one, two, other = (torch.randn(2, 3, n, 4, generator=generator) for n in (5, 1, 2, 1))
+    with torch.no_grad():
+        first = extend_cache(start, one)  # a new buffer with room to grow
+        second = extend_cache(first, two)  # the newest view: written in place, same buffer
+        assert second.data_ptr() == first.data_ptr()
+        branch = extend_cache(first, other)  # an older view extended again: must not touch `second`
+        assert branch.data_ptr() != second.data_ptr()
+    torch.testing.assert_close(second, torch.cat([start, one, two], dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(branch, torch.cat([start, one, other], dim=2), rtol=0, atol=0)
+
+
+def test_generation_reports_the_prefill_time(model):
+    stats = {}
+    generation.generate_batch(model, [[1, 2, 3]], 2, 2, temperature=0.0, stats=stats)
+    assert stats["prefill_seconds"] > 0
+    generation.generate_batch(model, [[1, 2, 3]], 2, 2, temperature=0.0, use_cache=False, stats=stats)
+    assert stats["prefill_seconds"] == 0.0

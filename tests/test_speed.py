@@ -105,5 +105,9 @@ def test_bench_speed_json_has_the_ratios_the_issue_names(capsys):
             "batch8_vs_batch1_cached_k16", "diffusion_vs_dense_flops_per_s_fp32"} <= set(report["ratios"])
     assert all(value > 0 for value in report["ratios"].values())
     assert set(report["fraction_of_peak"]) == {f"{m}_{p}" for m in speed.MEMBERS for p in ("fp32", "bf16")}
-    assert {(row["num_loops"], row["batch"], row["cache"]) for row in report["generation"]} == \
-        {(k, b, c) for k in (1, 16) for b in (1, 8) for c in (True, False)}
+    assert set(report["generation"]) == {f"k{k}_batch{b}_{c}" for k in (1, 16) for b in (1, 8)
+                                         for c in ("cached", "uncached")}
+    row = report["generation"]["k16_batch8_cached"]
+    assert (row["num_loops"], row["batch"], row["cache"]) == (16, 8, True)
+    assert row["decode_tokens_per_s"] > row["tokens_per_s"] > 0 and row["prefill_ms"] > 0
+    assert report["generation"]["k16_batch8_uncached"]["prefill_ms"] == 0

@@ -5,6 +5,8 @@ K loops per new token; the model's objective (loopdb.objectives) says what a loo
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import scoring
@@ -51,7 +53,8 @@ def _check_request(prompts, num_loops: int) -> None:
 
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loops: int, temperature: float = 1.0,
-                   top_k: int | None = None, seeds: list[int] | int = 0, use_cache: bool = True) -> list[list[int]]:
+                   top_k: int | None = None, seeds: list[int] | int = 0, use_cache: bool = True,
+                   stats: dict | None = None) -> list[list[int]]:
     """Sample ``max_new_tokens`` after each of ``prompts`` at once; returns each row's new token ids.
 
     With the cache, each new token costs one clean-stream step plus ``num_loops``
@@ -66,7 +69,9 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loo
     draws come from the row's own generator; a sampler that draws along the way (ancestral
     steps, sampled estimates) draws from row 0's when batched. When the window fills, it
     slides for all rows at once: the last half of the slots is re-encoded. A sequence-recurrent
-    model (per-loop caches) generates its rows one after another.
+    model (per-loop caches) generates its rows one after another. ``stats`` receives
+    ``prefill_seconds``, the time of the cache's first pass over the prompts (0 without the cache:
+    every token recomputes the context), so decoding speed can be told apart from prompt speed.
     """
     _check_request(prompts, num_loops)
     seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
@@ -86,7 +91,10 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loo
     def encode_window():
         return model.encode(slots, pad=pad if bool(pad.any()) else None)  # no padding: the causal fast path
 
+    started = time.perf_counter()
     context = encode_window() if use_cache else None
+    if stats is not None:
+        stats["prefill_seconds"] = time.perf_counter() - started if use_cache else 0.0
     new_tokens = [[] for _ in prompts]
     width = model.config.d_model
     for _ in range(max_new_tokens):
