@@ -27,6 +27,7 @@ The process keeps freed memory (loopdb.device.keep_freed_memory), as the trainer
 
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -241,6 +242,10 @@ def run_speed_bench(dims: SpeedDims | None = None, compile: bool = False, rounds
             reference = _find(training, member="reference", precision=precision, compile=compiled)
             dense = _find(training, member="dense", precision=precision, compile=compiled)
             ratios[f"dense_vs_reference_{precision}{suffix}"] = dense["ms_per_step"] / reference["ms_per_step"]
+            # the same ratio round by round (members of one round ran back to back): its median says
+            # how far the fastest-round ratio above is the typical one on a machine with neighbours
+            paired = [d / r for d, r in zip(dense["ms_rounds"], reference["ms_rounds"])]
+            ratios[f"dense_vs_reference_{precision}{suffix}_median_round"] = statistics.median(paired)
             for objective in ("diffusion", "bptt"):
                 row = _find(training, member=objective, precision=precision, compile=compiled)
                 ratios[f"{objective}_vs_dense_step_{precision}{suffix}"] = row["ms_per_step"] / dense["ms_per_step"]

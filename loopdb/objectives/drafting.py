@@ -25,7 +25,7 @@ import torch
 
 from ..maths.edm import loss_weight
 from ..maths.sampler import run_sampler
-from .next_token import DiffusionObjective, _cross_entropy
+from .next_token import DiffusionObjective, _cross_entropy, mean_cross_entropy
 
 
 class DraftDiffusionObjective(DiffusionObjective):
@@ -59,7 +59,7 @@ class DraftDiffusionObjective(DiffusionObjective):
         loss = (weight * cross_entropy).mean()
         stats = {"ce": cross_entropy.mean().detach(), "weight": weight.mean().detach()}
         if self.anchor_weight > 0:
-            anchor = _cross_entropy(model.dense_logits(context), tokens[:, 1:]).mean()
+            anchor = mean_cross_entropy(model.dense_logits(context), tokens[:, 1:])
             loss = loss + self.anchor_weight * anchor
             stats["anchor_ce"] = anchor.detach()
         return loss, stats

@@ -56,6 +56,14 @@ def noised_targets(model, next_tokens, sigma, generator) -> torch.Tensor:
     return targets + sigma[:, None, None] * noise
 
 
+def mean_cross_entropy(logits, targets) -> torch.Tensor:
+    """The mean over sequences of ``_cross_entropy``. With every position scored (text) that is the
+    mean over all tokens: one fused reduction, without a per-position loss and its backward."""
+    if bool((targets != IGNORE_INDEX).all()):
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return _cross_entropy(logits, targets).mean()
+
+
 def weighted_cross_entropy(model, logits, next_tokens, sigma):
     """w(sigma) * CE(logits, next token), one sigma per sequence (METHOD 2); returns (loss, stats)."""
     diffusion = model.diffusion
@@ -215,8 +223,8 @@ class BPTTObjective:
         context = model.encode(inputs)
         state = self.initial_state(model, (*inputs.shape, model.config.d_model), depth, generator, inputs.device)
         state = self.iterate(model, context, state, depth)
-        cross_entropy = _cross_entropy(model.readout(state, context), next_tokens)
-        return cross_entropy.mean(), {"ce": cross_entropy.mean().detach(), "depth": torch.tensor(float(depth))}
+        cross_entropy = mean_cross_entropy(model.readout(state, context), next_tokens)
+        return cross_entropy, {"ce": cross_entropy.detach(), "depth": torch.tensor(float(depth))}
 
     def iterate(self, model, context, state, depth: int):
         """``depth`` iterations; only the last ``backprop_depth`` are differentiated (truncated BPTT)."""
@@ -288,8 +296,8 @@ class DenseObjective:
 
     def loss(self, model, tokens, generator, step: int = 0):
         inputs, next_tokens = split_batch(tokens)
-        cross_entropy = _cross_entropy(model.dense_logits(model.encode(inputs)), next_tokens)
-        return cross_entropy.mean(), {"ce": cross_entropy.mean().detach()}
+        cross_entropy = mean_cross_entropy(model.dense_logits(model.encode(inputs)), next_tokens)
+        return cross_entropy, {"ce": cross_entropy.detach()}
 
     def initial_state(self, model, shape, num_loops, generator, device):
         return None  # no state and no noise: K is ignored
