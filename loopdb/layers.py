@@ -16,6 +16,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _rms_normalise(x, weight, eps):
+    """(output, x * inverse_rms, inverse_rms): the CPU forward of RMSNorm, with autograd or without
+    (one computation, so a model gives the same numbers in training and in evaluation)."""
+    statistics = torch.promote_types(x.dtype, torch.float32)  # bf16 inputs: float32 statistics
+    squared_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=statistics).square_()
+    inverse_rms = squared_norm.div_(x.shape[-1]).add_(eps).rsqrt_().to(x.dtype)  # (..., 1)
+    normed = x * inverse_rms
+    return (normed if weight is None else normed * weight), normed, inverse_rms
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """x * rsqrt(mean(x^2) + eps) * weight with a hand-written backward: on CPU, F.rms_norm is
     a chain of small ops in both directions. This one makes few passes over the activations:
@@ -24,13 +34,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        dim = x.shape[-1]
-        statistics = torch.promote_types(x.dtype, torch.float32)  # bf16 inputs: float32 statistics
-        squared_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=statistics).square_()
-        inverse_rms = squared_norm.div_(dim).add_(eps).rsqrt_().to(x.dtype)  # (..., 1)
-        normed = x * inverse_rms
+        output, normed, inverse_rms = _rms_normalise(x, weight, eps)
         ctx.save_for_backward(normed, weight, inverse_rms)
-        return normed if weight is None else normed * weight
+        return output
 
     @staticmethod
     def backward(ctx, grad):
@@ -57,10 +63,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         weight = None if self.weight is None else self.weight.to(x.dtype)  # no mixed-dtype product under autocast
-        if x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)  # fused on accelerators and by the compiler
+        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
             return _RMSNormFunction.apply(x, weight, self.eps)
-        # fused on accelerators and by the compiler, and fine without autograd
-        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        return _rms_normalise(x, weight, self.eps)[0]
 
 
 class Rotary(nn.Module):
@@ -179,7 +186,7 @@ def xformers_usable(device_type: str) -> bool:
 
 def attention(q, k, v, mask: torch.Tensor | None = None, is_causal: bool = False, backend: str = "auto"):
     """q: (B, H, Tq, hd), k/v: (B, H, Tk, hd); mask: (Tq, Tk) or (B, 1, Tq, Tk) bool, True = attend."""
-    if backend in ("auto", "xformers") and xformers_usable(q.device.type):
+    if backend in ("auto", "xformers") and q.device.type == "cuda" and xformers_usable(q.device.type):
         import xformers.ops as xops
 
         bias = None

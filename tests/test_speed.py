@@ -45,6 +45,17 @@ def test_hand_written_rmsnorm_backward_matches_autograd():
     assert torch.autograd.gradcheck(lambda t: RMSNorm(16, affine=False).double()(t), (x,))
 
 
+def test_rmsnorm_gives_the_same_numbers_with_and_without_autograd():
+    """Training and evaluation run one forward computation (the backward is hand-written)."""
+    x = torch.randn(4, 7, 32, requires_grad=True)
+    for norm in (RMSNorm(32), RMSNorm(32, affine=False)):
+        with torch.no_grad():
+            if norm.weight is not None:
+                norm.weight.normal_()
+            evaluated = norm(x)
+        assert torch.equal(norm(x), evaluated)
+
+
 @pytest.mark.parametrize("per_row", [False, True])
 def test_rotary_rotates_pairs_of_halves_and_its_backward_is_the_inverse_rotation(per_row):
     generator = torch.Generator().manual_seed(0)

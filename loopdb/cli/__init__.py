@@ -175,7 +175,8 @@ def cmd_bench(args) -> int:
         if dims.n_layers < 3 or dims.d_model % dims.head_dim:
             raise UsageError(f"bench speed needs --n-layers >= 3 and --d-model a multiple of {dims.head_dim}")
         report = speed.run_speed_bench(dims, compile=args.compile, rounds=args.rounds,
-                                       generation=not args.no_generation, gen_context=args.gen_context)
+                                       generation=not args.no_generation, gen_context=args.gen_context,
+                                       keep_memory=not args.default_allocator)
         print(json.dumps(report) if args.json else speed.format_table(report))
         return 0
     if args.run:
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="bench speed: also measure with torch.compile (slow start)")
     p.add_argument("--rounds", type=int, default=5, help="bench speed: interleaved timed rounds")
     p.add_argument("--gen-context", type=int, default=512, help="bench speed: prompt length for generation")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="bench speed: leave glibc's allocator as it is (page faults in every step), for comparison")
     p.add_argument("--no-generation", action="store_true", help="bench speed: skip the generation measurements")
     return parser
 

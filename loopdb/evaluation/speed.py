@@ -225,11 +225,14 @@ def _find(rows, **keys):
 
 
 def run_speed_bench(dims: SpeedDims | None = None, compile: bool = False, rounds: int = 5,
-                    generation: bool = True, gen_context: int = 512, gen_rounds: int = 3) -> dict:
+                    generation: bool = True, gen_context: int = 512, gen_rounds: int = 3,
+                    keep_memory: bool = True) -> dict:
+    """``keep_memory=False`` leaves glibc's default allocator: every step page-faults its large
+    activations back in (what that costs is the difference between the two runs)."""
     dims = dims or SpeedDims()
     from ..device import keep_freed_memory
 
-    kept = keep_freed_memory()  # as the trainer does on the CPU: every member alike
+    kept = keep_memory and keep_freed_memory()  # as the trainer does on the CPU: every member alike
     peaks = {precision: matmul_peak(precision) for precision in ("fp32", "bf16")}
     compile_modes = (False, True) if compile else (False,)
     training = measure_training(dims, compile_modes=compile_modes, rounds=rounds, peaks=peaks)
