@@ -14,7 +14,10 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from ..config import Config
+from ..device import keep_freed_memory
 from ..errors import ConfigError, RunError
 from ..families import build_model
 from .checkpoint import checkpoints, latest_checkpoint, load_config, load_weights, verify_checkpoint
@@ -83,4 +86,6 @@ def load_model(run_dir, device="cpu", sampler: dict[str, str] | None = None):
         load_weights(model, checkpoint)
     except RunError as error:
         raise RunError(f"{error}; {_repair_hint(Path(run_dir), checkpoint)}") from None
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # scoring allocates the same large logits every batch, as training does
     return model.to(device).eval(), config
