@@ -73,7 +73,7 @@ def test_rotary_rotates_pairs_of_halves_and_its_backward_is_the_inverse_rotation
 
 def test_keeping_freed_memory_stops_the_page_faults_of_a_repeated_large_allocation():
     """A 64 MiB tensor allocated and freed 8 times: glibc maps it afresh each time (8 x 16k page
-    faults) until keep_freed_memory, after which the freed block is reused (one mapping's faults)."""
+    faults of 4 KiB here) until keep_freed_memory, after which the freed block is reused."""
     script = (
         "import resource, torch\n"
         "from loopdb.device import keep_freed_memory\n"
@@ -88,8 +88,7 @@ def test_keeping_freed_memory_stops_the_page_faults_of_a_repeated_large_allocati
         "print(plain, faults())\n")
     plain, kept = map(int, subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
                                           text=True).stdout.split())
-    pages = 4096 * 4096 * 4 // 4096
-    assert plain >= 6 * pages and kept < pages // 4
+    assert plain > 0 and kept * 10 < plain  # relative: with huge pages, faults come 2 MiB at a time
 
 
 @pytest.mark.parametrize("masked", [False, True])
