@@ -37,6 +37,7 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))  # a C int: its largest
+        no_mmap = bool(libc.mallopt(_M_MMAP_MAX, 0))
+        return no_mmap and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))  # a C int: its largest value
     except (OSError, AttributeError):  # musl or another libc: no mallopt
         return False

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..device import keep_freed_memory
+
 
 @dataclass
 class SpeedDims:
@@ -230,8 +232,6 @@ def run_speed_bench(dims: SpeedDims | None = None, compile: bool = False, rounds
     """``keep_memory=False`` leaves glibc's default allocator: every step page-faults its large
     activations back in (what that costs is the difference between the two runs)."""
     dims = dims or SpeedDims()
-    from ..device import keep_freed_memory
-
     kept = keep_memory and keep_freed_memory()  # as the trainer does on the CPU: every member alike
     peaks = {precision: matmul_peak(precision) for precision in ("fp32", "bf16")}
     compile_modes = (False, True) if compile else (False,)
@@ -262,8 +262,8 @@ def run_speed_bench(dims: SpeedDims | None = None, compile: bool = False, rounds
     if generation:
         rows = measure_generation(dims, prompt_length=gen_context, rounds=gen_rounds)
         # keyed as the issue's JSON asks: "k16_batch8_cached" -> that case's row
-        report["generation"] = {f"k{row['num_loops']}_batch{row['batch']}_{'cached' if row['cache'] else 'uncached'}": row
-                                for row in rows}
+        report["generation"] = {
+            f"k{row['num_loops']}_batch{row['batch']}_{'cached' if row['cache'] else 'uncached'}": row for row in rows}
         for k in (1, 16):  # decoding speed; "_with_prefill": over the whole call, the prompt's pass included
             for measure, suffix in (("decode_tokens_per_s", ""), ("tokens_per_s", "_with_prefill")):
                 cached = _find(rows, num_loops=k, batch=1, cache=True)[measure]
