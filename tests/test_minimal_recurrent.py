@@ -1,7 +1,6 @@
 """The minimal Huginn model (loopdb.evaluation.minimal_recurrent) is the same architecture as loopdb's
 sequence-recurrent model: same parameters, same function given the same weights, same task batches."""
 
-import pytest
 import torch
 
 from loopdb.config import preset
@@ -72,3 +71,13 @@ def test_both_sides_train_on_the_same_task_layout():
     # every prefix of the 12 elements is supervised on both sides, with answers from the same vocabulary
     assert bool((targets != IGNORE_INDEX).all()) and bool((loopdb_batch["targets"] != IGNORE_INDEX).all())
     assert int(targets.max()) < config.model.vocab_size and int(loopdb_batch["targets"].max()) < config.model.vocab_size
+
+
+def test_the_comparison_trains_both_sides_and_scores_every_loop_count():
+    from loopdb.evaluation.bptt_compare import LOOPS, run_loopdb, run_minimal
+
+    for result in (run_loopdb({"batch_size": "4"}, steps=2, seconds=0, count=1),
+                   run_minimal({"batch_size": "4"}, steps=2, seconds=0, count=1)):
+        assert result["updates"] == 2
+        assert sorted(result["scores"]) == sorted(LOOPS)
+        assert all(0 <= score["final"] <= 1 and 0 <= score["positions"] <= 1 for score in result["scores"].values())

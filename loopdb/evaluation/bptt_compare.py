@@ -39,7 +39,9 @@ def run_loopdb(overrides: dict, steps: int, seconds: float, count: int, preset_n
         trainer = Trainer(config, None, run_dir, progress=False, log_tensorboard=False)
         start = time.perf_counter()
         while (steps <= 0 or trainer.step < steps) and (seconds <= 0 or time.perf_counter() - start < seconds):
-            trainer.train_step()
+            stats = trainer.train_step()
+            if trainer.step % 100 == 0:  # progress on stderr: the loss curve of a long comparison
+                print(f"loopdb step {trainer.step} loss {stats['loss']:.4f}", file=sys.stderr, flush=True)
         elapsed = time.perf_counter() - start
     model, objective = trainer.model.eval(), trainer.objective
     generator = torch.Generator().manual_seed(0)
@@ -62,7 +64,8 @@ def run_minimal(overrides: dict, steps: int, seconds: float, count: int) -> dict
         kind = type(getattr(MinimalSettings(), key))
         values[key] = raw if kind is str else kind(raw)
     settings = MinimalSettings(**values)
-    model, updates, elapsed = train_minimal(settings, steps=steps, seconds=seconds)
+    model, updates, elapsed = train_minimal(settings, steps=steps, seconds=seconds,
+                                            log=lambda line: print(line, file=sys.stderr, flush=True))
     model.eval()
     generator = torch.Generator().manual_seed(0)
     scores = task_scores(lambda inputs, loops: model(inputs, loops, generator), "s3", DIFFICULTIES, count, LOOPS)

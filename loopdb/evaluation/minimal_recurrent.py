@@ -162,9 +162,10 @@ def task_batch(task, difficulty: int, count: int, generator):
 
 
 def train_minimal(settings: MinimalSettings, task_name: str = "s3", steps: int = 0, seconds: float = 0.0,
-                  seed: int = 0):
+                  seed: int = 0, log=None):
     """Train for ``steps`` updates or ``seconds`` of wall-clock (whichever is given; both: the first
-    reached). Returns (model, updates, seconds). Constant lr, Adam(W) with PyTorch's betas."""
+    reached); ``log(line)`` gets the loss every 100 updates. Returns (model, updates, seconds).
+    Constant lr, Adam(W) with PyTorch's betas."""
     if steps <= 0 and seconds <= 0:
         raise ValueError("give steps > 0 or seconds > 0")
     task = get_task(task_name)
@@ -183,6 +184,8 @@ def train_minimal(settings: MinimalSettings, task_name: str = "s3", steps: int =
             nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         updates += 1
+        if log is not None and updates % 100 == 0:
+            log(f"minimal step {updates} loss {float(loss):.4f}")
     return model, updates, time.perf_counter() - start
 
 
