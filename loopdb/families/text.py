@@ -20,7 +20,7 @@ from ..objectives.next_token import DenseObjective, StackedDiffusionObjective, m
 from ..readouts import masked as masked_readouts
 from ..readouts.generation import generate
 from ..readouts.scoring import bits_per_byte
-from ..sampling import sampler_of
+from ..sampling import OBJECTIVE_LOOPS, sampler_of
 from .reasoning import ReasoningTask
 from .spec import BLOCK_PARALLEL_HELP, Family, dense_trains_every_parameter
 
@@ -88,14 +88,11 @@ def text_data_dir(data: str | None, config: Config) -> Path:
 
 
 # -- looped ------------------------------------------------------------------------------------------
-LOOPS = {"diffusion": "diffusion", "bptt": "recurrent", "ouro": "recurrent", "dense": "dense"}  # objective -> sampler
-
-
 def _build_looped(config: Config):
     """Sequence recurrence (Huginn's wiring: loopdb.models.recurrent) or the per-position loop
     of the DiffusionBlocks LM (loopdb.models.looped), as ``config.recurrence`` says."""
     train = config.train
-    loop = LOOPS[train.objective]
+    loop = OBJECTIVE_LOOPS[train.objective]
     if config.recurrence == "sequence":
         return RecurrentDepthLM(config.model, loop, exit_gate=train.objective == "ouro")
     return LoopedLM(config.model, config.diffusion, loop, anchor_head=train.anchor_weight > 0)

@@ -154,7 +154,7 @@ def euler_step(z: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
 def heun_step(denoise: Denoiser, z: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """Heun's 2nd-order correction (EDM Algorithm 1): average the slopes at sigma and sigma_next."""
     z_euler = euler_step(z, denoised, sigma, sigma_next)
-    if sigma_next <= 0:
+    if bool((torch.as_tensor(sigma_next) <= 0).all()):  # a grid entry may be a tensor of per-position sigmas
         return z_euler
     denoised_next = denoise(z_euler, sigma_next)
     slope = 0.5 * ((z - denoised) / sigma + (z_euler - denoised_next) / sigma_next)

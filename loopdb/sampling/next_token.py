@@ -116,6 +116,8 @@ class DenseSampler:
 
 DIFFUSION, RECURRENT, DENSE = DiffusionSampler(), RecurrentSampler(), DenseSampler()
 SAMPLERS = {"diffusion": DIFFUSION, "recurrent": RECURRENT, "dense": DENSE}  # the values of a model's ``loop``
+# the ``loop`` of a next-token model trained with each objective (the family sets it from the run's config)
+OBJECTIVE_LOOPS = {"diffusion": "diffusion", "bptt": "recurrent", "ouro": "recurrent", "dense": "dense"}
 
 
 def sampler_of(model):
