@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from ..sampling import RECURRENT
 from . import scoring
 
 
@@ -124,15 +125,6 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loo
     return new_tokens
 
 
-def initial_states(seed: int, start: int, count: int, width: int, device) -> torch.Tensor:
-    """(1, count, width) random initial states of positions start..start+count-1, each drawn from its
-    own generator seeded by (seed, position): a position starts the same whether it is decoded
-    with a cache or recomputed, so cached and uncached generation agree."""
-    rows = [torch.randn(width, generator=torch.Generator().manual_seed((seed * 1_000_003 + position) % 2**63))
-            for position in range(start, start + count)]
-    return torch.stack(rows)[None].to(device)
-
-
 def _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
                         exit_rule, last_cache_only, stats):
     """Sequence recurrence: each new token runs up to ``num_loops`` loops, its state attending at
@@ -147,7 +139,7 @@ def _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, t
     for _ in range(max_new_tokens):
         if cache is None or not use_cache:
             cache, pending = model.new_cache(last_only=last_cache_only), tokens[start:]
-        state = initial_states(seed, len(tokens) - len(pending) - start, len(pending), width, device)
+        state = RECURRENT.position_states(seed, len(tokens) - len(pending) - start, len(pending), width, device)
         logits, used = model.decode(torch.tensor([pending], device=device), cache, state, num_loops, exit_rule)
         loops.append(float(used[0, -1]))
         token = sample_next_token(logits[0, -1], temperature, top_k, generator)

@@ -101,6 +101,14 @@ class RecurrentSampler:
             z = model.recur(z, context)
         return model.readout(z, context)
 
+    def position_states(self, seed: int, start: int, count: int, width: int, device) -> torch.Tensor:
+        """(1, count, width) random initial states of positions start..start+count-1, each drawn from its
+        own generator seeded by (seed, position): a position starts the same whether it is decoded
+        with a cache or recomputed, so cached and uncached generation agree."""
+        rows = [torch.randn(width, generator=torch.Generator().manual_seed((seed * 1_000_003 + position) % 2**63))
+                for position in range(start, start + count)]
+        return torch.stack(rows)[None].to(device)
+
 
 class DenseSampler:
     """The layers once on the clean stream (``model.dense_logits``): no state, no noise, K ignored."""
