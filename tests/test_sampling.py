@@ -10,7 +10,7 @@ import torch
 from conftest import VOCAB, tiny_model
 from loopdb.config import preset
 from loopdb.families import FAMILIES, build_model, family_of
-from loopdb.maths.edm import euler_step
+from loopdb.maths.edm import euler_step, initial_state
 from loopdb.maths.sampler import run_sampler
 from loopdb.sampling import DENSE, DIFFUSION, OBJECTIVE_LOOPS, RECURRENT, SAMPLERS, sampler_of
 
@@ -122,6 +122,11 @@ def test_a_grid_of_per_position_sigmas_walks_each_position_on_its_own_grid():
         torch.testing.assert_close(together[:, position:position + 1], alone)
     heun = run_sampler(denoise, z, per_position, "heun", final_evaluation=False)
     assert heun.shape == z.shape and torch.isfinite(heun).all()
+    # the initial state at a per-position top of the grid: each position at its own scale, the same draws
+    top = initial_state((1, 2, 4), per_position[0], 0.5, torch.Generator().manual_seed(5))
+    for position, column in enumerate(columns):
+        alone = initial_state((1, 2, 4), column[0], 0.5, torch.Generator().manual_seed(5))
+        torch.testing.assert_close(top[:, position], alone[:, position])
 
 
 def _sources(*folders):

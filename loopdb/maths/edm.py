@@ -161,9 +161,12 @@ def heun_step(denoise: Denoiser, z: torch.Tensor, denoised: torch.Tensor, sigma:
     return z + (sigma_next - sigma) * slope
 
 
-def initial_state(shape, sigma_max: float, sigma_data: float, generator: torch.Generator | None = None,
+def initial_state(shape, sigma_max, sigma_data: float, generator: torch.Generator | None = None,
                   device=None) -> torch.Tensor:
-    """z at the top of the grid: the marginal of y + sigma_max * eps, variance sd^2 + s_max^2."""
+    """z at the top of the grid: the marginal of y + sigma_max * eps, variance sd^2 + s_max^2.
+    ``sigma_max``: a float, or a tensor of per-position sigmas that broadcasts against ``shape``."""
     # draw on the generator's device so a CPU generator seeds CUDA runs identically
     noise = torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
+    if torch.is_tensor(sigma_max):
+        return noise.to(device) * (sigma_data**2 + sigma_max.to(device)**2).sqrt()
     return noise.to(device) * math.sqrt(sigma_data**2 + sigma_max**2)
