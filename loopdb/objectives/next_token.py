@@ -109,16 +109,15 @@ class DiffusionObjective:
 
     @torch.no_grad()
     def rollout(self, model, inputs, generator):
-        """Run k sampler steps (no gradient) from pure noise on the rollout grid and return the
-        state reached and its sigma: the graded pass then sees what inference feeds it."""
+        """Run k sampler steps (no gradient) from pure noise on the rollout grid, k drawn here, and return
+        the state reached and its sigma: the graded pass then sees what inference feeds it."""
         diffusion = model.diffusion
-        grid = DIFFUSION.grid(model, diffusion.rollout_loops)
-        most = len(grid) - 1 if diffusion.rollout_max_steps == 0 else min(diffusion.rollout_max_steps, len(grid) - 1)
+        last = diffusion.rollout_loops - 1  # a K-step grid has K sigmas
+        most = last if diffusion.rollout_max_steps == 0 else min(diffusion.rollout_max_steps, last)
         steps = 1 + int(torch.randint(most, (1,), generator=generator))
-        shape = (*inputs.shape, model.config.d_model)
-        z = DIFFUSION.initial_state(model, shape, diffusion.rollout_loops, generator, inputs.device)
-        state = DIFFUSION.run_grid(model, model.encode(inputs), z, grid[:steps + 1], generator, final_evaluation=False)
-        return state, torch.full((inputs.shape[0],), grid[steps], device=inputs.device)
+        state, sigma = DIFFUSION.rollout(model, model.encode(inputs), (*inputs.shape, model.config.d_model),
+                                         diffusion.rollout_loops, steps, generator, inputs.device)
+        return state, torch.full((inputs.shape[0],), sigma, device=inputs.device)
 
 
 def _chance(generator) -> float:

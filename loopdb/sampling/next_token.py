@@ -77,6 +77,13 @@ class DiffusionSampler:
                            noise=lambda shape: torch.randn(shape, generator=generator),
                            final_evaluation=final_evaluation)
 
+    def rollout(self, model, context, shape, num_loops: int, steps: int, generator, device):
+        """The state the sampler reaches after ``steps`` steps of the ``num_loops``-step grid from a fresh
+        initial state (no evaluation there), and the sigma it sits at."""
+        grid = self.grid(model, num_loops)
+        z = self.initial_state(model, shape, num_loops, generator, device)
+        return self.run_grid(model, context, z, grid[:steps + 1], generator, final_evaluation=False), grid[steps]
+
     def final_logits(self, model, context, z, num_loops: int, generator=None):
         grid = self.grid(model, num_loops)
         if model.draft_width == 1:
