@@ -144,7 +144,8 @@ def test_training_times_fall_in_the_sampled_blocks_range(monkeypatch):
     monkeypatch.setattr(model, "forward", lambda tokens, t, block: calls.append((block, t)) or
                         torch.zeros(*tokens.shape, VOCAB, requires_grad=True))
     for seed in range(10):
-        make_masked_objective("diffusion").loss(model, torch.zeros(8, 12, dtype=torch.long), torch.Generator().manual_seed(seed))
+        make_masked_objective("diffusion").loss(model, torch.zeros(8, 12, dtype=torch.long),
+                                                torch.Generator().manual_seed(seed))
     for block, t in calls:
         lo, hi = model.partition.training_range(block)
         assert lo < t.min() and t.max() <= hi

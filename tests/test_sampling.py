@@ -31,9 +31,10 @@ def small(name: str, **overrides):
 
 
 @pytest.mark.parametrize("name,objective", [("tiny", "diffusion"), ("tiny", "bptt"), ("tiny", "ouro"),
-                                            ("tiny", "dense"), ("tiny-draft", "diffusion"),
-                                            ("tiny-stacked", "diffusion"), ("tiny-stacked", "dense"),
-                                            ("tiny-mdm", "diffusion"), ("tiny-vit", "dense"), ("tiny-dit", "diffusion")])
+                                            ("tiny", "dense"),
+                                            ("tiny-draft", "diffusion"), ("tiny-stacked", "diffusion"),
+                                            ("tiny-stacked", "dense"), ("tiny-mdm", "diffusion"), ("tiny-vit", "dense"),
+                                            ("tiny-dit", "diffusion")])
 def test_a_built_model_holds_no_objective_and_its_family_builds_the_loss(name, objective):
     config = small(name, objective=objective)
     model = build_model(config)
@@ -137,14 +138,14 @@ def _sources(*folders):
 
 def test_no_module_outside_the_sampling_package_walks_a_grid_or_draws_an_initial_state():
     own = ("sampling/", "maths/")  # the samplers, and the pure solver and grids they call
-    offenders = [name for name, text in _sources(".") if not name.startswith(own)
-                 and re.search(r"\brun_sampler\(|\bsigma_grid\(|\bedm_initial_state\(|maths\.edm import .*initial_state",
-                               text)]
+    pattern = re.compile(r"\brun_sampler\(|\bsigma_grid\(|\bedm_initial_state\(|maths\.edm import .*initial_state")
+    offenders = [name for name, text in _sources(".") if not name.startswith(own) and pattern.search(text)]
     assert not offenders, offenders
 
 
 def test_readouts_and_evaluation_never_ask_a_model_for_its_objective():
     # the run's config may name its objective (train.objective, t.objective); a model may not hold one
     pattern = re.compile(r"(?<!train)(?<!\bt)\.objective\b(?!\()|objective\.name|[gh]asattr\(model,|copy\.copy\(model")
-    offenders = [name for name, text in _sources("readouts", "evaluation", "sampling", "models") if pattern.search(text)]
+    folders = ("readouts", "evaluation", "sampling", "models")
+    offenders = [name for name, text in _sources(*folders) if pattern.search(text)]
     assert not offenders, offenders

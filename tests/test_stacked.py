@@ -51,7 +51,8 @@ def test_only_the_sampled_block_gets_gradients_and_optimizer_state():
     optimizer = make_optimizer(model, stacked_config())
     seen = set()
     for step in range(6):
-        loss, stats = stacked_objective().loss(model, tokens(4, 17, step), torch.Generator().manual_seed(step))
+        loss, stats = stacked_objective().loss(model, tokens(4, 17, step),
+                                                torch.Generator().manual_seed(step))
         block = int(stats["block"])
         seen.add(block)
         loss.backward()
@@ -72,7 +73,8 @@ def test_a_run_training_one_block_has_no_optimizer_state_or_group_for_the_others
     assert not any(id(p) in in_groups for p in model.block_parameters(0))
     assert all(id(p) in in_groups for p in model.block_parameters(1) + model.shared_parameters())
     for step in range(3):
-        loss, stats = stacked_objective(train_blocks=(1,)).loss(model, tokens(4, 17, step), torch.Generator().manual_seed(step))
+        loss, stats = stacked_objective(train_blocks=(1,)).loss(model, tokens(4, 17, step),
+                                                                torch.Generator().manual_seed(step))
         assert int(stats["block"]) == 1
         loss.backward()
         optimizer.step()

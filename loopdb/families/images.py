@@ -85,7 +85,8 @@ def _dit_objective(config: Config) -> DiTObjective:
     return DiTObjective(dense=config.train.objective == "dense")
 
 
-VIT = Family(build=_build_vit, objective=_vit_objective, task=functools.partial(ImageTask, classifies=True), data_dir=image_data_dir,
-             rules=_vision_rules, commands="images")
-DIT = Family(build=_build_dit, objective=_dit_objective, task=functools.partial(ImageTask, classifies=False), data_dir=image_data_dir,
-             rules=_vision_rules, commands="images", trains_every_parameter=dense_trains_every_parameter)
+VIT = Family(build=_build_vit, objective=_vit_objective, task=functools.partial(ImageTask, classifies=True),
+             data_dir=image_data_dir, rules=_vision_rules, commands="images")
+DIT = Family(build=_build_dit, objective=_dit_objective, task=functools.partial(ImageTask, classifies=False),
+             data_dir=image_data_dir, rules=_vision_rules, commands="images",
+             trains_every_parameter=dense_trains_every_parameter)

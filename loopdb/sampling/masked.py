@@ -27,7 +27,8 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, generator
 
 @torch.no_grad()
 def sample_masked(model, length: int, num_steps: int = SAMPLE_STEPS, prompt: list[int] = (), num_samples: int = 1,
-           temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                  temperature: float = 1.0, top_k: int | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """(num_samples, length) token ids: ``num_steps`` ancestral unmasking steps from an all-mask
     sequence whose first tokens are fixed to ``prompt``; each step runs the block that owns its t."""
     if num_steps < 1:
