@@ -326,6 +326,7 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(data_dir, tmp_path
     straight = load_file(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
     resumed = load_file(latest_checkpoint(run) / "model.safetensors")
     assert latest_checkpoint(run).name == "step-0000120"
+    assert metrics_steps(run) == [50, 100, 120]  # one row per evaluated step, however often it was killed
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
@@ -389,13 +390,35 @@ def test_sigterm_in_the_closing_evaluation_stops_within_seconds_with_a_checkpoin
         process.kill()
     assert process.returncode == 130 and "evaluation abandoned" in err and "Traceback" not in err, err
     assert waited < 10, f"{waited:.1f}s from SIGTERM to exit"
-    assert "stopped at step step-0000003; continue with: loopdb train --preset tiny" in err
+    assert "stopped; newest checkpoint step-0000003; continue with: loopdb train --preset tiny" in err
     assert latest_checkpoint(run).name == "step-0000003" and verify_checkpoint(latest_checkpoint(run))
     assert not (run / "metrics.jsonl").exists()  # nothing evaluated yet
     code, out, err = run_cli(capsys, "train", "--preset", "tiny", "--data", data_dir, "--out", run, "--quiet",
                              *SMALL_RUN, "--max_steps=3", "--eval_loops=1", "--resume")
     assert code == 0 and "eval_loops 1,2,4,8,16,32,64 -> 1" in err and "eval_samples 64 -> 1" in err, err
     assert metrics_steps(run) == [3] and "val/bpb@1" in json.loads(out.splitlines()[-1])
+
+
+def test_sigterm_in_data_preparation_stops_within_seconds_and_leaves_nothing(tmp_path):
+    """The default corpus, prepared on first use into $LOOPDB_DATA: stopped while it is written, the
+    staging folder goes, no run folder is made, and the line says how to start again."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "loopdb", "train", "--preset", "tiny", "--out", str(run),
+                                "--quiet"], env={**os.environ, "OMP_NUM_THREADS": "1", "LOOPDB_DATA": str(data)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: data.is_dir() and any(data.iterdir()), process)  # the staging folder
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        out, err = process.communicate(timeout=120)
+        waited = time.monotonic() - signalled
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"stopped before the first checkpoint; start again with: loopdb train " \
+                                           f"--preset tiny --out {run}"
+    assert waited < 30, f"{waited:.1f}s from SIGTERM to exit"  # a tokenizer being trained finishes first
+    assert list(data.iterdir()) == [] and not run.exists()
 
 
 def test_a_second_stop_signal_exits_at_once(tmp_path):

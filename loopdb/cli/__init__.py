@@ -67,7 +67,8 @@ def cmd_train(args, overrides) -> int:
         if latest_checkpoint(args.out) is None:
             print(f"stopped before the first checkpoint; start again with: {again}", file=sys.stderr)
         else:
-            print(f"stopped at step {latest_checkpoint(args.out).name}; continue with: {again} --resume", file=sys.stderr)
+            print(f"stopped; newest checkpoint {latest_checkpoint(args.out).name}; continue with: {again} --resume",
+                  file=sys.stderr)
         return 130
     if main_rank:
         print(json.dumps({"step": trainer.step, **results}))

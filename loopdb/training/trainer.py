@@ -203,11 +203,9 @@ class Trainer:
     def _check_micro_batches(self, saved: int | None) -> None:
         """grad_accum may change on resume with the number of processes, as long as a step's batch stays."""
         if saved is not None and saved != self.micro_batches_per_step:
-            processes = self.batch_draws[0]
-            raise ConfigError(f"--resume: grad_accum={self.config.train.grad_accum} with {processes} data-parallel "
-                              f"process(es) makes a step of {self.micro_batches_per_step} micro-batches, the run's had "
-                              f"{saved}; give --grad_accum={max(1, saved // processes)}"
-                              + ("" if saved % processes == 0 else f" and {saved} processes"))
+            raise ConfigError(f"--resume: a step of the run drew {saved} micro-batches (grad_accum x data-parallel "
+                              f"processes), grad_accum={self.config.train.grad_accum} with {self.batch_draws[0]} "
+                              f"process(es) draws {self.micro_batches_per_step}; keep the product at {saved}")
 
     def _load(self, saved) -> None:
         """Weights and optimizer state of the resume point: a multi-process checkpoint's shards
