@@ -340,6 +340,19 @@ def wait_for(condition, process, timeout=120.0):
         time.sleep(0.05)
 
 
+def sigterm_once(process, ready, settle: float = 0.0):
+    """SIGTERM ``process`` ``settle`` seconds after ``ready()``; (stdout, stderr, seconds it took to exit)."""
+    try:
+        wait_for(ready, process)
+        time.sleep(settle)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        out, err = process.communicate(timeout=120)
+        return out, err, time.monotonic() - signalled
+    finally:
+        process.kill()
+
+
 def metrics_steps(run) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -350,9 +363,10 @@ def test_a_run_folder_trains_in_one_process_and_kill_9_frees_it_at_once(data_dir
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: latest_checkpoint(run) is not None, first)
-        for resume in ([], ["--resume"]):  # a second training, and a resume, of the folder being trained
-            second = loopdb_train(run, data_dir, "--max_steps=100000", *resume, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        others = [loopdb_train(run, data_dir, "--max_steps=100000", *resume, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+                  for resume in ([], ["--resume"])]  # a second training, and a resume, of the folder being trained
+        for second in others:
             out, err = second.communicate(timeout=120)
             lines = err.strip().splitlines()
             assert second.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
@@ -379,15 +393,8 @@ def test_sigterm_in_the_closing_evaluation_stops_within_seconds_with_a_checkpoin
     slow_evaluation = ["--eval_loops=1,2,4,8,16,32,64", "--eval_samples=64", "--eval_windows=64"]
     process = loopdb_train(run, data_dir, "--max_steps=3", "--checkpoint_every=2", "--eval_every=100000",
                            *slow_evaluation, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: latest_checkpoint(run) is not None, process)  # step 2 saved; step 3 takes milliseconds
-        time.sleep(2.0)
-        process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        out, err = process.communicate(timeout=60)
-        waited = time.monotonic() - signalled
-    finally:
-        process.kill()
+    # step 2 saved; step 3 takes milliseconds, then the closing evaluation starts
+    out, err, waited = sigterm_once(process, lambda: latest_checkpoint(run) is not None, settle=2.0)
     assert process.returncode == 130 and "evaluation abandoned" in err and "Traceback" not in err, err
     assert waited < 10, f"{waited:.1f}s from SIGTERM to exit"
     assert "stopped; newest checkpoint step-0000003; continue with: loopdb train --preset tiny" in err
@@ -406,14 +413,7 @@ def test_sigterm_in_data_preparation_stops_within_seconds_and_leaves_nothing(tmp
     process = subprocess.Popen([sys.executable, "-m", "loopdb", "train", "--preset", "tiny", "--out", str(run),
                                 "--quiet"], env={**os.environ, "OMP_NUM_THREADS": "1", "LOOPDB_DATA": str(data)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: data.is_dir() and any(data.iterdir()), process)  # the staging folder
-        process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        out, err = process.communicate(timeout=120)
-        waited = time.monotonic() - signalled
-    finally:
-        process.kill()
+    out, err, waited = sigterm_once(process, lambda: data.is_dir() and any(data.iterdir()))  # the staging folder
     assert process.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == f"stopped before the first checkpoint; start again with: loopdb train " \
                                            f"--preset tiny --out {run}"
@@ -465,12 +465,15 @@ def test_a_resume_that_would_change_the_model_or_data_is_refused_in_one_line(cli
 
 
 def test_metrics_keep_one_row_per_step_after_two_interrupted_resumes(data_dir, tmp_path):
-    """Crashes between checkpoints (as kill -9 would: nothing saved) at steps 5 and 8; each resume
-    drops the rows logged after its checkpoint, and the file ends as an uninterrupted run's."""
-    settings = dict(max_steps=10, checkpoint_every=3, eval_every=1)
+    """Crashes between checkpoints (as kill -9 would: nothing saved) in steps 6 and 9, each after a row
+    newer than the checkpoint (rows 4 and 8, checkpoints 3 and 6); each resume drops those rows, and the file ends as an
+    uninterrupted run's."""
+    settings = dict(max_steps=9, checkpoint_every=3, eval_every=4)
     trainer(data_dir, tmp_path / "straight", **settings).train()
+    expected = metrics_steps(tmp_path / "straight")
+    assert expected == [4, 8, 9]
     run = tmp_path / "run"
-    for crash_at, resume in ((5, False), (8, True)):
+    for crash_at, resume in ((6, False), (9, True)):
         crashing = trainer(data_dir, run, resume=resume, **settings)
         original = crashing.objective.loss
 
@@ -482,7 +485,7 @@ def test_metrics_keep_one_row_per_step_after_two_interrupted_resumes(data_dir, t
         crashing.objective.loss = loss
         with pytest.raises(RuntimeError, match="crash"):
             crashing.train()
-        assert metrics_steps(run) == list(range(1, crash_at))  # the rows after the checkpoint are there
+        assert metrics_steps(run) == [step for step in expected if step < crash_at]
     trainer(data_dir, run, resume=True, **settings).train()
-    assert metrics_steps(run) == list(range(1, 11))
+    assert metrics_steps(run) == expected
     assert (run / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
