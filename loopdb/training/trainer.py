@@ -453,8 +453,7 @@ class Trainer:
                     last_eval = self._close(train_loss, bar, stop) or last_eval
                     stopping = self._stop_agreed(stop.asked)  # a signal during the closing evaluation
                 if stopping:
-                    if self.saved_step != self.step:
-                        self.save()
+                    self._save_if_changed()
                     raise KeyboardInterrupt
         finally:
             bar.close()
@@ -474,9 +473,13 @@ class Trainer:
         evaluation = {}
         if not parallel.all_agree(evaluated, self.group, self.device) and (self.group.is_main or self.sharded):
             evaluation = self._evaluate_and_log(train_loss, bar, stop)
-        if self.saved_step != self.step:
-            self.save()
+        self._save_if_changed()
         return evaluation
+
+    def _save_if_changed(self) -> None:
+        """Checkpoint the step unless it is saved already (or is step 0: nothing trained yet)."""
+        if self.step > 0 and self.saved_step != self.step:
+            self.save()
 
     def _stop_agreed(self, asked: bool) -> bool:
         """A stop signal on any process stops every process of the job at the same step."""
