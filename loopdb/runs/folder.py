@@ -4,7 +4,7 @@ and how every command opens a run (its config, its data, its newest model).
 RUN/
   config.json            resolved config of the run
   data.json              where its prepared data lives (null: the family's embedded data), and the
-                         preset it was trained from (null: not trained by `loopdb train`)
+                         preset it was trained from (null: unrecorded)
   checkpoints/, latest   loopdb.runs.checkpoint
   metrics.jsonl, tb/     evaluation log (a row per evaluated step) and tensorboard events (loopdb.training.trainer)
   train.lock             held by the process training the run (loopdb.runs.lock)
@@ -38,26 +38,29 @@ def write_run_files(run_dir, config: Config, data_dir: Path | None, preset: str 
     _atomic_write_text(run_dir / DATA_POINTER, json.dumps(pointer))
 
 
-def _metrics_rows(run_dir) -> list[str]:
-    """metrics.jsonl's complete rows (a line cut short by a kill has no newline and is left out)."""
+def _metrics_rows(run_dir) -> list[tuple[int, str]]:
+    """(step, line) of metrics.jsonl's complete rows; a line cut short by a kill is left out."""
     path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    return [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n") and line.strip()]
+    rows = []
+    for line in path.read_text().splitlines(keepends=True) if path.exists() else []:
+        try:
+            rows.append((int(json.loads(line)["step"]), line))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [(step, line) for step, line in rows if line.endswith("\n")]
 
 
 def keep_metrics_through(run_dir, step: int) -> None:
     """Drop metrics.jsonl's rows after ``step`` (a resumed run logs those steps again), atomically."""
-    rows = _metrics_rows(run_dir)
-    kept = [row for row in rows if json.loads(row)["step"] <= step]
     if (Path(run_dir) / METRICS).exists():
+        kept = [line for row_step, line in _metrics_rows(run_dir) if row_step <= step]
         _atomic_write_text(Path(run_dir) / METRICS, "".join(kept))
 
 
 def last_metrics_step(run_dir) -> int | None:
     """The step of metrics.jsonl's newest row (None: no row)."""
     rows = _metrics_rows(run_dir)
-    return json.loads(rows[-1])["step"] if rows else None
+    return rows[-1][0] if rows else None
 
 
 def _data_pointer(run_dir) -> dict:
