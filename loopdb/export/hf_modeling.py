@@ -1,0 +1,582 @@
+"""An exported loopdb looped language model as a transformers model (`loopdb export` writes this file).
+
+Self-contained: imports torch and transformers only, so the export loads with
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` where loopdb is not installed.
+The layers, the EDM sampler and the readouts repeat loopdb's (loopdb.layers, loopdb.maths.edm,
+loopdb.models.looped / recurrent, loopdb.readouts.scoring / generation) operation for operation, and
+the export's tests check the logits and the generated tokens against loopdb's own.
+
+- ``recurrence="position"`` (DiffusionBlocks): a clean stream (prelude, core with a learned clean
+  conditioning, coda) gives keys and values; a loop is one sampler step of the sigma-conditioned
+  core on each position's noisy estimate of the NEXT token's embedding, which attends to the
+  clean keys at positions <= its own and to itself.
+- ``recurrence="sequence"`` (Huginn, Ouro): a loop updates the whole latent sequence,
+  s_k = norm(core(inject(s_{k-1}, prelude(x)))); the coda and head read the last state.
+- ``objective``: diffusion (a loop = a sampler step on a sigma grid computed from K), bptt / ouro
+  (a loop = a recurrent iteration from a random state), dense (the layers once; K is ignored).
+- Noise is seeded (``noise_seed``): each row of a batch draws its initial state from its own
+  generator seeded by the seed, so a row's numbers depend neither on the batch nor on padding.
+- ``readout``: ``predictive`` returns log of the mean over ``num_samples`` draws of the last loop's
+  next-token distribution (log-probabilities, loopdb's scoring readout); ``draw`` returns the raw
+  last-loop logits of one draw.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from .hf_configuration import LoopDBConfig
+
+READOUTS = ("predictive", "draw")
+
+
+# -- layers (loopdb.layers) -----------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, affine: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x):
+        statistics = torch.promote_types(x.dtype, torch.float32)  # float32 statistics for bf16 inputs
+        squared = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=statistics).square()
+        normed = x * (squared / x.shape[-1] + self.eps).rsqrt().to(x.dtype)
+        return normed if self.weight is None else normed * self.weight.to(x.dtype)
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int, context: int):
+    """cos, sin of rotary positions (any shape) -> (..., head_dim / 2); computed per call, never a buffer."""
+    if int(positions.max()) >= context:
+        raise ValueError(f"position {int(positions.max())} is beyond the model's context of {context} tokens")
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """x (..., T, hd); cos/sin (T, hd/2) or per row (B, T, hd/2): rotate (first half, second half)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, cos, sin, kv_prefix=None, mask=None):
+        """Keys [kv_prefix ; own]; mask (Tq, Tk) or (B, 1, Tq, Tk) bool, True = attend; None = causal."""
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        q, k = apply_rotary(qkv[:2], cos, sin)
+        v = qkv[2]
+        keys, values = k, v
+        if kv_prefix is not None:
+            keys, values = torch.cat([kv_prefix[0], k], dim=2), torch.cat([kv_prefix[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-norm block; ``conditioned``: DiT's adaLN-Zero; ``sandwich``: Huginn's norm after each residual add."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, conditioned: bool = False, sandwich: bool = False):
+        super().__init__()
+        self.conditioned = conditioned
+        self.post_norms = nn.ModuleList([RMSNorm(dim), RMSNorm(dim)]) if sandwich else None
+        self.norm1 = RMSNorm(dim, affine=not conditioned)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = RMSNorm(dim, affine=not conditioned)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        if conditioned:
+            self.modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, cos, sin, cond=None, kv_prefix=None, mask=None):
+        if self.conditioned:
+            mod = self.modulation(F.silu(cond))
+            if mod.dim() == 2:
+                mod = mod[:, None, :]
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+            h, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, kv_prefix, mask)
+            x = x + gate1 * h
+            return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2), kv
+        h, kv = self.attn(self.norm1(x), cos, sin, kv_prefix, mask)
+        if self.post_norms is not None:
+            x = self.post_norms[0](x + h)
+            return self.post_norms[1](x + self.mlp(self.norm2(x))), kv
+        x = x + h
+        return x + self.mlp(self.norm2(x)), kv
+
+
+class SigmaEmbedder(nn.Module):
+    """c_noise -> sinusoidal features -> MLP (DiT's TimestepEmbedder)."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, c_noise):
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=c_noise.device) / half)
+        args = (c_noise.float()[..., None] * 1000.0) * freqs
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+def padded_causal_mask(query_index, key_index, pad):
+    """(B, 1, Tq, Tk): row b's first pad[b] slots are padding; a padding query sees only itself."""
+    causal = key_index[None, None, :] <= query_index[None, :, None]
+    real = key_index[None, None, :] >= pad[:, None, None]
+    itself = key_index[None, None, :] == query_index[None, :, None]
+    return (causal & (real | itself))[:, None]
+
+
+def padded_positions(index, pad):
+    return (index[None, :] - pad[:, None]).clamp_min(0)
+
+
+# -- EDM (loopdb.maths.edm) -----------------------------------------------------------------------------
+def sigma_grid(config: LoopDBConfig, num_loops: int) -> list[float]:
+    """The descending sampler grid of ``num_loops`` steps (equiprob: equal steps in the training
+    distribution's quantiles; karras: rho = 7); one step: a single evaluation at sigma_max."""
+    if num_loops < 1:
+        raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+    hi, lo = config.sigma_max, config.grid_sigma_last or config.sigma_min
+    if num_loops == 1:
+        return [hi]
+    fractions = [i / (num_loops - 1) for i in range(num_loops)]
+    if config.grid == "equiprob":
+        normal = NormalDist()
+
+        def cdf(sigma):
+            return normal.cdf((math.log(sigma) - config.p_mean) / config.p_std)
+
+        q_hi, q_lo = cdf(hi), cdf(lo)
+        grid = [math.exp(config.p_mean + config.p_std * normal.inv_cdf(q_hi + f * (q_lo - q_hi))) for f in fractions]
+    else:
+        a, b = hi ** (1 / 7.0), lo ** (1 / 7.0)
+        grid = [(a + f * (b - a)) ** 7.0 for f in fractions]
+    grid[0], grid[-1] = hi, lo
+    return grid
+
+
+def log_mean_exp(draws: list[torch.Tensor]) -> torch.Tensor:
+    total = draws[0]
+    for draw in draws[1:]:
+        total = torch.logaddexp(total, draw)
+    return total - math.log(len(draws))
+
+
+# -- the model ----------------------------------------------------------------------------------------------
+class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
+    """A loopdb looped LM. ``forward(input_ids, num_loops=K)``: logits of every position after K loops;
+    ``generate(input_ids, num_loops=K, ...)``: batched, left-padded prompts, greedy or sampled."""
+
+    config_class = LoopDBConfig
+    base_model_prefix = "loopdb"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def __init__(self, config: LoopDBConfig):
+        super().__init__(config)
+        dim, position = config.d_model, config.recurrence == "position"
+        self.sigma_data = config.sigma_data or dim**-0.5
+
+        def blocks(count, conditioned=False, sandwich=False):
+            return nn.ModuleList(Block(dim, config.n_heads, config.mlp_ratio, conditioned, sandwich)
+                                 for _ in range(count))
+
+        self.embedding = nn.Embedding(config.vocab_size, dim)
+        self.prelude = blocks(config.n_prelude)
+        self.core = blocks(config.n_core, conditioned=position, sandwich=config.sandwich_norm and not position)
+        self.coda = blocks(config.n_coda)
+        self.injection = nn.Linear(2 * dim, dim, bias=False) if config.injection == "concat" else None
+        self.core_norm = RMSNorm(dim)
+        self.final_norm = RMSNorm(dim)
+        self.head = None if config.tie_head else nn.Linear(dim, config.vocab_size, bias=False)
+        if position:
+            self.sigma_embedder = SigmaEmbedder(dim)
+            self.clean_condition = nn.Parameter(torch.zeros(dim))
+            self.self_condition = nn.Linear(dim, dim, bias=False) if config.self_condition else None
+            self.denoiser_out = nn.Linear(dim, dim, bias=False)
+            self.target_norm = config.target_norm or self.sigma_data * dim**0.5
+            self.target_scale = self.target_norm / dim**0.5
+        else:
+            self.exit_gate = nn.Linear(dim, 1) if config.exit_gate else None
+        self.post_init()
+
+    def _init_weights(self, module):
+        # loopdb's initialisation; an export always loads every weight from its safetensors
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self):
+        return self.embedding
+
+    def set_input_embeddings(self, value):
+        self.embedding = value
+
+    # -- shared pieces ----------------------------------------------------------------------------------------
+    def _positions(self, index, pad):
+        """cos, sin and mask for slots ``index`` over keys 0..index[-1]; pad (B,) or None (causal fast path)."""
+        head_dim, context = self.config.d_model // self.config.n_heads, self.config.context
+        if pad is None:
+            cos, sin = rotary_angles(index, head_dim, context)
+            return cos, sin, None
+        cos, sin = rotary_angles(padded_positions(index, pad), head_dim, context)
+        return cos, sin, padded_causal_mask(index, torch.arange(int(index[-1]) + 1, device=index.device), pad)
+
+    def _run(self, layers, hidden, cos, sin, cond=None, prefixes=None, mask=None):
+        """Hidden states through ``layers`` and each layer's own (k, v)."""
+        kv = []
+        for index, layer in enumerate(layers):
+            hidden, layer_kv = layer(hidden, cos, sin, cond, None if prefixes is None else prefixes[index], mask)
+            kv.append(layer_kv)
+        return hidden, kv
+
+    def _inject(self, state, embedded):
+        state = state.to(embedded.dtype)
+        return self.injection(torch.cat([state, embedded], -1)) if self.injection is not None else state + embedded
+
+    def _logits(self, hidden):
+        hidden = self.final_norm(hidden)
+        return hidden @ self.embedding.weight.t() if self.head is None else self.head(hidden)
+
+    def _target_table(self):
+        table = F.normalize(self.embedding.weight, dim=-1)
+        return table if self.target_norm == 1.0 else table * self.target_norm
+
+    # -- the clean stream (position wiring) ----------------------------------------------------------------------
+    def _encode(self, input_ids, pad):
+        index = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin, mask = self._positions(index, pad)
+        embedded, prelude_kv = self._run(self.prelude, self.embedding(input_ids), cos, sin, mask=mask)
+        if self.config.recurrence == "sequence":
+            return {"embedded": embedded, "pad": pad}
+        clean_cond = self.clean_condition.to(embedded.dtype).expand(input_ids.shape[0], -1)
+        hidden, core_kv = self._run(self.core, embedded, cos, sin, clean_cond, mask=mask)
+        final_hidden, coda_kv = self._run(self.coda, hidden, cos, sin, mask=mask)
+        return {"embedded": embedded, "core_kv": core_kv, "coda_kv": coda_kv, "final_hidden": final_hidden,
+                "length": input_ids.shape[1], "pad": pad}
+
+    def _noisy_positions(self, rows: int, clean):
+        """cos, sin and mask of ``rows`` noisy rows (the last positions): clean keys <= own position, and itself."""
+        length, pad = clean["length"], clean["pad"]
+        device = clean["embedded"].device
+        anchors, keys = torch.arange(length - rows, length, device=device), torch.arange(length, device=device)
+        itself = anchors[:, None] == anchors[None, :]
+        head_dim, context = self.config.d_model // self.config.n_heads, self.config.context
+        if pad is None:
+            cos, sin = rotary_angles(anchors, head_dim, context)
+            return cos, sin, torch.cat([keys[None, :] <= anchors[:, None], itself], dim=1)
+        cos, sin = rotary_angles(padded_positions(anchors, pad), head_dim, context)
+        mask = torch.cat([padded_causal_mask(anchors, keys, pad), itself.expand(len(pad), 1, -1, -1)], dim=-1)
+        return cos, sin, mask
+
+    def _denoise(self, z, sigma: float, clean, previous=None):
+        """Logits of the denoiser at noise level sigma for noisy rows z (B, R, C) (the last R positions)."""
+        rows = z.shape[1]
+        sigma_t = torch.full((z.shape[0],), float(sigma), device=z.device)
+        variance = sigma_t**2 + self.sigma_data**2
+        c_skip = (self.sigma_data**2 / variance)[:, None, None]
+        c_out = (sigma_t * self.sigma_data / variance.sqrt())[:, None, None]
+        c_in = (1.0 / variance.sqrt())[:, None, None]
+        cos, sin, mask = self._noisy_positions(rows, clean)
+        hidden = self._inject(c_in * z, clean["embedded"][:, -rows:])
+        if self.self_condition is not None and previous is not None:
+            hidden = hidden + self.self_condition((previous / self.target_scale).to(hidden.dtype))
+        cond = self.sigma_embedder(torch.log(sigma_t) / 4)
+        hidden, _ = self._run(self.core, hidden, cos, sin, cond, clean["core_kv"], mask)
+        denoised = c_skip * z + c_out * self.denoiser_out(self.core_norm(hidden))
+        hidden, _ = self._run(self.coda, denoised / self.target_scale, cos, sin, None, clean["coda_kv"], mask)
+        logits = self._logits(hidden)
+        if not self.config.likelihood_logits:
+            return logits
+        evidence = z.float() @ self._target_table().detach().float().t() / sigma_t.float()[:, None, None] ** 2
+        return logits.float() + evidence
+
+    def _estimate(self, logits, generator):
+        """Dhat from logits: softmax @ table (soft), or one row of the table (argmax, sample)."""
+        table = self._target_table()
+        if self.config.estimate == "soft":
+            return torch.softmax(logits.float(), dim=-1).to(table.dtype) @ table
+        if self.config.estimate == "argmax":
+            choice = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits.float(), -1)
+            choice = torch.multinomial(probs.flatten(0, -2).cpu(), 1, generator=generator).view(probs.shape[:-1])
+        return table[choice.to(logits.device)]
+
+    def _diffusion_loops(self, clean, z, num_loops, generator, states):
+        """The sampler: one loop per grid point (euler, heun or ancestral); the last evaluation's logits."""
+        grid, previous, solver = sigma_grid(self.config, num_loops), None, self.config.solver
+
+        def step(state, sigma):
+            nonlocal previous
+            logits = self._denoise(state, sigma, clean, previous)
+            previous = self._estimate(logits, generator).to(state.dtype)
+            return previous, logits
+
+        for index, sigma in enumerate(grid):
+            denoised, logits = step(z, sigma)
+            if index + 1 == len(grid):
+                return logits
+            sigma_next = grid[index + 1]
+            if solver == "ancestral":
+                z = denoised + sigma_next * torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+            else:
+                z_euler = z + (sigma_next - sigma) * (z - denoised) / sigma
+                if solver == "heun":
+                    denoised_next = step(z_euler, sigma_next)[0]
+                    slope = 0.5 * ((z - denoised) / sigma + (z_euler - denoised_next) / sigma_next)
+                    z_euler = z + (sigma_next - sigma) * slope
+                z = z_euler
+            states.append(z)
+        return logits
+
+    # -- the recurrence (bptt, ouro) ------------------------------------------------------------------------------
+    def _recur(self, state, clean):
+        """One loop: state (B, T, C) -> next state (unit RMS)."""
+        rows = state.shape[1]
+        if self.config.recurrence == "sequence":
+            index = torch.arange(rows, device=state.device)
+            cos, sin, mask = self._positions(index, clean["pad"])
+            hidden, _ = self._run(self.core, self._inject(state, clean["embedded"]), cos, sin, mask=mask)
+            return self.core_norm(hidden)
+        cos, sin, mask = self._noisy_positions(rows, clean)
+        hidden = self._inject(state, clean["embedded"][:, -rows:])
+        cond = self.clean_condition.to(hidden.dtype).expand(state.shape[0], -1)
+        hidden, _ = self._run(self.core, hidden, cos, sin, cond, clean["core_kv"], mask)
+        return self.core_norm(hidden)
+
+    def _readout(self, state, clean):
+        """Logits from the last state through the coda."""
+        rows = state.shape[1]
+        if self.config.recurrence == "sequence":
+            cos, sin, mask = self._positions(torch.arange(rows, device=state.device), clean["pad"])
+            hidden, _ = self._run(self.coda, state, cos, sin, mask=mask)
+        else:
+            cos, sin, mask = self._noisy_positions(rows, clean)
+            hidden, _ = self._run(self.coda, state, cos, sin, None, clean["coda_kv"], mask)
+        return self._logits(hidden)
+
+    # -- one draw ------------------------------------------------------------------------------------------------------
+    def _initial_state(self, shape, num_loops, generator, device):
+        """The state a draw starts from: noise at the top of the grid (diffusion), or N(0, 1) (bptt, ouro)."""
+        noise = torch.randn(shape, generator=generator).to(device)
+        if self.config.objective == "diffusion":
+            return noise * math.sqrt(self.sigma_data**2 + self.config.sigma_max**2)
+        return noise
+
+    def _loop_logits(self, clean, z, num_loops, generator, states):
+        """K loops from state z (None: dense); the last loop's logits; ``states`` receives each loop's state."""
+        objective = self.config.objective
+        if objective == "dense":
+            if self.config.recurrence == "sequence":
+                return self._readout(self._recur(torch.zeros_like(clean["embedded"]), clean), clean)
+            states.append(clean["final_hidden"])
+            return self._logits(clean["final_hidden"])
+        if objective == "diffusion":
+            return self._diffusion_loops(clean, z, num_loops, generator, states)
+        for _ in range(num_loops):
+            z = self._recur(z, clean)
+            states.append(z)
+        return self._readout(z, clean)
+
+    def _draws_along_the_way(self) -> bool:
+        return self.config.objective == "diffusion" and (self.config.solver == "ancestral"
+                                                         or self.config.estimate == "sample")
+
+    def _row_states(self, generators, rows: int, width: int, num_loops: int, pad, device):
+        """(B, rows, C) initial states; row b's from generators[b], for its real (unpadded) positions."""
+        if self.config.objective == "dense":
+            return None
+        state = torch.zeros(len(generators), rows, width, device=device)
+        for row, generator in enumerate(generators):
+            start = 0 if pad is None else int(pad[row])
+            state[row, start:] = self._initial_state((1, rows - start, width), num_loops, generator, device)[0]
+        return state
+
+    # -- transformers API ---------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                num_loops: int | None = None, noise_seed: int | None = None, readout: str | None = None,
+                num_samples: int | None = None, labels: torch.LongTensor | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None, **unused):
+        """Next-token logits at every position after ``num_loops`` loops (config defaults for every None).
+
+        ``attention_mask`` (B, T): left padding (zeros first) is hidden and each row's positions
+        start at its first real token. ``readout="predictive"``: log of the mean over ``num_samples``
+        draws of the last loop's distribution; ``"draw"``: one draw's raw logits. ``hidden_states``:
+        the prelude output, then the state after each loop (of the first draw)."""
+        config = self.config
+        num_loops = config.num_loops if num_loops is None else int(num_loops)
+        seed = config.noise_seed if noise_seed is None else int(noise_seed)
+        readout = config.readout if readout is None else readout
+        samples = config.num_samples if num_samples is None else int(num_samples)
+        if readout not in READOUTS:
+            raise ValueError(f"readout={readout!r}; choose one of {', '.join(READOUTS)}")
+        if num_loops < 1 or samples < 1:
+            raise ValueError(f"num_loops and num_samples must be >= 1, got {num_loops} and {samples}")
+        pad = _left_padding(attention_mask)
+        if self._draws_along_the_way() and input_ids.shape[0] > 1:  # a row's draws must not depend on the batch
+            rows = [self(input_ids[row:row + 1], None if attention_mask is None else attention_mask[row:row + 1],
+                         num_loops, seed, readout, samples, output_hidden_states=output_hidden_states)
+                    for row in range(input_ids.shape[0])]
+            logits = torch.cat([row.logits for row in rows])
+            hidden = None if not output_hidden_states else tuple(
+                torch.cat(states) for states in zip(*(row.hidden_states for row in rows)))
+            return self._output(logits, labels, hidden)
+        clean = self._encode(input_ids, pad)
+        generators = [torch.Generator().manual_seed(seed) for _ in range(input_ids.shape[0])]
+        draws, states = [], []
+        for _ in range(1 if readout == "draw" else samples):
+            z = self._row_states(generators, input_ids.shape[1], config.d_model, num_loops, pad, input_ids.device)
+            logits = self._loop_logits(clean, z, num_loops, generators[0], states if not draws else [])
+            if readout == "draw":
+                draws.append(logits)
+                break
+            draws.append(torch.log_softmax(logits.float(), dim=-1))
+            if z is None:  # deterministic: every draw would be the same
+                break
+        logits = draws[0] if len(draws) == 1 else log_mean_exp(draws)
+        hidden = (clean["embedded"], *states) if output_hidden_states else None
+        return self._output(logits, labels, hidden)
+
+    def _output(self, logits, labels, hidden_states):
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, num_loops: int | None = None,
+                 noise_seed: int | None = None, stopping_criteria=None, pad_token_id: int | None = None,
+                 eos_token_id: int | list | None = None, generation_config=None, **unused) -> torch.LongTensor:
+        """Batched generation, K = ``num_loops`` loops per new token; returns (B, T + new) token ids.
+
+        Rows may be left-padded (``attention_mask``); each row gives what it gives alone. A new
+        token's initial state comes from the row's generator seeded by ``noise_seed`` (the same
+        draws as loopdb's ``generate``), greedy unless ``do_sample`` (then ``temperature`` and
+        ``top_k``). A row stops at ``eos_token_id`` or when ``stopping_criteria`` says so (then it is
+        filled with ``pad_token_id``). Every token recomputes the window (no key/value cache); when
+        the window is full, it slides by half, as loopdb's generation does."""
+        settings = generation_config if generation_config is not None else self.generation_config
+        num_loops = self.config.num_loops if num_loops is None else int(num_loops)
+        seed = self.config.noise_seed if noise_seed is None else int(noise_seed)
+        do_sample = bool(getattr(settings, "do_sample", False)) if do_sample is None else bool(do_sample)
+        temperature = float(getattr(settings, "temperature", None) or 1.0) if temperature is None else float(temperature)
+        top_k = getattr(settings, "top_k", None) if top_k is None else top_k
+        eos = getattr(settings, "eos_token_id", None) if eos_token_id is None else eos_token_id
+        eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        pad_token_id = getattr(settings, "pad_token_id", None) if pad_token_id is None else pad_token_id
+        if max_new_tokens is None:
+            limit = max_length if max_length is not None else getattr(settings, "max_length", None) or 20
+            max_new_tokens = max(0, limit - input_ids.shape[1])
+        if num_loops < 1:
+            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+        pad = _left_padding(attention_mask)
+        prompts = [input_ids[row, 0 if pad is None else int(pad[row]):].tolist() for row in range(input_ids.shape[0])]
+        if any(not prompt for prompt in prompts):
+            raise ValueError("generation needs non-empty prompts (the model predicts the token after each position)")
+        streams = [_RowStream(self, prompt, seed, num_loops) for prompt in prompts]
+        output, done = input_ids, torch.zeros(len(prompts), dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            column = []
+            for row, stream in enumerate(streams):
+                if done[row]:
+                    column.append(pad_token_id if pad_token_id is not None else 0)
+                    continue
+                logits = stream.next_logits()
+                token = _choose(logits, temperature if do_sample else 0.0, top_k, stream.generator)
+                stream.append(token)
+                column.append(token)
+            column = torch.tensor(column, device=input_ids.device)[:, None]
+            output = torch.cat([output, column], dim=1)
+            done |= torch.tensor([int(token) in eos for token in column[:, 0]], device=done.device)
+            if stopping_criteria is not None:
+                stop = stopping_criteria(output, None)
+                done |= torch.as_tensor(stop, device=done.device).expand(len(prompts)).bool()
+            if bool(done.all()):
+                break
+        return output
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask")}
+
+
+class _RowStream:
+    """One row of ``generate``: its window of tokens and its generator (loopdb.readouts.generation)."""
+
+    def __init__(self, model, prompt, seed, num_loops):
+        self.model, self.num_loops, self.seed = model, num_loops, seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.window = list(prompt[-model.config.context:])
+
+    def next_logits(self) -> torch.Tensor:
+        model, device = self.model, self.model.embedding.weight.device
+        tokens = torch.tensor([self.window], device=device)
+        clean = model._encode(tokens, None)
+        width = model.config.d_model
+        if model.config.objective == "dense":
+            return model._loop_logits(clean, None, self.num_loops, self.generator, [])[0, -1]
+        if model.config.recurrence == "sequence":
+            # each position starts from its own seeded state, so a position starts the same at every step
+            z = torch.stack([torch.randn(width, generator=torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + position) % 2**63)) for position in range(len(self.window))])[None]
+            return model._loop_logits(clean, z.to(device), self.num_loops, self.generator, [])[0, -1]
+        # per-position wiring: only the last position's noisy row decides the next token
+        z = model._initial_state((1, 1, width), self.num_loops, self.generator, device)
+        return model._loop_logits(clean, z, self.num_loops, self.generator, [])[0, -1]
+
+    def append(self, token: int) -> None:
+        self.window.append(token)
+        context = self.model.config.context
+        if len(self.window) > context:  # slide: keep the last half of the window
+            self.window = self.window[len(self.window) - context // 2:]
+
+
+def _choose(logits, temperature: float, top_k, generator) -> int:
+    """The argmax at temperature 0, else a draw from the tempered (top-k) distribution."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(int(top_k), logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator))
+
+
+def _left_padding(attention_mask):
+    """(B,) leading zeros of each row of the mask, or None without any."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    pad = (~mask).long().cumprod(dim=1).sum(dim=1)
+    return pad if bool(pad.any()) else None
