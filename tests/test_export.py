@@ -25,20 +25,22 @@ OBJECTIVES = ("diffusion", "bptt", "ouro", "dense")
 ATOL = 1e-5
 
 
+def train_and_export(data_dir, folder: Path, objective: str, *extra) -> tuple[Path, Path]:
+    """A 20-step run of the tiny preset shrunk to SMALL_RUN, and its export (3 noise draws by default)."""
+    from loopdb.cli import main
+
+    run, out = folder / objective, folder / f"{objective}-hf"
+    assert main(["train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--quiet", *SMALL_RUN,
+                 "--max_steps=20", f"--objective={objective}", "--max_loops=3", "--mean_depth=3", *extra]) == 0
+    assert main(["export", str(run), "--out", str(out), "--samples", "3"]) == 0
+    return run, out
+
+
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     """objective -> (run folder, export folder)."""
-    from loopdb.cli import main
-
-    made = {}
-    for objective in OBJECTIVES:
-        run = tmp_path_factory.mktemp("runs") / objective
-        assert main(["train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--quiet", *SMALL_RUN,
-                     "--max_steps=20", f"--objective={objective}", "--max_loops=3", "--mean_depth=3"]) == 0
-        out = run.parent / f"{objective}-hf"
-        assert main(["export", str(run), "--out", str(out), "--samples", "3"]) == 0
-        made[objective] = (run, out)
-    return made
+    folder = tmp_path_factory.mktemp("runs")
+    return {objective: train_and_export(data_dir, folder, objective) for objective in OBJECTIVES}
 
 
 def load_pair(runs, objective, **overrides):
@@ -155,6 +157,16 @@ def test_greedy_generate_equals_loopdb_sample(runs, objective, capsys):
     width = batch.input_ids.shape[1]
     got = [prompt + tokenizer.decode(row[width:], skip_special_tokens=False) for prompt, row in zip(prompts, ids)]
     assert got == expected
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_cached_and_recomputed_generation_agree(runs, objective):
+    """40 new tokens after a 10-token prompt: the 16-token window slides (and the cache is rebuilt) twice."""
+    exported = load_pair(runs, objective)[1]
+    prompt = torch.tensor([[3, 100, 200, 17, 5, 9, 44, 21, 8, 3]])
+    cached = exported.generate(prompt, max_new_tokens=40, num_loops=3, do_sample=True, noise_seed=2)
+    assert torch.equal(cached, exported.generate(prompt, max_new_tokens=40, num_loops=3, do_sample=True, noise_seed=2,
+                                                 use_cache=False))
 
 
 @pytest.mark.parametrize("objective", ["diffusion", "bptt"])
@@ -289,7 +301,8 @@ def _lm_eval(model, model_args, tasks, limit):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective, num_loops", [("dense", 1), ("diffusion", 4), ("bptt", 4)])
-def test_lm_eval_hf_scores_the_export_as_lm_eval_loopdb_scores_the_run(runs, offline_hf, objective, num_loops):
+def test_lm_eval_hf_scores_the_export_as_lm_eval_loopdb_scores_the_run(data_dir, tmp_path, offline_hf, objective,
+                                                                       num_loops):
     """The likelihood tasks, 10 documents each. The dense model draws no noise: the same numbers
     (1e-6 relative). The others draw their initial states from differently seeded generators (loopdb's
     own lm-eval model seeds each window by its tokens; the export seeds each row by ``noise_seed``:
@@ -297,9 +310,10 @@ def test_lm_eval_hf_scores_the_export_as_lm_eval_loopdb_scores_the_run(runs, off
     the spread of 3 noise draws: bits per byte within 1% relative, the perplexities (its powers) within
     5%, accuracies within 0.1 (one document of 10). The generation task is left out: loopdb's model
     generates in chunks of 16 tokens with the prompt truncated to context - 16, lm-eval's hf model
-    truncates it to context - max_gen_toks."""
+    truncates it to context - max_gen_toks. A 64-token window: lm-eval's hf model refuses a
+    continuation longer than the window (a cloze line), which loopdb's scores in several windows."""
     tasks = ["shakespeare_bpb", "shakespeare_cloze"]
-    run, out = runs[objective]
+    run, out = train_and_export(data_dir, tmp_path, objective, "--context=64")
     ours = _lm_eval("loopdb", f"run={run},num_loops={num_loops},samples=3", tasks, limit=10)
     theirs = _lm_eval("hf", f"pretrained={out},trust_remote_code=True,num_loops={num_loops}", tasks, limit=10)
     assert ours.keys() == theirs.keys() and len(ours) >= 5

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutput
 
 from .hf_configuration import LoopDBConfig
@@ -189,6 +190,30 @@ def log_mean_exp(draws: list[torch.Tensor]) -> torch.Tensor:
     return total - math.log(len(draws))
 
 
+# -- the key/value cache -------------------------------------------------------------------------------------
+class LoopDBCache(DynamicCache):
+    """Keys/values of the positions decoded so far, one slot per layer of the prelude and the coda and,
+    for the core, per layer of the clean stream (position recurrence: one set whatever the loop
+    count) or per loop and layer (sequence recurrence: loop k of a new token attends to loop k of
+    the earlier ones). ``length``: the positions cached."""
+
+    def __init__(self, config: LoopDBConfig, num_loops: int):
+        super().__init__()
+        self.length = 0
+        core_sets = num_loops if config.recurrence == "sequence" else 1
+        self.first = {"prelude": 0, "core": config.n_prelude, "coda": config.n_prelude + core_sets * config.n_core}
+        self.n_core = config.n_core
+
+    def slot(self, stream: str, layer: int, loop: int = 0) -> int:
+        return self.first[stream] + loop * self.n_core * (stream == "core") + layer
+
+    def past(self, slot: int):
+        """(keys, values) cached in ``slot``, or None before the first update."""
+        if slot >= len(self.layers) or not self.layers[slot].is_initialized:
+            return None
+        return self.layers[slot].keys, self.layers[slot].values
+
+
 # -- the model ----------------------------------------------------------------------------------------------
 class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
     """A loopdb looped LM. ``forward(input_ids, num_loops=K)``: logits of every position after K loops;
@@ -251,13 +276,26 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         cos, sin = rotary_angles(padded_positions(index, pad), head_dim, context)
         return cos, sin, padded_causal_mask(index, torch.arange(int(index[-1]) + 1, device=index.device), pad)
 
-    def _run(self, layers, hidden, cos, sin, cond=None, prefixes=None, mask=None):
-        """Hidden states through ``layers`` and each layer's own (k, v)."""
+    def _run(self, layers, hidden, cos, sin, cond=None, prefixes=None, mask=None, cache=None, slots=None):
+        """Hidden states through ``layers`` and each layer's (k, v): its own, or with ``cache``, the cached
+        positions' followed by its own (the cache's ``slots`` per layer are extended)."""
         kv = []
         for index, layer in enumerate(layers):
-            hidden, layer_kv = layer(hidden, cos, sin, cond, None if prefixes is None else prefixes[index], mask)
-            kv.append(layer_kv)
+            prefix = None if prefixes is None else prefixes[index]
+            if cache is not None:
+                prefix = cache.past(slots[index])
+            hidden, layer_kv = layer(hidden, cos, sin, cond, prefix, mask)
+            kv.append(layer_kv if cache is None else cache.update(*layer_kv, slots[index]))
         return hidden, kv
+
+    def _cached_positions(self, length: int, pad, cache, device):
+        """cos, sin and mask of ``length`` new positions after the cached ones (``cache`` may be None)."""
+        start = 0 if cache is None else cache.length
+        index = torch.arange(start, start + length, device=device)
+        if start == 0:
+            return self._positions(index, pad)
+        cos, sin = rotary_angles(index, self.config.d_model // self.config.n_heads, self.config.context)
+        return cos, sin, torch.arange(start + length, device=device)[None, :] <= index[:, None]
 
     def _inject(self, state, embedded):
         state = state.to(embedded.dtype)
@@ -272,17 +310,25 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         return table if self.target_norm == 1.0 else table * self.target_norm
 
     # -- the clean stream (position wiring) ----------------------------------------------------------------------
-    def _encode(self, input_ids, pad):
-        index = torch.arange(input_ids.shape[1], device=input_ids.device)
-        cos, sin, mask = self._positions(index, pad)
-        embedded, prelude_kv = self._run(self.prelude, self.embedding(input_ids), cos, sin, mask=mask)
+    def _encode(self, input_ids, pad, cache: LoopDBCache | None = None):
+        """The clean stream over ``input_ids`` (after the cached positions, with ``cache``)."""
+        cos, sin, mask = self._cached_positions(input_ids.shape[1], pad, cache, input_ids.device)
+        start = 0 if cache is None else cache.length
+
+        def slots(stream, layers):
+            return None if cache is None else [cache.slot(stream, index) for index in range(len(layers))]
+
+        embedded, _ = self._run(self.prelude, self.embedding(input_ids), cos, sin, mask=mask, cache=cache,
+                                slots=slots("prelude", self.prelude))
+        clean = {"embedded": embedded, "pad": pad, "length": start + input_ids.shape[1], "cache": cache}
         if self.config.recurrence == "sequence":
-            return {"embedded": embedded, "pad": pad}
+            return clean
         clean_cond = self.clean_condition.to(embedded.dtype).expand(input_ids.shape[0], -1)
-        hidden, core_kv = self._run(self.core, embedded, cos, sin, clean_cond, mask=mask)
-        final_hidden, coda_kv = self._run(self.coda, hidden, cos, sin, mask=mask)
-        return {"embedded": embedded, "core_kv": core_kv, "coda_kv": coda_kv, "final_hidden": final_hidden,
-                "length": input_ids.shape[1], "pad": pad}
+        hidden, clean["core_kv"] = self._run(self.core, embedded, cos, sin, clean_cond, mask=mask, cache=cache,
+                                             slots=slots("core", self.core))
+        clean["final_hidden"], clean["coda_kv"] = self._run(self.coda, hidden, cos, sin, mask=mask, cache=cache,
+                                                            slots=slots("coda", self.coda))
+        return clean
 
     def _noisy_positions(self, rows: int, clean):
         """cos, sin and mask of ``rows`` noisy rows (the last positions): clean keys <= own position, and itself."""
@@ -360,13 +406,15 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         return logits
 
     # -- the recurrence (bptt, ouro) ------------------------------------------------------------------------------
-    def _recur(self, state, clean):
-        """One loop: state (B, T, C) -> next state (unit RMS)."""
+    def _recur(self, state, clean, loop: int = 0):
+        """Loop number ``loop``: state (B, T, C) -> next state (unit RMS)."""
         rows = state.shape[1]
         if self.config.recurrence == "sequence":
-            index = torch.arange(rows, device=state.device)
-            cos, sin, mask = self._positions(index, clean["pad"])
-            hidden, _ = self._run(self.core, self._inject(state, clean["embedded"]), cos, sin, mask=mask)
+            cache = clean["cache"]
+            cos, sin, mask = self._cached_positions(rows, clean["pad"], cache, state.device)
+            slots = None if cache is None else [cache.slot("core", index, loop) for index in range(len(self.core))]
+            hidden, _ = self._run(self.core, self._inject(state, clean["embedded"]), cos, sin, mask=mask,
+                                  cache=cache, slots=slots)
             return self.core_norm(hidden)
         cos, sin, mask = self._noisy_positions(rows, clean)
         hidden = self._inject(state, clean["embedded"][:, -rows:])
@@ -378,8 +426,10 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         """Logits from the last state through the coda."""
         rows = state.shape[1]
         if self.config.recurrence == "sequence":
-            cos, sin, mask = self._positions(torch.arange(rows, device=state.device), clean["pad"])
-            hidden, _ = self._run(self.coda, state, cos, sin, mask=mask)
+            cache = clean["cache"]
+            cos, sin, mask = self._cached_positions(rows, clean["pad"], cache, state.device)
+            slots = None if cache is None else [cache.slot("coda", index) for index in range(len(self.coda))]
+            hidden, _ = self._run(self.coda, state, cos, sin, mask=mask, cache=cache, slots=slots)
         else:
             cos, sin, mask = self._noisy_positions(rows, clean)
             hidden, _ = self._run(self.coda, state, cos, sin, None, clean["coda_kv"], mask)
@@ -403,8 +453,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             return self._logits(clean["final_hidden"])
         if objective == "diffusion":
             return self._diffusion_loops(clean, z, num_loops, generator, states)
-        for _ in range(num_loops):
-            z = self._recur(z, clean)
+        for loop in range(num_loops):
+            z = self._recur(z, clean, loop)
             states.append(z)
         return self._readout(z, clean)
 
@@ -478,15 +528,17 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                  max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, num_loops: int | None = None,
                  noise_seed: int | None = None, stopping_criteria=None, pad_token_id: int | None = None,
-                 eos_token_id: int | list | None = None, generation_config=None, **unused) -> torch.LongTensor:
+                 eos_token_id: int | list | None = None, generation_config=None, use_cache: bool = True,
+                 **unused) -> torch.LongTensor:
         """Batched generation, K = ``num_loops`` loops per new token; returns (B, T + new) token ids.
 
         Rows may be left-padded (``attention_mask``); each row gives what it gives alone. A new
         token's initial state comes from the row's generator seeded by ``noise_seed`` (the same
         draws as loopdb's ``generate``), greedy unless ``do_sample`` (then ``temperature`` and
         ``top_k``). A row stops at ``eos_token_id`` or when ``stopping_criteria`` says so (then it is
-        filled with ``pad_token_id``). Every token recomputes the window (no key/value cache); when
-        the window is full, it slides by half, as loopdb's generation does."""
+        filled with ``pad_token_id``). With ``use_cache`` a new token runs against a ``LoopDBCache``
+        of the earlier positions, else the window is recomputed (the same tokens, slower); when the
+        window is full it slides by half and the cache is rebuilt, as loopdb's generation does."""
         settings = generation_config if generation_config is not None else self.generation_config
         num_loops = self.config.num_loops if num_loops is None else int(num_loops)
         seed = self.config.noise_seed if noise_seed is None else int(noise_seed)
@@ -505,7 +557,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         prompts = [input_ids[row, 0 if pad is None else int(pad[row]):].tolist() for row in range(input_ids.shape[0])]
         if any(not prompt for prompt in prompts):
             raise ValueError("generation needs non-empty prompts (the model predicts the token after each position)")
-        streams = [_RowStream(self, prompt, seed, num_loops) for prompt in prompts]
+        streams = [_RowStream(self, prompt, seed, num_loops, use_cache) for prompt in prompts]
         output, done = input_ids, torch.zeros(len(prompts), dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             column = []
@@ -534,22 +586,34 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
 class _RowStream:
     """One row of ``generate``: its window of tokens and its generator (loopdb.readouts.generation)."""
 
-    def __init__(self, model, prompt, seed, num_loops):
-        self.model, self.num_loops, self.seed = model, num_loops, seed
+    def __init__(self, model, prompt, seed, num_loops, use_cache: bool):
+        self.model, self.num_loops, self.seed, self.use_cache = model, num_loops, seed, use_cache
         self.generator = torch.Generator().manual_seed(seed)
         self.window = list(prompt[-model.config.context:])
+        self.cache = None  # LoopDBCache of the window's positions but the last
 
     def next_logits(self) -> torch.Tensor:
         model, device = self.model, self.model.embedding.weight.device
-        tokens = torch.tensor([self.window], device=device)
-        clean = model._encode(tokens, None)
-        width = model.config.d_model
+        if self.cache is None or not self.use_cache:
+            self.cache = LoopDBCache(model.config, self.num_loops) if self.use_cache else None
+            pending = self.window
+        else:
+            pending = self.window[-1:]
+        start = len(self.window) - len(pending)
+        clean = model._encode(torch.tensor([pending], device=device), None, self.cache)
+        logits = self._logits(clean, start, len(pending), device)
+        if self.cache is not None:
+            self.cache.length = len(self.window)
+        return logits
+
+    def _logits(self, clean, start: int, count: int, device) -> torch.Tensor:
+        model, width = self.model, self.model.config.d_model
         if model.config.objective == "dense":
             return model._loop_logits(clean, None, self.num_loops, self.generator, [])[0, -1]
         if model.config.recurrence == "sequence":
             # each position starts from its own seeded state, so a position starts the same at every step
             z = torch.stack([torch.randn(width, generator=torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + position) % 2**63)) for position in range(len(self.window))])[None]
+                (self.seed * 1_000_003 + position) % 2**63)) for position in range(start, start + count)])[None]
             return model._loop_logits(clean, z.to(device), self.num_loops, self.generator, [])[0, -1]
         # per-position wiring: only the last position's noisy row decides the next token
         z = model._initial_state((1, 1, width), self.num_loops, self.generator, device)
@@ -558,8 +622,8 @@ class _RowStream:
     def append(self, token: int) -> None:
         self.window.append(token)
         context = self.model.config.context
-        if len(self.window) > context:  # slide: keep the last half of the window
-            self.window = self.window[len(self.window) - context // 2:]
+        if len(self.window) > context:  # slide: keep the last half of the window, rebuild the cache
+            self.window, self.cache = self.window[len(self.window) - context // 2:], None
 
 
 def _choose(logits, temperature: float, top_k, generator) -> int:
