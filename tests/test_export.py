@@ -1,7 +1,7 @@
 """`loopdb export`: a run as a transformers folder that from_pretrained, generate and lm-eval's hf model use.
 
-Runs of 20 steps of the tiny preset shrunk to SMALL_RUN (16-token window, d_model 32) for each
-looped objective. Tolerance of logits against loopdb's own: 1e-5 absolute (float32, the same
+Runs of 20 steps of the tiny and tiny-stacked presets shrunk to SMALL_RUN (16-token window,
+d_model 32) for each objective. Tolerance of logits against loopdb's own: 1e-5 absolute (float32, the same
 operations in the same order up to the attention kernel).
 """
 
@@ -21,16 +21,19 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "eval" / "tasks"
-OBJECTIVES = ("diffusion", "bptt", "ouro", "dense")
+OBJECTIVES = ("diffusion", "bptt", "ouro", "dense", "stacked-diffusion", "stacked-dense")
 ATOL = 1e-5
 
 
-def train_and_export(data_dir, folder: Path, objective: str, *extra) -> tuple[Path, Path]:
-    """A 20-step run of the tiny preset shrunk to SMALL_RUN, and its export (3 noise draws by default)."""
+def train_and_export(data_dir, folder: Path, name: str, *extra) -> tuple[Path, Path]:
+    """A 20-step run of the tiny preset (``stacked-*``: tiny-stacked) shrunk to SMALL_RUN, and its export
+    (3 noise draws by default)."""
     from loopdb.cli import main
 
-    run, out = folder / objective, folder / f"{objective}-hf"
-    assert main(["train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run), "--quiet", *SMALL_RUN,
+    family, _, objective = name.rpartition("-")
+    preset = "tiny-stacked" if family == "stacked" else "tiny"
+    run, out = folder / name, folder / f"{name}-hf"
+    assert main(["train", "--preset", preset, "--data", str(data_dir), "--out", str(run), "--quiet", *SMALL_RUN,
                  "--max_steps=20", f"--objective={objective}", "--max_loops=3", "--mean_depth=3", *extra]) == 0
     assert main(["export", str(run), "--out", str(out), "--samples", "3"]) == 0
     return run, out
@@ -38,7 +41,7 @@ def train_and_export(data_dir, folder: Path, objective: str, *extra) -> tuple[Pa
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
-    """objective -> (run folder, export folder)."""
+    """name in OBJECTIVES -> (run folder, export folder)."""
     folder = tmp_path_factory.mktemp("runs")
     return {objective: train_and_export(data_dir, folder, objective) for objective in OBJECTIVES}
 
@@ -75,7 +78,7 @@ def test_exported_logits_equal_loopdbs_predictive_readout(runs, data_dir, object
     assert torch.allclose(theirs, ours, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion"])
 def test_one_draw_readout_equals_loopdbs_last_loop_logits(runs, data_dir, objective):
     from loopdb.readouts import scoring
 
@@ -169,7 +172,7 @@ def test_cached_and_recomputed_generation_agree(runs, objective):
                                                  use_cache=False))
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion"])
 def test_sampled_generate_equals_loopdbs(runs, objective):
     from loopdb.readouts.generation import generate
 
@@ -300,7 +303,7 @@ def _lm_eval(model, model_args, tasks, limit):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective, num_loops", [("dense", 1), ("diffusion", 4), ("bptt", 4)])
+@pytest.mark.parametrize("objective, num_loops", [("dense", 1), ("diffusion", 4), ("bptt", 4), ("stacked-diffusion", 4)])
 def test_lm_eval_hf_scores_the_export_as_lm_eval_loopdb_scores_the_run(data_dir, tmp_path, offline_hf, objective,
                                                                        num_loops):
     """The likelihood tasks, 10 documents each. The dense model draws no noise: the same numbers

@@ -39,22 +39,25 @@ def _transformers():
 def hf_config_values(config) -> dict:
     """The LoopDBConfig fields of a run's config, or UsageError for a model the export cannot express."""
     m, d, t = config.model, config.diffusion, config.train
-    if m.family != "looped":
-        raise UsageError(f"loopdb export writes looped language models; this run is family {m.family!r}")
+    if m.family not in ("looped", "stacked"):
+        raise UsageError(f"loopdb export writes the looped and stacked language models; this run is family {m.family!r}")
     if t.task:
         raise UsageError(f"loopdb export needs a text run; this one trains the reasoning task {t.task!r}")
     if m.draft_width > 1 or t.anchor_weight > 0:
         raise UsageError("loopdb export does not write drafting models (draft_width > 1 or anchor_weight > 0)")
+    stacked = m.family == "stacked"
     return {
+        "family": m.family, "n_layers": m.n_layers, "num_blocks": m.num_blocks, "partition": d.partition,
         "vocab_size": m.vocab_size, "context": m.context, "d_model": m.d_model, "n_heads": m.n_heads,
         "n_prelude": m.n_prelude, "n_core": m.n_core, "n_coda": m.n_coda, "mlp_ratio": m.mlp_ratio,
-        "injection": m.injection, "tie_head": m.tie_head, "recurrence": config.recurrence,
+        "injection": m.injection, "tie_head": m.tie_head, "recurrence": "position" if stacked else config.recurrence,
         "sandwich_norm": m.sandwich_norm, "exit_gate": t.objective == "ouro", "objective": t.objective,
         "sigma_data": d.sigma_data, "target_norm": d.target_norm, "p_mean": d.p_mean, "p_std": d.p_std,
         "sigma_min": d.sigma_min, "sigma_max": d.sigma_max, "grid": d.grid, "grid_sigma_last": d.grid_sigma_last,
         "solver": d.solver, "estimate": d.estimate, "self_condition": d.self_condition,
         "likelihood_logits": d.likelihood_logits,
-        "num_loops": 1 if t.objective == "dense" else DEFAULT_LOOPS,
+        # K = num_blocks runs each stacked block once (`loopdb sample`'s default)
+        "num_loops": 1 if t.objective == "dense" else m.num_blocks if stacked else DEFAULT_LOOPS,
     }
 
 

@@ -40,14 +40,22 @@ def model_card(run_dir, config, values: dict, parameters: int, out: Path) -> str
     data_dir = run_data_dir(run_dir)
     table = "\n".join(f"| {loops} | {value:.4f} |" for loops, value in sorted(scores["bpb"].items(), key=lambda kv: int(kv[0])))
     loops = values["num_loops"]
+    if m.family == "stacked":
+        title = f"loopdb stacked DiffusionBlocks language model ({t.objective})"
+        what = (f"A stack of {m.n_layers} distinct layers in {m.num_blocks} DiffusionBlocks trained with loopdb: each block "
+                f"is the denoiser of its own noise range, and a sampler step of K (chosen per call) runs the block\n"
+                f"owning its noise level (K = {m.num_blocks} runs each block once)")
+    else:
+        title = f"loopdb looped language model ({t.objective}, {values['recurrence']} recurrence)"
+        what = (f"A looped (recurrent-depth) transformer trained with loopdb: a prelude of {m.n_prelude} layer(s), a core "
+                f"of\n{m.n_core} layer(s) applied K times (the loop count, chosen per call), a coda of {m.n_coda} layer(s)")
     return f"""---
 library_name: transformers
 tags: [loopdb, looped-transformer, recurrent-depth]
 ---
-# loopdb looped language model ({t.objective}, {values['recurrence']} recurrence)
+# {title}
 
-A looped (recurrent-depth) transformer trained with loopdb: a prelude of {m.n_prelude} layer(s), a core of
-{m.n_core} layer(s) applied K times (the loop count, chosen per call), a coda of {m.n_coda} layer(s);
+{what};
 d_model {m.d_model}, {m.n_heads} heads, a window of {m.context} tokens, {parameters:,} parameters.
 Training objective: {OBJECTIVES[t.objective]}.
 

@@ -12,14 +12,18 @@ from transformers import PretrainedConfig
 class LoopDBConfig(PretrainedConfig):
     model_type = "loopdb"
 
-    def __init__(self, vocab_size=4096, context=128, d_model=192, n_heads=6, n_prelude=1, n_core=2, n_coda=1,
+    def __init__(self, family="looped", vocab_size=4096, context=128, d_model=192, n_heads=6, n_prelude=1, n_core=2, n_coda=1,
+                 n_layers=8, num_blocks=4, partition="equiprob",
                  mlp_ratio=4.0, injection="concat", tie_head=True, recurrence="position", sandwich_norm=False,
                  exit_gate=False, objective="diffusion", sigma_data=0.0, target_norm=1.0, p_mean=-1.2, p_std=1.2,
                  sigma_min=0.002, sigma_max=80.0, grid="equiprob", grid_sigma_last=0.0, solver="euler",
                  estimate="soft", self_condition=False, likelihood_logits=False, num_loops=4, noise_seed=0,
                  readout="predictive", num_samples=4, **kwargs):
-        # the architecture (loopdb's ModelConfig); recurrence: position (a loop sees the clean stream only)
-        # or sequence (a loop attends over every earlier position's state: Huginn, Ouro)
+        # the architecture (loopdb's ModelConfig). family looped: prelude, core looped K times, coda;
+        # recurrence position (a loop sees the clean stream only) or sequence (a loop attends over every
+        # earlier position's state: Huginn, Ouro). family stacked: n_layers distinct layers in num_blocks
+        # DiffusionBlocks, each the denoiser of its own noise range (``partition``)
+        self.family, self.n_layers, self.num_blocks, self.partition = family, n_layers, num_blocks, partition
         self.vocab_size, self.context, self.d_model, self.n_heads = vocab_size, context, d_model, n_heads
         self.n_prelude, self.n_core, self.n_coda, self.mlp_ratio = n_prelude, n_core, n_coda, mlp_ratio
         self.injection, self.tie_head, self.recurrence = injection, tie_head, recurrence
@@ -33,7 +37,7 @@ class LoopDBConfig(PretrainedConfig):
         self.num_loops, self.noise_seed, self.readout, self.num_samples = num_loops, noise_seed, readout, num_samples
         # transformers' generic names for the same numbers (lm-eval reads max_position_embeddings)
         self.hidden_size, self.num_attention_heads = d_model, n_heads
-        self.num_hidden_layers = n_prelude + n_core + n_coda
+        self.num_hidden_layers = n_layers if family == "stacked" else n_prelude + n_core + n_coda
         self.max_position_embeddings = context
         kwargs.setdefault("tie_word_embeddings", False)  # a tied head reads the embedding table itself
         super().__init__(**kwargs)

@@ -12,6 +12,9 @@ the export's tests check the logits and the generated tokens against loopdb's ow
   clean keys at positions <= its own and to itself.
 - ``recurrence="sequence"`` (Huginn, Ouro): a loop updates the whole latent sequence,
   s_k = norm(core(inject(s_{k-1}, prelude(x)))); the coda and head read the last state.
+- ``family="stacked"``: ``n_layers`` distinct sigma-conditioned layers in ``num_blocks`` DiffusionBlocks;
+  block b has its own clean stream from the token embeddings and is the denoiser of the b-th highest
+  noise range, so a sampler step runs the block owning its sigma (K = num_blocks: each block once).
 - ``objective``: diffusion (a loop = a sampler step on a sigma grid computed from K), bptt / ouro
   (a loop = a recurrent iteration from a random state), dense (the layers once; K is ignored).
 - Noise is seeded (``noise_seed``): each row of a batch draws its initial state from its own
@@ -146,6 +149,12 @@ class SigmaEmbedder(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
 
 
+def inject(injection, state, embedded):
+    """The loop's input: Linear([state ; e]) (Huginn's adapter), or state + e without one."""
+    state = state.to(embedded.dtype)
+    return injection(torch.cat([state, embedded], -1)) if injection is not None else state + embedded
+
+
 def padded_causal_mask(query_index, key_index, pad):
     """(B, 1, Tq, Tk): row b's first pad[b] slots are padding; a padding query sees only itself."""
     causal = key_index[None, None, :] <= query_index[None, :, None]
@@ -183,6 +192,38 @@ def sigma_grid(config: LoopDBConfig, num_loops: int) -> list[float]:
     return grid
 
 
+def block_owner(config: LoopDBConfig, sigma: float) -> int:
+    """The stacked block that denoises at ``sigma``: block 0 owns the highest of ``num_blocks`` ranges,
+    of equal probability under the training log-normal (equiprob) or equal width in log sigma (uniform)."""
+    blocks, low, high = config.num_blocks, config.sigma_min, config.sigma_max
+    if config.partition == "equiprob":
+        normal = NormalDist()
+        q_min, q_max = (normal.cdf((math.log(value) - config.p_mean) / config.p_std) for value in (low, high))
+        inner = [math.exp(config.p_mean + config.p_std * normal.inv_cdf(q_min + b / blocks * (q_max - q_min)))
+                 for b in range(1, blocks)]
+    else:
+        inner = [math.exp(math.log(low) + b / blocks * (math.log(high) - math.log(low))) for b in range(1, blocks)]
+    boundaries = [low, *inner, high]
+    for block_index in range(blocks):
+        if sigma > boundaries[blocks - 1 - block_index]:
+            return block_index
+    return blocks - 1
+
+
+class DiffusionBlock(nn.Module):
+    """A stacked block: its layers, clean conditioning, input projection and denoiser output."""
+
+    def __init__(self, config: LoopDBConfig):
+        super().__init__()
+        dim = config.d_model
+        self.layers = nn.ModuleList(Block(dim, config.n_heads, config.mlp_ratio, True)
+                                    for _ in range(config.n_layers // config.num_blocks))
+        self.clean_condition = nn.Parameter(torch.zeros(dim))
+        self.injection = nn.Linear(2 * dim, dim, bias=False) if config.injection == "concat" else None
+        self.norm = RMSNorm(dim)
+        self.denoiser_out = nn.Linear(dim, dim, bias=False)
+
+
 def log_mean_exp(draws: list[torch.Tensor]) -> torch.Tensor:
     total = draws[0]
     for draw in draws[1:]:
@@ -195,17 +236,19 @@ class LoopDBCache(DynamicCache):
     """Keys/values of the positions decoded so far, one slot per layer of the prelude and the coda and,
     for the core, per layer of the clean stream (position recurrence: one set whatever the loop
     count) or per loop and layer (sequence recurrence: loop k of a new token attends to loop k of
-    the earlier ones). ``length``: the positions cached."""
+    the earlier ones); for a stacked model, per block and layer. ``length``: the positions cached."""
 
     def __init__(self, config: LoopDBConfig, num_loops: int):
         super().__init__()
         self.length = 0
         core_sets = num_loops if config.recurrence == "sequence" else 1
-        self.first = {"prelude": 0, "core": config.n_prelude, "coda": config.n_prelude + core_sets * config.n_core}
-        self.n_core = config.n_core
+        self.first = {"prelude": 0, "core": config.n_prelude, "coda": config.n_prelude + core_sets * config.n_core,
+                      "block": 0}
+        self.group_size = {"core": config.n_core, "block": config.n_layers // config.num_blocks}
 
-    def slot(self, stream: str, layer: int, loop: int = 0) -> int:
-        return self.first[stream] + loop * self.n_core * (stream == "core") + layer
+    def slot(self, stream: str, layer: int, group: int = 0) -> int:
+        """The slot of ``layer`` of ``stream``; ``group``: the loop (sequence core) or the stacked block."""
+        return self.first[stream] + group * self.group_size.get(stream, 0) + layer
 
     def past(self, slot: int):
         """(keys, values) cached in ``slot``, or None before the first update."""
@@ -235,6 +278,16 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                                  for _ in range(count))
 
         self.embedding = nn.Embedding(config.vocab_size, dim)
+        if config.family == "stacked":
+            self.sigma_embedder = SigmaEmbedder(dim)
+            self.blocks = nn.ModuleList(DiffusionBlock(config) for _ in range(config.num_blocks))
+            self.final_norm = RMSNorm(dim)
+            self.head = None if config.tie_head else nn.Linear(dim, config.vocab_size, bias=False)
+            self.self_condition = None
+            self.target_norm = config.target_norm or self.sigma_data * dim**0.5
+            self.target_scale = self.target_norm / dim**0.5
+            self.post_init()
+            return
         self.prelude = blocks(config.n_prelude)
         self.core = blocks(config.n_core, conditioned=position, sandwich=config.sandwich_norm and not position)
         self.coda = blocks(config.n_coda)
@@ -297,10 +350,6 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         cos, sin = rotary_angles(index, self.config.d_model // self.config.n_heads, self.config.context)
         return cos, sin, torch.arange(start + length, device=device)[None, :] <= index[:, None]
 
-    def _inject(self, state, embedded):
-        state = state.to(embedded.dtype)
-        return self.injection(torch.cat([state, embedded], -1)) if self.injection is not None else state + embedded
-
     def _logits(self, hidden):
         hidden = self.final_norm(hidden)
         return hidden @ self.embedding.weight.t() if self.head is None else self.head(hidden)
@@ -318,6 +367,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         def slots(stream, layers):
             return None if cache is None else [cache.slot(stream, index) for index in range(len(layers))]
 
+        if self.config.family == "stacked":
+            return self._encode_blocks(input_ids, pad, cache, cos, sin, mask)
         embedded, _ = self._run(self.prelude, self.embedding(input_ids), cos, sin, mask=mask, cache=cache,
                                 slots=slots("prelude", self.prelude))
         clean = {"embedded": embedded, "pad": pad, "length": start + input_ids.shape[1], "cache": cache}
@@ -329,6 +380,20 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         clean["final_hidden"], clean["coda_kv"] = self._run(self.coda, hidden, cos, sin, mask=mask, cache=cache,
                                                             slots=slots("coda", self.coda))
         return clean
+
+    def _encode_blocks(self, input_ids, pad, cache, cos, sin, mask):
+        """Stacked: every block's clean stream from the token embeddings (dense: the blocks chained)."""
+        embedded = self.embedding(input_ids)
+        hidden, block_kv = embedded, []
+        for group, block in enumerate(self.blocks):
+            cond = block.clean_condition.to(embedded.dtype).expand(input_ids.shape[0], -1)
+            source = hidden if self.config.objective == "dense" else embedded
+            slots = None if cache is None else [cache.slot("block", index, group) for index in range(len(block.layers))]
+            hidden, kv = self._run(block.layers, source, cos, sin, cond, mask=mask, cache=cache, slots=slots)
+            block_kv.append(kv)
+        start = 0 if cache is None else cache.length
+        return {"embedded": embedded, "pad": pad, "length": start + input_ids.shape[1], "cache": cache,
+                "block_kv": block_kv, "final_hidden": hidden}
 
     def _noisy_positions(self, rows: int, clean):
         """cos, sin and mask of ``rows`` noisy rows (the last positions): clean keys <= own position, and itself."""
@@ -353,7 +418,14 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         c_out = (sigma_t * self.sigma_data / variance.sqrt())[:, None, None]
         c_in = (1.0 / variance.sqrt())[:, None, None]
         cos, sin, mask = self._noisy_positions(rows, clean)
-        hidden = self._inject(c_in * z, clean["embedded"][:, -rows:])
+        if self.config.family == "stacked":  # the block owning sigma is the denoiser
+            owner = block_owner(self.config, float(sigma))
+            block, embedded = self.blocks[owner], clean["embedded"][:, -rows:]
+            hidden = inject(block.injection, c_in * z, embedded)
+            cond = self.sigma_embedder(torch.log(sigma_t) / 4)
+            hidden, _ = self._run(block.layers, hidden, cos, sin, cond, clean["block_kv"][owner], mask)
+            return self._logits((c_skip * z + c_out * block.denoiser_out(block.norm(hidden))) / self.target_scale)
+        hidden = inject(self.injection, c_in * z, clean["embedded"][:, -rows:])
         if self.self_condition is not None and previous is not None:
             hidden = hidden + self.self_condition((previous / self.target_scale).to(hidden.dtype))
         cond = self.sigma_embedder(torch.log(sigma_t) / 4)
@@ -413,11 +485,11 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             cache = clean["cache"]
             cos, sin, mask = self._cached_positions(rows, clean["pad"], cache, state.device)
             slots = None if cache is None else [cache.slot("core", index, loop) for index in range(len(self.core))]
-            hidden, _ = self._run(self.core, self._inject(state, clean["embedded"]), cos, sin, mask=mask,
+            hidden, _ = self._run(self.core, inject(self.injection, state, clean["embedded"]), cos, sin, mask=mask,
                                   cache=cache, slots=slots)
             return self.core_norm(hidden)
         cos, sin, mask = self._noisy_positions(rows, clean)
-        hidden = self._inject(state, clean["embedded"][:, -rows:])
+        hidden = inject(self.injection, state, clean["embedded"][:, -rows:])
         cond = self.clean_condition.to(hidden.dtype).expand(state.shape[0], -1)
         hidden, _ = self._run(self.core, hidden, cos, sin, cond, clean["core_kv"], mask)
         return self.core_norm(hidden)
