@@ -184,6 +184,50 @@ def test_sampled_generate_equals_loopdbs(runs, objective):
     assert theirs == ours
 
 
+@pytest.mark.parametrize("objective, rule", [("bptt", "kl:1e-3"), ("bptt", "delta:0.05"), ("ouro", "gate:0.5")])
+def test_adaptive_exit_generates_as_loopdbs(runs, objective, rule):
+    from loopdb.maths.exit import parse_exit
+    from loopdb.readouts.generation import generate
+
+    model, exported = load_pair(runs, objective)
+    prompt, stats = [3, 100, 200, 17, 5], {}
+    ours = generate(model, prompt, 24, 6, temperature=0, seed=1, exit_rule=parse_exit(rule), stats=stats)
+    for use_cache in (True, False):
+        theirs = exported.generate(torch.tensor([prompt]), max_new_tokens=24, num_loops=6, noise_seed=1, exit=rule,
+                                   use_cache=use_cache)[0, 5:].tolist()
+        assert theirs == ours
+        loops = exported.loops_used[0]
+        assert sum(loops) / len(loops) == pytest.approx(stats["mean_loops"])
+    assert min(loops) < 6 or rule.startswith("gate")  # the rule stopped some token early
+
+
+def test_exit_errors_are_clear(runs):
+    with pytest.raises(ValueError, match="sequence-recurrent"):
+        load_pair(runs, "diffusion")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, exit="kl:1e-3")
+    with pytest.raises(ValueError, match="exit gate"):
+        load_pair(runs, "bptt")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, exit="gate:0.5")
+    with pytest.raises(ValueError, match="expected kl:EPS"):
+        load_pair(runs, "bptt")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, exit="kl")
+
+
+def test_sampler_settings_are_call_arguments(runs, data_dir):
+    from loopdb.readouts import scoring
+    from loopdb.runs.folder import load_model
+
+    run, _ = runs["diffusion"]
+    exported = load_pair(runs, "diffusion")[1]
+    settings = {"solver": "heun", "grid": "karras", "grid_sigma_last": "0.5"}
+    model = load_model(run, sampler=settings)[0]
+    inputs = play_windows(data_dir, 2, 16)
+    with torch.no_grad():
+        ours = scoring.predictive_distribution(model, inputs, 3, 3, [torch.Generator().manual_seed(0) for _ in range(2)])
+        theirs = exported(inputs, num_loops=3, solver="heun", grid="karras", grid_sigma_last=0.5).logits
+        default = exported(inputs, num_loops=3).logits
+    assert torch.allclose(theirs, ours, atol=ATOL, rtol=0) and not torch.allclose(default, ours, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="solver='rk4'"):
+        exported(inputs, solver="rk4")
+
+
 def test_a_stopped_row_is_padded_and_generation_ends_when_all_stop(runs):
     exported = load_pair(runs, "dense")[1]
     prompt = torch.tensor([[3, 100, 200], [3, 101, 201]])

@@ -39,6 +39,9 @@ from transformers.modeling_outputs import CausalLMOutput
 from .hf_configuration import LoopDBConfig
 
 READOUTS = ("predictive", "draw")
+SAMPLER_CHOICES = {"grid": ("equiprob", "karras"), "solver": ("euler", "heun", "ancestral"),
+                   "estimate": ("soft", "argmax", "sample"), "grid_sigma_last": None}
+EXIT_KINDS = ("kl", "delta", "gate")
 
 
 # -- layers (loopdb.layers) -----------------------------------------------------------------------------
@@ -168,16 +171,16 @@ def padded_positions(index, pad):
 
 
 # -- EDM (loopdb.maths.edm) -----------------------------------------------------------------------------
-def sigma_grid(config: LoopDBConfig, num_loops: int) -> list[float]:
+def sigma_grid(config: LoopDBConfig, num_loops: int, sampler: dict) -> list[float]:
     """The descending sampler grid of ``num_loops`` steps (equiprob: equal steps in the training
     distribution's quantiles; karras: rho = 7); one step: a single evaluation at sigma_max."""
     if num_loops < 1:
         raise ValueError(f"num_loops must be >= 1, got {num_loops}")
-    hi, lo = config.sigma_max, config.grid_sigma_last or config.sigma_min
+    hi, lo = config.sigma_max, sampler["grid_sigma_last"] or config.sigma_min
     if num_loops == 1:
         return [hi]
     fractions = [i / (num_loops - 1) for i in range(num_loops)]
-    if config.grid == "equiprob":
+    if sampler["grid"] == "equiprob":
         normal = NormalDist()
 
         def cdf(sigma):
@@ -229,6 +232,45 @@ def log_mean_exp(draws: list[torch.Tensor]) -> torch.Tensor:
     for draw in draws[1:]:
         total = torch.logaddexp(total, draw)
     return total - math.log(len(draws))
+
+
+class ExitTracker:
+    """Adaptive exit per position (loopdb.maths.exit): ``kl:EPS`` stops once KL(p_k || p_(k-1)) < EPS,
+    ``delta:EPS`` once the state's relative change < EPS, ``gate:Q`` once the learned cumulative exit
+    probability >= Q (Ouro). A position that stops keeps its state; ``loops_used`` counts its loops."""
+
+    def __init__(self, rule: str | None, shape, device):
+        self.kind, self.threshold = None, None
+        if rule:
+            kind, _, value = str(rule).partition(":")
+            try:
+                threshold = float(value)
+            except ValueError:
+                threshold = float("nan")
+            if kind not in EXIT_KINDS or not threshold > 0 or (kind == "gate" and threshold > 1):
+                raise ValueError(f"exit={rule!r}: expected kl:EPS, delta:EPS (EPS > 0) or gate:Q (0 < Q <= 1)")
+            self.kind, self.threshold = kind, threshold
+        self.active = torch.ones(shape, dtype=torch.bool, device=device)
+        self.loops_used = torch.zeros(shape, dtype=torch.long, device=device)
+        self.previous_log_probs, self.survival = None, torch.ones(shape, device=device)
+
+    def update(self, old_state, new_state, logits=None, exit_probability=None) -> None:
+        self.loops_used += self.active.long()
+        if self.kind == "kl":
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            stop = torch.zeros_like(self.active)
+            if self.previous_log_probs is not None:
+                stop = (log_probs.exp() * (log_probs - self.previous_log_probs)).sum(-1) < self.threshold
+            self.previous_log_probs = log_probs
+        elif self.kind == "delta":
+            change = (new_state.float() - old_state.float()).norm(dim=-1)
+            stop = change < self.threshold * new_state.float().norm(dim=-1).clamp(min=1e-12)
+        elif self.kind == "gate":
+            self.survival = self.survival * (1 - exit_probability.float())
+            stop = (1 - self.survival) >= self.threshold
+        else:
+            return
+        self.active &= ~stop
 
 
 # -- the key/value cache -------------------------------------------------------------------------------------
@@ -438,26 +480,26 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         evidence = z.float() @ self._target_table().detach().float().t() / sigma_t.float()[:, None, None] ** 2
         return logits.float() + evidence
 
-    def _estimate(self, logits, generator):
+    def _estimate(self, logits, generator, kind: str):
         """Dhat from logits: softmax @ table (soft), or one row of the table (argmax, sample)."""
         table = self._target_table()
-        if self.config.estimate == "soft":
+        if kind == "soft":
             return torch.softmax(logits.float(), dim=-1).to(table.dtype) @ table
-        if self.config.estimate == "argmax":
+        if kind == "argmax":
             choice = logits.argmax(-1)
         else:
             probs = torch.softmax(logits.float(), -1)
             choice = torch.multinomial(probs.flatten(0, -2).cpu(), 1, generator=generator).view(probs.shape[:-1])
         return table[choice.to(logits.device)]
 
-    def _diffusion_loops(self, clean, z, num_loops, generator, states):
+    def _diffusion_loops(self, clean, z, num_loops, generator, states, sampler):
         """The sampler: one loop per grid point (euler, heun or ancestral); the last evaluation's logits."""
-        grid, previous, solver = sigma_grid(self.config, num_loops), None, self.config.solver
+        grid, previous, solver = sigma_grid(self.config, num_loops, sampler), None, sampler["solver"]
 
         def step(state, sigma):
             nonlocal previous
             logits = self._denoise(state, sigma, clean, previous)
-            previous = self._estimate(logits, generator).to(state.dtype)
+            previous = self._estimate(logits, generator, sampler["estimate"]).to(state.dtype)
             return previous, logits
 
         for index, sigma in enumerate(grid):
@@ -478,15 +520,12 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         return logits
 
     # -- the recurrence (bptt, ouro) ------------------------------------------------------------------------------
-    def _recur(self, state, clean, loop: int = 0):
-        """Loop number ``loop``: state (B, T, C) -> next state (unit RMS)."""
+    def _recur(self, state, clean):
+        """One loop: state (B, T, C) -> next state (unit RMS)."""
         rows = state.shape[1]
         if self.config.recurrence == "sequence":
-            cache = clean["cache"]
-            cos, sin, mask = self._cached_positions(rows, clean["pad"], cache, state.device)
-            slots = None if cache is None else [cache.slot("core", index, loop) for index in range(len(self.core))]
-            hidden, _ = self._run(self.core, inject(self.injection, state, clean["embedded"]), cos, sin, mask=mask,
-                                  cache=cache, slots=slots)
+            cos, sin, mask = self._positions(torch.arange(rows, device=state.device), clean["pad"])
+            hidden, _ = self._run(self.core, inject(self.injection, state, clean["embedded"]), cos, sin, mask=mask)
             return self.core_norm(hidden)
         cos, sin, mask = self._noisy_positions(rows, clean)
         hidden = inject(self.injection, state, clean["embedded"][:, -rows:])
@@ -498,14 +537,50 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         """Logits from the last state through the coda."""
         rows = state.shape[1]
         if self.config.recurrence == "sequence":
-            cache = clean["cache"]
-            cos, sin, mask = self._cached_positions(rows, clean["pad"], cache, state.device)
-            slots = None if cache is None else [cache.slot("coda", index) for index in range(len(self.coda))]
-            hidden, _ = self._run(self.coda, state, cos, sin, mask=mask, cache=cache, slots=slots)
+            cos, sin, mask = self._positions(torch.arange(rows, device=state.device), clean["pad"])
+            hidden, _ = self._run(self.coda, state, cos, sin, mask=mask)
         else:
             cos, sin, mask = self._noisy_positions(rows, clean)
             hidden, _ = self._run(self.coda, state, cos, sin, None, clean["coda_kv"], mask)
         return self._logits(hidden)
+
+    def _decode_sequence(self, clean, state, num_loops: int, exit_rule: str | None = None):
+        """Generation with sequence recurrence: the new positions of ``clean`` (after the cached ones) run
+        up to ``num_loops`` loops from ``state``, loop k attending to loop k of the cached positions;
+        then the coda. Returns the logits and extends the cache (``clean["cache"]``). A position that
+        exits early keeps its state, and its cache entries for the loops it skips repeat its last
+        loop's keys/values (Huginn's KV sharing), so later tokens find an entry at every loop."""
+        cache, rows = clean["cache"], state.shape[1]
+        cos, sin, mask = self._cached_positions(rows, None, cache, state.device)
+        tracker = ExitTracker(exit_rule, state.shape[:2], state.device)
+        coda_prefixes = [cache.past(cache.slot("coda", index)) for index in range(len(self.coda))]
+        produced = []  # per loop: per layer (k, v) of the new positions
+        for loop in range(num_loops):
+            prefixes = [cache.past(cache.slot("core", index, loop)) for index in range(len(self.core))]
+            hidden, layer_kv = self._run(self.core, inject(self.injection, state, clean["embedded"]), cos, sin,
+                                         prefixes=prefixes, mask=mask)
+            new_state = self.core_norm(hidden)
+            logits = gate = None
+            if tracker.kind == "kl":
+                logits = self._logits(self._run(self.coda, new_state, cos, sin, prefixes=coda_prefixes, mask=mask)[0])
+            if tracker.kind == "gate":
+                gate = torch.sigmoid(self.exit_gate(new_state).squeeze(-1).float())
+            active = tracker.active[..., None]
+            state, old_state = torch.where(active, new_state, state), state
+            if produced:  # an exited position repeats its last keys/values
+                layer_kv = [tuple(torch.where(active[:, None], new, old) for new, old in zip(kv, last))
+                            for kv, last in zip(layer_kv, produced[-1])]
+            produced.append(layer_kv)
+            tracker.update(old_state, state, logits, gate)
+            if tracker.kind is not None and not bool(tracker.active.any()):
+                break
+        produced += [produced[-1]] * (num_loops - len(produced))
+        for loop, layer_kv in enumerate(produced):
+            for index, kv in enumerate(layer_kv):
+                cache.update(*kv, cache.slot("core", index, loop))
+        coda_slots = [cache.slot("coda", index) for index in range(len(self.coda))]
+        hidden, _ = self._run(self.coda, state, cos, sin, mask=mask, cache=cache, slots=coda_slots)
+        return self._logits(hidden), tracker.loops_used
 
     # -- one draw ------------------------------------------------------------------------------------------------------
     def _initial_state(self, shape, num_loops, generator, device):
@@ -515,7 +590,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             return noise * math.sqrt(self.sigma_data**2 + self.config.sigma_max**2)
         return noise
 
-    def _loop_logits(self, clean, z, num_loops, generator, states):
+    def _loop_logits(self, clean, z, num_loops, generator, states, sampler):
         """K loops from state z (None: dense); the last loop's logits; ``states`` receives each loop's state."""
         objective = self.config.objective
         if objective == "dense":
@@ -524,15 +599,26 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             states.append(clean["final_hidden"])
             return self._logits(clean["final_hidden"])
         if objective == "diffusion":
-            return self._diffusion_loops(clean, z, num_loops, generator, states)
-        for loop in range(num_loops):
-            z = self._recur(z, clean, loop)
+            return self._diffusion_loops(clean, z, num_loops, generator, states, sampler)
+        for _ in range(num_loops):
+            z = self._recur(z, clean)
             states.append(z)
         return self._readout(z, clean)
 
-    def _draws_along_the_way(self) -> bool:
-        return self.config.objective == "diffusion" and (self.config.solver == "ancestral"
-                                                         or self.config.estimate == "sample")
+    def _sampler(self, **overrides) -> dict:
+        """The diffusion sampler's settings: the config's, with the call's overrides (None: keep)."""
+        settings = {key: getattr(self.config, key) for key in SAMPLER_CHOICES}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if SAMPLER_CHOICES[key] is not None and value not in SAMPLER_CHOICES[key]:
+                raise ValueError(f"{key}={value!r}; choose one of {', '.join(SAMPLER_CHOICES[key])}")
+            settings[key] = float(value) if key == "grid_sigma_last" else value
+        return settings
+
+    def _draws_along_the_way(self, sampler) -> bool:
+        return self.config.objective == "diffusion" and (sampler["solver"] == "ancestral"
+                                                         or sampler["estimate"] == "sample")
 
     def _row_states(self, generators, rows: int, width: int, num_loops: int, pad, device):
         """(B, rows, C) initial states; row b's from generators[b], for its real (unpadded) positions."""
@@ -548,13 +634,16 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 num_loops: int | None = None, noise_seed: int | None = None, readout: str | None = None,
                 num_samples: int | None = None, labels: torch.LongTensor | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None, **unused):
+                output_hidden_states: bool | None = None, return_dict: bool | None = None, grid: str | None = None,
+                solver: str | None = None, grid_sigma_last: float | None = None, estimate: str | None = None,
+                **unused):
         """Next-token logits at every position after ``num_loops`` loops (config defaults for every None).
 
         ``attention_mask`` (B, T): left padding (zeros first) is hidden and each row's positions
         start at its first real token. ``readout="predictive"``: log of the mean over ``num_samples``
         draws of the last loop's distribution; ``"draw"``: one draw's raw logits. ``hidden_states``:
-        the prelude output, then the state after each loop (of the first draw)."""
+        the prelude output, then the state after each loop (of the first draw). ``grid``, ``solver``,
+        ``grid_sigma_last``, ``estimate``: the diffusion sampler's settings for this call (default: the config's)."""
         config = self.config
         num_loops = config.num_loops if num_loops is None else int(num_loops)
         seed = config.noise_seed if noise_seed is None else int(noise_seed)
@@ -564,10 +653,11 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"readout={readout!r}; choose one of {', '.join(READOUTS)}")
         if num_loops < 1 or samples < 1:
             raise ValueError(f"num_loops and num_samples must be >= 1, got {num_loops} and {samples}")
+        sampler = self._sampler(grid=grid, solver=solver, grid_sigma_last=grid_sigma_last, estimate=estimate)
         pad = _left_padding(attention_mask)
-        if self._draws_along_the_way() and input_ids.shape[0] > 1:  # a row's draws must not depend on the batch
+        if self._draws_along_the_way(sampler) and input_ids.shape[0] > 1:  # a row's draws must not depend on the batch
             rows = [self(input_ids[row:row + 1], None if attention_mask is None else attention_mask[row:row + 1],
-                         num_loops, seed, readout, samples, output_hidden_states=output_hidden_states)
+                         num_loops, seed, readout, samples, output_hidden_states=output_hidden_states, **sampler)
                     for row in range(input_ids.shape[0])]
             logits = torch.cat([row.logits for row in rows])
             hidden = None if not output_hidden_states else tuple(
@@ -578,7 +668,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         draws, states = [], []
         for _ in range(1 if readout == "draw" else samples):
             z = self._row_states(generators, input_ids.shape[1], config.d_model, num_loops, pad, input_ids.device)
-            logits = self._loop_logits(clean, z, num_loops, generators[0], states if not draws else [])
+            logits = self._loop_logits(clean, z, num_loops, generators[0], states if not draws else [], sampler)
             if readout == "draw":
                 draws.append(logits)
                 break
@@ -601,7 +691,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                  temperature: float | None = None, top_k: int | None = None, num_loops: int | None = None,
                  noise_seed: int | None = None, stopping_criteria=None, pad_token_id: int | None = None,
                  eos_token_id: int | list | None = None, generation_config=None, use_cache: bool = True,
-                 **unused) -> torch.LongTensor:
+                 exit: str | None = None, grid: str | None = None, solver: str | None = None,
+                 grid_sigma_last: float | None = None, estimate: str | None = None, **unused) -> torch.LongTensor:
         """Batched generation, K = ``num_loops`` loops per new token; returns (B, T + new) token ids.
 
         Rows may be left-padded (``attention_mask``); each row gives what it gives alone. A new
@@ -610,7 +701,10 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         ``top_k``). A row stops at ``eos_token_id`` or when ``stopping_criteria`` says so (then it is
         filled with ``pad_token_id``). With ``use_cache`` a new token runs against a ``LoopDBCache``
         of the earlier positions, else the window is recomputed (the same tokens, slower); when the
-        window is full it slides by half and the cache is rebuilt, as loopdb's generation does."""
+        window is full it slides by half and the cache is rebuilt, as loopdb's generation does.
+        ``exit`` (sequence recurrence): stop each token's loops early, ``kl:EPS``, ``delta:EPS`` or ``gate:Q``
+        (``self.loops_used`` then holds each new token's loops); ``grid``, ``solver``, ``grid_sigma_last``,
+        ``estimate``: the diffusion sampler's settings."""
         settings = generation_config if generation_config is not None else self.generation_config
         num_loops = self.config.num_loops if num_loops is None else int(num_loops)
         seed = self.config.noise_seed if noise_seed is None else int(noise_seed)
@@ -625,11 +719,17 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             max_new_tokens = max(0, limit - input_ids.shape[1])
         if num_loops < 1:
             raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+        if exit and self.config.recurrence != "sequence":
+            raise ValueError("adaptive exit applies to sequence-recurrent models (objective bptt or ouro)")
+        ExitTracker(exit, (1,), input_ids.device)  # a bad rule fails here, before any work
+        if exit and str(exit).startswith("gate") and getattr(self, "exit_gate", None) is None:
+            raise ValueError("exit=gate:Q needs the learned exit gate of a model trained with objective=ouro")
+        sampler = self._sampler(grid=grid, solver=solver, grid_sigma_last=grid_sigma_last, estimate=estimate)
         pad = _left_padding(attention_mask)
         prompts = [input_ids[row, 0 if pad is None else int(pad[row]):].tolist() for row in range(input_ids.shape[0])]
         if any(not prompt for prompt in prompts):
             raise ValueError("generation needs non-empty prompts (the model predicts the token after each position)")
-        streams = [_RowStream(self, prompt, seed, num_loops, use_cache) for prompt in prompts]
+        streams = [_RowStream(self, prompt, seed, num_loops, use_cache, exit, sampler) for prompt in prompts]
         output, done = input_ids, torch.zeros(len(prompts), dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             column = []
@@ -649,6 +749,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                 done |= torch.as_tensor(stop, device=done.device).expand(len(prompts)).bool()
             if bool(done.all()):
                 break
+        self.loops_used = [stream.loops_used for stream in streams]
         return output
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
@@ -658,16 +759,19 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
 class _RowStream:
     """One row of ``generate``: its window of tokens and its generator (loopdb.readouts.generation)."""
 
-    def __init__(self, model, prompt, seed, num_loops, use_cache: bool):
+    def __init__(self, model, prompt, seed, num_loops, use_cache: bool, exit_rule, sampler):
         self.model, self.num_loops, self.seed, self.use_cache = model, num_loops, seed, use_cache
+        self.exit_rule, self.sampler, self.loops_used = exit_rule, sampler, []
         self.generator = torch.Generator().manual_seed(seed)
         self.window = list(prompt[-model.config.context:])
         self.cache = None  # LoopDBCache of the window's positions but the last
 
     def next_logits(self) -> torch.Tensor:
         model, device = self.model, self.model.embedding.weight.device
+        # sequence recurrence always decodes against a cache (a fresh one per token without use_cache)
+        cached = self.use_cache or model.config.recurrence == "sequence"
         if self.cache is None or not self.use_cache:
-            self.cache = LoopDBCache(model.config, self.num_loops) if self.use_cache else None
+            self.cache = LoopDBCache(model.config, self.num_loops) if cached else None
             pending = self.window
         else:
             pending = self.window[-1:]
@@ -680,16 +784,21 @@ class _RowStream:
 
     def _logits(self, clean, start: int, count: int, device) -> torch.Tensor:
         model, width = self.model, self.model.config.d_model
-        if model.config.objective == "dense":
-            return model._loop_logits(clean, None, self.num_loops, self.generator, [])[0, -1]
         if model.config.recurrence == "sequence":
-            # each position starts from its own seeded state, so a position starts the same at every step
-            z = torch.stack([torch.randn(width, generator=torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + position) % 2**63)) for position in range(start, start + count)])[None]
-            return model._loop_logits(clean, z.to(device), self.num_loops, self.generator, [])[0, -1]
+            if model.config.objective == "dense":  # the layers once, from a zero state
+                logits, used = model._decode_sequence(clean, torch.zeros_like(clean["embedded"]), 1)
+            else:  # each position starts from its own seeded state, the same at every step
+                z = torch.stack([torch.randn(width, generator=torch.Generator().manual_seed(
+                    (self.seed * 1_000_003 + position) % 2**63)) for position in range(start, start + count)])[None]
+                logits, used = model._decode_sequence(clean, z.to(device), self.num_loops, self.exit_rule)
+            self.loops_used.append(int(used[0, -1]))
+            return logits[0, -1]
+        self.loops_used.append(self.num_loops)
+        if model.config.objective == "dense":
+            return model._loop_logits(clean, None, self.num_loops, self.generator, [], self.sampler)[0, -1]
         # per-position wiring: only the last position's noisy row decides the next token
         z = model._initial_state((1, 1, width), self.num_loops, self.generator, device)
-        return model._loop_logits(clean, z, self.num_loops, self.generator, [])[0, -1]
+        return model._loop_logits(clean, z, self.num_loops, self.generator, [], self.sampler)[0, -1]
 
     def append(self, token: int) -> None:
         self.window.append(token)
