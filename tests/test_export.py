@@ -46,6 +46,19 @@ def runs(data_dir, tmp_path_factory):
     return {objective: train_and_export(data_dir, folder, objective) for objective in OBJECTIVES}
 
 
+@pytest.fixture(scope="module")
+def depth_run(tmp_path_factory):
+    """20 steps of the depth-tiny preset (sequence-recurrent BPTT on the S3 task, its word tokenizer), exported."""
+    from loopdb.cli import main
+
+    folder = tmp_path_factory.mktemp("depth")
+    run, out = folder / "run", folder / "hf"
+    assert main(["train", "--preset", "depth-tiny", "--out", str(run), "--quiet", "--max_steps=20", "--d_model=32",
+                 "--batch_size=8", "--eval_loops=1,2", "--eval_examples=2", "--test_difficulties=2,3"]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    return run, out
+
+
 def load_pair(runs, objective, **overrides):
     from transformers import AutoModelForCausalLM
 
@@ -242,6 +255,49 @@ def test_a_stopped_row_is_padded_and_generation_ends_when_all_stop(runs):
     assert exported.generate(prompt, max_new_tokens=6, stopping_criteria=lambda ids, scores: True).shape[1] == 4
 
 
+@pytest.mark.parametrize("num_loops", [1, 4])
+def test_a_task_run_exports_with_its_word_tokenizer(depth_run, num_loops, capsys):
+    """depth-tiny: logits as loopdb's scoring readout, greedy tokens as `loopdb sample`, words as the task's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loopdb import data
+    from loopdb.cli import main
+    from loopdb.readouts import scoring
+    from loopdb.runs.folder import load_model, run_data_dir
+
+    run, out = depth_run
+    model = load_model(run)[0]
+    exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    tokenizer, words = AutoTokenizer.from_pretrained(out), data.load_tokenizer(run_data_dir(run))
+    prompt = " 201 120 012 210\n 021 102"
+    assert tokenizer.encode(prompt, add_special_tokens=False) == words.encode(prompt)
+    inputs = torch.tensor([words.encode(prompt)] * 2)
+    with torch.no_grad():
+        ours = scoring.predictive_distribution(model, inputs, num_loops, 4,
+                                               [torch.Generator().manual_seed(0) for _ in range(2)])
+        assert torch.allclose(exported(inputs, num_loops=num_loops).logits, ours, atol=ATOL, rtol=0)
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", prompt, "--temperature", "0", "--loops", str(num_loops),
+                 "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    expected = capsys.readouterr().out[:-1]
+    ids = exported.generate(inputs[:1], max_new_tokens=8, num_loops=num_loops)
+    assert prompt + tokenizer.decode(ids[0, inputs.shape[1]:], skip_special_tokens=False) == expected
+
+
+def test_a_character_tokenizer_converts(tmp_path):
+    from loopdb.data import CharTokenizer
+    from loopdb.export.tokenizer import char_tokenizer
+
+    ours = CharTokenizer("\nab c!\u00e9")
+    char_tokenizer(ours.alphabet).save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    for text in ["ab c\n!\u00e9", "  a\n\n"]:
+        assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+        assert theirs.decode(ours.encode(text), skip_special_tokens=False) == text
+
+
 # -- the folder ------------------------------------------------------------------------------------------------------
 def test_the_tokenizer_encodes_the_play_as_loopdbs(runs, data_dir):
     from transformers import AutoTokenizer
@@ -319,7 +375,7 @@ def test_export_refuses_what_it_cannot_write(runs, tmp_path):
 
     with pytest.raises(UsageError, match="not empty"):
         export_run(runs["dense"][0], runs["dense"][1])
-    for name, message in (("tiny-mdm", "family 'mdm'"), ("depth-tiny", "reasoning task"), ("tiny-draft", "drafting")):
+    for name, message in (("tiny-mdm", "family 'mdm'"), ("tiny-draft", "drafting")):
         with pytest.raises(UsageError, match=message):
             hf_config_values(preset(name))
 

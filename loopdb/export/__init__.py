@@ -41,8 +41,6 @@ def hf_config_values(config) -> dict:
     m, d, t = config.model, config.diffusion, config.train
     if m.family not in ("looped", "stacked"):
         raise UsageError(f"loopdb export writes the looped and stacked language models; this run is family {m.family!r}")
-    if t.task:
-        raise UsageError(f"loopdb export needs a text run; this one trains the reasoning task {t.task!r}")
     if m.draft_width > 1 or t.anchor_weight > 0:
         raise UsageError("loopdb export does not write drafting models (draft_width > 1 or anchor_weight > 0)")
     stacked = m.family == "stacked"

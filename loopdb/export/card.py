@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data import load_tokenizer
 from ..runs.folder import run_data_dir
 
 OBJECTIVES = {
@@ -18,17 +19,36 @@ OBJECTIVES = {
 }
 
 
-def _last_scores(run_dir: Path) -> dict:
-    """The last validation bits per byte per K in the run's metrics.jsonl, and its step."""
+def _last_scores(run_dir: Path) -> tuple:
+    """The last validation record of the run's metrics.jsonl: its step and {metric: {K: value}}
+    (bits per byte for a text run, accuracies for a task run)."""
     path = run_dir / "metrics.jsonl"
-    scores, step = {}, None
+    step, scores = None, {}
     if path.is_file():
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            found = {key.split("@")[1]: value for key, value in record.items() if key.startswith("val/bpb@")}
+            found = {}
+            for key, value in record.items():
+                if key.startswith("val/") and "@" in key and isinstance(value, (int, float)):
+                    metric, loops = key[len("val/"):].split("@", 1)
+                    found.setdefault(metric, {})[int(loops)] = value
             if found:
-                scores, step = found, record.get("step")
-    return {"step": step, "bpb": scores}
+                step, scores = record.get("step"), found
+    return step, scores
+
+
+def _span(values) -> str:
+    return str(values[0]) if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
+
+
+def _score_table(scores: dict) -> str:
+    metrics = sorted(scores)
+    loops = sorted({k for values in scores.values() for k in values})
+    rows = [f"| K | {' | '.join(metrics)} |", "|---" * (len(metrics) + 1) + "|"]
+    for k in loops:
+        cells = [f"{scores[m][k]:.4f}" if k in scores[m] else "" for m in metrics]
+        rows.append(f"| {k} | {' | '.join(cells)} |")
+    return "\n".join(rows)
 
 
 def model_card(run_dir, config, values: dict, parameters: int, out: Path) -> str:
@@ -36,9 +56,19 @@ def model_card(run_dir, config, values: dict, parameters: int, out: Path) -> str
     m, t = config.model, config.train
     summary_path = run_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    scores = _last_scores(run_dir)
+    step, scores = _last_scores(run_dir)
     data_dir = run_data_dir(run_dir)
-    table = "\n".join(f"| {loops} | {value:.4f} |" for loops, value in sorted(scores["bpb"].items(), key=lambda kv: int(kv[0])))
+    if t.task:
+        data = (f"The reasoning task `{t.task}` of loopdb.tasks (examples generated on the fly from the step's seed), "
+                f"difficulties {_span(t.train_difficulties)} in training; its word tokenizer "
+                f"({m.vocab_size} words) from `{data_dir}`.")
+    else:
+        data = (f"Tokens of the prepared corpus in `{data_dir}` ({m.vocab_size}-entry tokenizer); loopdb's default "
+                "corpus is the plays of Shakespeare with Julius Caesar held out for validation and Macbeth for test.")
+    measured = "accuracy on generated examples" if t.task else "bits per byte"
+    # a prompt the tokenizer can encode, and tasks of eval/tasks the model can take
+    prompt = "".join(" " + word for word in load_tokenizer(data_dir).words[1:4]) if t.task else "To be, or not"
+    tasks = f"{t.task}_seed1000_d2-12" if t.task else "shakespeare_bpb,shakespeare_cloze"
     loops = values["num_loops"]
     if m.family == "stacked":
         title = f"loopdb stacked DiffusionBlocks language model ({t.objective})"
@@ -66,7 +96,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{out.name}", trust_remote_code=True, num_loops={loops})
 tokenizer = AutoTokenizer.from_pretrained("{out.name}")
-ids = tokenizer("To be, or not", return_tensors="pt").input_ids
+ids = tokenizer("{prompt}", return_tensors="pt").input_ids
 logits = model(ids, num_loops={loops}).logits            # log-probabilities (readout="predictive")
 new = model.generate(ids, max_new_tokens=32, num_loops={loops})
 print(tokenizer.decode(new[0], skip_special_tokens=False))
@@ -89,27 +119,22 @@ Evaluate with lm-evaluation-harness at any loop count:
 
 ```bash
 lm_eval --model hf --model_args pretrained={out.name},trust_remote_code=True,num_loops={loops} \\
-    --tasks shakespeare_bpb,shakespeare_cloze --include_path eval/tasks
+    --tasks {tasks} --include_path eval/tasks
 ```
 
 ## Data
 
-Tokens of the prepared corpus in `{data_dir}` ({m.vocab_size} sentencepiece BPE pieces, byte fallback);
-loopdb's default corpus is the plays of Shakespeare with Julius Caesar held out for validation and
-Macbeth for test.
+{data}
 
 ## Training
 
 {t.max_steps} steps of batch {t.batch_size} x {m.context} tokens, learning rate {t.lr}, seed {t.seed}
-({summary.get('train_seconds', float('nan')):.0f} s of training; `{run_dir.name}/config.json` in the run folder holds
-every setting).
+({summary.get('train_seconds', float('nan')):.0f} s of training; `config.json` in the run folder holds every setting).
 
 ## Scores
 
-Validation bits per byte by loop count K at step {scores['step']} (loopdb's predictive readout,
-{t.eval_samples} noise draw(s), {t.eval_windows} windows):
+Validation {measured} by loop count K at step {step} (loopdb's predictive readout,
+{t.eval_samples} noise draw(s)), from the run's `metrics.jsonl`:
 
-| K | bits per byte |
-|---|---|
-{table}
+{_score_table(scores) if scores else "(no validation record)"}
 """
