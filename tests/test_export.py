@@ -298,6 +298,19 @@ def test_a_character_tokenizer_converts(tmp_path):
         assert theirs.decode(ours.encode(text), skip_special_tokens=False) == text
 
 
+@pytest.mark.parametrize("objective", ["diffusion", "bptt"])
+def test_bfloat16_weights_run_with_float32_sampler_states(runs, data_dir, objective):
+    from transformers import AutoModelForCausalLM
+
+    exported = load_pair(runs, objective)[1]
+    half = AutoModelForCausalLM.from_pretrained(runs[objective][1], trust_remote_code=True, dtype=torch.bfloat16)
+    inputs = play_windows(data_dir, 2, 16)
+    with torch.no_grad():
+        probabilities = half(inputs, num_loops=3).logits.float().exp()
+        assert torch.allclose(probabilities, exported(inputs, num_loops=3).logits.exp(), atol=2e-2)
+    assert half.generate(inputs[:1, :4], num_loops=3).shape == (1, 4 + 64)  # generation_config: 64 new tokens
+
+
 # -- the folder ------------------------------------------------------------------------------------------------------
 def test_the_tokenizer_encodes_the_play_as_loopdbs(runs, data_dir):
     from transformers import AutoTokenizer

@@ -374,7 +374,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
     def _run(self, layers, hidden, cos, sin, cond=None, prefixes=None, mask=None, cache=None, slots=None):
         """Hidden states through ``layers`` and each layer's (k, v): its own, or with ``cache``, the cached
         positions' followed by its own (the cache's ``slots`` per layer are extended)."""
-        kv = []
+        kv, hidden = [], hidden.to(self.embedding.weight.dtype)  # float32 sampler states into bf16 layers
         for index, layer in enumerate(layers):
             prefix = None if prefixes is None else prefixes[index]
             if cache is not None:
@@ -393,7 +393,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         return cos, sin, torch.arange(start + length, device=device)[None, :] <= index[:, None]
 
     def _logits(self, hidden):
-        hidden = self.final_norm(hidden)
+        hidden = self.final_norm(hidden.to(self.embedding.weight.dtype))
         return hidden @ self.embedding.weight.t() if self.head is None else self.head(hidden)
 
     def _target_table(self):
@@ -714,6 +714,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         eos = getattr(settings, "eos_token_id", None) if eos_token_id is None else eos_token_id
         eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
         pad_token_id = getattr(settings, "pad_token_id", None) if pad_token_id is None else pad_token_id
+        if max_new_tokens is None and max_length is None:
+            max_new_tokens = getattr(settings, "max_new_tokens", None)
         if max_new_tokens is None:
             limit = max_length if max_length is not None else getattr(settings, "max_length", None) or 20
             max_new_tokens = max(0, limit - input_ids.shape[1])
