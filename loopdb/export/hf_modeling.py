@@ -645,10 +645,11 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         the prelude output, then the state after each loop (of the first draw). ``grid``, ``solver``,
         ``grid_sigma_last``, ``estimate``: the diffusion sampler's settings for this call (default: the config's)."""
         config = self.config
-        num_loops = config.num_loops if num_loops is None else int(num_loops)
-        seed = config.noise_seed if noise_seed is None else int(noise_seed)
+        # int(): lm-eval's --model_args may hand the load-time overrides over as text
+        num_loops = int(config.num_loops if num_loops is None else num_loops)
+        seed = int(config.noise_seed if noise_seed is None else noise_seed)
         readout = config.readout if readout is None else readout
-        samples = config.num_samples if num_samples is None else int(num_samples)
+        samples = int(config.num_samples if num_samples is None else num_samples)
         if readout not in READOUTS:
             raise ValueError(f"readout={readout!r}; choose one of {', '.join(READOUTS)}")
         if num_loops < 1 or samples < 1:
@@ -706,8 +707,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         (``self.loops_used`` then holds each new token's loops); ``grid``, ``solver``, ``grid_sigma_last``,
         ``estimate``: the diffusion sampler's settings."""
         settings = generation_config if generation_config is not None else self.generation_config
-        num_loops = self.config.num_loops if num_loops is None else int(num_loops)
-        seed = self.config.noise_seed if noise_seed is None else int(noise_seed)
+        num_loops = int(self.config.num_loops if num_loops is None else num_loops)
+        seed = int(self.config.noise_seed if noise_seed is None else noise_seed)
         do_sample = bool(getattr(settings, "do_sample", False)) if do_sample is None else bool(do_sample)
         temperature = float(getattr(settings, "temperature", None) or 1.0) if temperature is None else float(temperature)
         top_k = getattr(settings, "top_k", None) if top_k is None else top_k
