@@ -153,26 +153,38 @@ def test_hidden_states_are_the_prelude_output_and_one_state_per_loop(runs, data_
 # -- generation ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_greedy_generate_equals_loopdb_sample(runs, objective, capsys):
-    """Past the 16-token window, so the window slides as loopdb's does; two prompts, left-padded."""
+    """Past the 16-token window, so the window slides as loopdb's does."""
     from transformers import AutoTokenizer
 
     from loopdb.cli import main
 
     run, out = runs[objective]
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    prompts = ["First Witch:\nWhen shall we", "\nMAC"]
-    expected = []
-    for prompt in prompts:
+    tokenizer, exported = AutoTokenizer.from_pretrained(out), load_pair(runs, objective)[1]
+    for prompt in ["First Witch:\nWhen shall we", "\nMAC"]:
         capsys.readouterr()
         assert main(["sample", str(run), "--prompt", prompt, "--temperature", "0", "--loops", "3",
                      "--max-new-tokens", "30", "--seed", "4", "--device", "cpu"]) == 0
-        expected.append(capsys.readouterr().out[:-1])  # print's newline
-    exported = load_pair(runs, objective)[1]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    ids = exported.generate(**batch, max_new_tokens=30, num_loops=3, noise_seed=4)
-    width = batch.input_ids.shape[1]
-    got = [prompt + tokenizer.decode(row[width:], skip_special_tokens=False) for prompt, row in zip(prompts, ids)]
-    assert got == expected
+        expected = capsys.readouterr().out[:-1]  # print's newline
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        new = exported.generate(ids, max_new_tokens=30, num_loops=3, noise_seed=4)[0, ids.shape[1]:]
+        assert prompt + tokenizer.decode(new, skip_special_tokens=False) == expected
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_left_padded_batches_generate_as_loopdbs_generate_batch(runs, objective, temperature):
+    """Three prompts of unequal length, 30 new tokens: the window slides for all rows at once."""
+    from loopdb.readouts.generation import generate_batch
+
+    model, exported = load_pair(runs, objective)
+    prompts = [[3, 100, 200, 17, 5, 9, 44], [3, 101], [3, 7, 8, 9]]
+    ours = generate_batch(model, prompts, 30, 3, temperature=temperature, top_k=40, seeds=6)
+    longest = max(len(prompt) for prompt in prompts)
+    ids = torch.tensor([[0] * (longest - len(prompt)) + prompt for prompt in prompts])
+    mask = torch.tensor([[0] * (longest - len(prompt)) + [1] * len(prompt) for prompt in prompts])
+    theirs = exported.generate(ids, attention_mask=mask, max_new_tokens=30, num_loops=3, noise_seed=6,
+                               do_sample=temperature > 0, temperature=temperature or None, top_k=40)
+    assert theirs[:, longest:].tolist() == ours
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)

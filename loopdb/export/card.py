@@ -111,7 +111,8 @@ print(tokenizer.decode(new[0], skip_special_tokens=False))
 - `output_hidden_states=True`: the prelude output, then the state after each loop.
 - `generate`: left-padded batches (pass `attention_mask`), greedy or `do_sample=True` with `temperature` and
   `top_k`; a key/value cache (`LoopDBCache`, a transformers `DynamicCache` with one slot per layer, and per
-  loop and layer of the core when every loop attends over the sequence); rows are decoded one after another.
+  loop and layer of the core when every loop attends over the sequence). Rows decode together (as loopdb's
+  `generate_batch`: when the window fills it slides for every row) or, with sequence recurrence, one after another.
   The newline is the beginning/end-of-text token but not a stop token; decode with `skip_special_tokens=False`
   to keep newlines.
 

@@ -389,8 +389,13 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         index = torch.arange(start, start + length, device=device)
         if start == 0:
             return self._positions(index, pad)
-        cos, sin = rotary_angles(index, self.config.d_model // self.config.n_heads, self.config.context)
-        return cos, sin, torch.arange(start + length, device=device)[None, :] <= index[:, None]
+        head_dim, context, keys = self.config.d_model // self.config.n_heads, self.config.context, torch.arange(
+            start + length, device=device)
+        if pad is None:
+            cos, sin = rotary_angles(index, head_dim, context)
+            return cos, sin, keys[None, :] <= index[:, None]
+        cos, sin = rotary_angles(padded_positions(index, pad), head_dim, context)
+        return cos, sin, padded_causal_mask(index, keys, pad)
 
     def _logits(self, hidden):
         hidden = self.final_norm(hidden.to(self.embedding.weight.dtype))
@@ -696,9 +701,11 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                  grid_sigma_last: float | None = None, estimate: str | None = None, **unused) -> torch.LongTensor:
         """Batched generation, K = ``num_loops`` loops per new token; returns (B, T + new) token ids.
 
-        Rows may be left-padded (``attention_mask``); each row gives what it gives alone. A new
-        token's initial state comes from the row's generator seeded by ``noise_seed`` (the same
-        draws as loopdb's ``generate``), greedy unless ``do_sample`` (then ``temperature`` and
+        Rows may be left-padded (``attention_mask``). The rows of a model with position recurrence (and
+        a stacked one) decode together against one cache, as loopdb's ``generate_batch``: a row gives
+        what it gives alone until the window fills, then the window slides for all rows at once. Those
+        of a sequence-recurrent model decode one after another, as loopdb's. A new token's initial
+        state comes from the row's generator seeded by ``noise_seed`` (loopdb's draws), greedy unless ``do_sample`` (then ``temperature`` and
         ``top_k``). A row stops at ``eos_token_id`` or when ``stopping_criteria`` says so (then it is
         filled with ``pad_token_id``). With ``use_cache`` a new token runs against a ``LoopDBCache``
         of the earlier positions, else the window is recomputed (the same tokens, slower); when the
@@ -732,18 +739,15 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         prompts = [input_ids[row, 0 if pad is None else int(pad[row]):].tolist() for row in range(input_ids.shape[0])]
         if any(not prompt for prompt in prompts):
             raise ValueError("generation needs non-empty prompts (the model predicts the token after each position)")
-        streams = [_RowStream(self, prompt, seed, num_loops, use_cache, exit, sampler) for prompt in prompts]
+        if self.config.recurrence == "sequence":
+            streams = _RowStreams(self, prompts, seed, num_loops, use_cache, exit)
+        else:
+            streams = _BatchStream(self, prompts, seed, num_loops, use_cache, sampler)
         output, done = input_ids, torch.zeros(len(prompts), dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            column = []
-            for row, stream in enumerate(streams):
-                if done[row]:
-                    column.append(pad_token_id if pad_token_id is not None else 0)
-                    continue
-                logits = stream.next_logits()
-                token = _choose(logits, temperature if do_sample else 0.0, top_k, stream.generator)
-                stream.append(token)
-                column.append(token)
+            column = streams.next_tokens(temperature if do_sample else 0.0, top_k, done.tolist())
+            filler = pad_token_id if pad_token_id is not None else 0  # what a stopped row appends
+            column = [filler if stop else token for token, stop in zip(column, done.tolist())]
             column = torch.tensor(column, device=input_ids.device)[:, None]
             output = torch.cat([output, column], dim=1)
             done |= torch.tensor([int(token) in eos for token in column[:, 0]], device=done.device)
@@ -752,56 +756,105 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                 done |= torch.as_tensor(stop, device=done.device).expand(len(prompts)).bool()
             if bool(done.all()):
                 break
-        self.loops_used = [stream.loops_used for stream in streams]
+        self.loops_used = streams.loops_used
         return output
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask")}
 
 
-class _RowStream:
-    """One row of ``generate``: its window of tokens and its generator (loopdb.readouts.generation)."""
+class _BatchStream:
+    """Every row of ``generate`` at once (position recurrence, stacked): left-padded slots, one cache,
+    and per row a generator for its initial states and token draws (loopdb's ``generate_batch``)."""
 
-    def __init__(self, model, prompt, seed, num_loops, use_cache: bool, exit_rule, sampler):
+    def __init__(self, model, prompts, seed, num_loops, use_cache: bool, sampler):
+        self.model, self.num_loops, self.use_cache, self.sampler = model, num_loops, use_cache, sampler
+        self.generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+        self.device, window = model.embedding.weight.device, model.config.context
+        prompts = [prompt[-window:] for prompt in prompts]
+        longest = max(len(prompt) for prompt in prompts)
+        self.pad = torch.tensor([longest - len(prompt) for prompt in prompts], device=self.device)
+        self.slots = torch.tensor([[0] * (longest - len(prompt)) + prompt for prompt in prompts], device=self.device)
+        self.cache, self.loops_used = None, [[] for _ in prompts]
+
+    def next_tokens(self, temperature: float, top_k, done) -> list[int]:
+        model, width = self.model, self.model.config.d_model
+        if self.cache is None or not self.use_cache:
+            self.cache = LoopDBCache(model.config, self.num_loops) if self.use_cache else None
+            new = self.slots
+        else:
+            new = self.slots[:, -1:]
+        clean = model._encode(new, self.pad if bool(self.pad.any()) else None, self.cache)
+        if self.cache is not None:
+            self.cache.length = self.slots.shape[1]
+        z = None
+        if model.config.objective != "dense":  # only the last position's noisy row decides the next token
+            z = torch.cat([model._initial_state((1, 1, width), self.num_loops, generator, self.device)
+                           for generator in self.generators])
+        logits = model._loop_logits(clean, z, self.num_loops, self.generators[0], [], self.sampler)[:, -1]
+        tokens = [_choose(logits[row], temperature, top_k, generator) for row, generator in enumerate(self.generators)]
+        for used, stop in zip(self.loops_used, done):
+            if not stop:
+                used.append(self.num_loops)
+        self.slots = torch.cat([self.slots, torch.tensor(tokens, device=self.device)[:, None]], dim=1)
+        window = model.config.context
+        if self.slots.shape[1] > window:  # slide every row: keep the last half of the slots, rebuild the cache
+            dropped = self.slots.shape[1] - window // 2
+            self.slots, self.pad, self.cache = self.slots[:, dropped:], (self.pad - dropped).clamp_min(0), None
+        return tokens
+
+
+class _RowStreams:
+    """The rows of ``generate`` one after another (sequence recurrence: per-loop caches, as loopdb's)."""
+
+    def __init__(self, model, prompts, seed, num_loops, use_cache: bool, exit_rule):
+        self.rows = [_RowStream(model, prompt, seed, num_loops, use_cache, exit_rule) for prompt in prompts]
+
+    @property
+    def loops_used(self) -> list:
+        return [row.loops_used for row in self.rows]
+
+    def next_tokens(self, temperature: float, top_k, done) -> list[int]:
+        tokens = []
+        for row, stop in zip(self.rows, done):
+            token = 0
+            if not stop:
+                token = _choose(row.next_logits(), temperature, top_k, row.generator)
+                row.append(token)
+            tokens.append(token)
+        return tokens
+
+
+class _RowStream:
+    """One row of a sequence-recurrent model: its window of tokens and its generator."""
+
+    def __init__(self, model, prompt, seed, num_loops, use_cache: bool, exit_rule):
         self.model, self.num_loops, self.seed, self.use_cache = model, num_loops, seed, use_cache
-        self.exit_rule, self.sampler, self.loops_used = exit_rule, sampler, []
+        self.exit_rule, self.loops_used = exit_rule, []
         self.generator = torch.Generator().manual_seed(seed)
         self.window = list(prompt[-model.config.context:])
         self.cache = None  # LoopDBCache of the window's positions but the last
 
     def next_logits(self) -> torch.Tensor:
-        model, device = self.model, self.model.embedding.weight.device
-        # sequence recurrence always decodes against a cache (a fresh one per token without use_cache)
-        cached = self.use_cache or model.config.recurrence == "sequence"
+        """Decode the positions not yet cached: the whole window after a slide (or every token without
+        use_cache, against a fresh cache), else the last token; each position starts from its own
+        seeded state, so a position starts the same however it is decoded."""
+        model, device, width = self.model, self.model.embedding.weight.device, self.model.config.d_model
         if self.cache is None or not self.use_cache:
-            self.cache = LoopDBCache(model.config, self.num_loops) if cached else None
-            pending = self.window
+            self.cache, pending = LoopDBCache(model.config, self.num_loops), self.window
         else:
             pending = self.window[-1:]
         start = len(self.window) - len(pending)
         clean = model._encode(torch.tensor([pending], device=device), None, self.cache)
-        logits = self._logits(clean, start, len(pending), device)
-        if self.cache is not None:
-            self.cache.length = len(self.window)
-        return logits
-
-    def _logits(self, clean, start: int, count: int, device) -> torch.Tensor:
-        model, width = self.model, self.model.config.d_model
-        if model.config.recurrence == "sequence":
-            if model.config.objective == "dense":  # the layers once, from a zero state
-                logits, used = model._decode_sequence(clean, torch.zeros_like(clean["embedded"]), 1)
-            else:  # each position starts from its own seeded state, the same at every step
-                z = torch.stack([torch.randn(width, generator=torch.Generator().manual_seed(
-                    (self.seed * 1_000_003 + position) % 2**63)) for position in range(start, start + count)])[None]
-                logits, used = model._decode_sequence(clean, z.to(device), self.num_loops, self.exit_rule)
-            self.loops_used.append(int(used[0, -1]))
-            return logits[0, -1]
-        self.loops_used.append(self.num_loops)
-        if model.config.objective == "dense":
-            return model._loop_logits(clean, None, self.num_loops, self.generator, [], self.sampler)[0, -1]
-        # per-position wiring: only the last position's noisy row decides the next token
-        z = model._initial_state((1, 1, width), self.num_loops, self.generator, device)
-        return model._loop_logits(clean, z, self.num_loops, self.generator, [], self.sampler)[0, -1]
+        if model.config.objective == "dense":  # the layers once, from a zero state
+            logits, used = model._decode_sequence(clean, torch.zeros_like(clean["embedded"]), 1)
+        else:
+            z = torch.stack([torch.randn(width, generator=torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + position) % 2**63)) for position in range(start, len(self.window))])[None]
+            logits, used = model._decode_sequence(clean, z.to(device), self.num_loops, self.exit_rule)
+        self.cache.length = len(self.window)
+        self.loops_used.append(int(used[0, -1]))
+        return logits[0, -1]
 
     def append(self, token: int) -> None:
         self.window.append(token)
