@@ -308,7 +308,6 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "loopdb"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
-    _supports_sdpa = True
 
     def __init__(self, config: LoopDBConfig):
         super().__init__(config)
@@ -705,8 +704,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         a stacked one) decode together against one cache, as loopdb's ``generate_batch``: a row gives
         what it gives alone until the window fills, then the window slides for all rows at once. Those
         of a sequence-recurrent model decode one after another, as loopdb's. A new token's initial
-        state comes from the row's generator seeded by ``noise_seed`` (loopdb's draws), greedy unless ``do_sample`` (then ``temperature`` and
-        ``top_k``). A row stops at ``eos_token_id`` or when ``stopping_criteria`` says so (then it is
+        state comes from the row's generator seeded by ``noise_seed`` (loopdb's draws), greedy unless
+        ``do_sample`` (then ``temperature`` and ``top_k``). A row stops at ``eos_token_id`` or when ``stopping_criteria`` says so (then it is
         filled with ``pad_token_id``). With ``use_cache`` a new token runs against a ``LoopDBCache``
         of the earlier positions, else the window is recomputed (the same tokens, slower); when the
         window is full it slides by half and the cache is rebuilt, as loopdb's generation does.
@@ -758,9 +757,6 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                 break
         self.loops_used = streams.loops_used
         return output
-
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask")}
 
 
 class _BatchStream:
