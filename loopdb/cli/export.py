@@ -12,6 +12,7 @@ def add_parser(commands) -> None:
     p.add_argument("--out", required=True, help="the folder to write (new or empty)")
     p.add_argument("--seed", type=int, default=0, help="the default noise seed of the exported model")
     p.add_argument("--samples", type=int, default=4, help="the default noise draws of its predictive readout")
+    p.set_defaults(handler=run, takes_overrides=False)
 
 
 def run(args) -> int:
