@@ -223,6 +223,8 @@ def test_adaptive_exit_generates_as_loopdbs(runs, objective, rule):
         assert theirs == ours
         loops = exported.loops_used[0]
         assert sum(loops) / len(loops) == pytest.approx(stats["mean_loops"])
+    at_load = load_pair(runs, objective, exit=rule)[1]  # a load-time default, as lm-eval's --model_args give it
+    assert at_load.generate(torch.tensor([prompt]), max_new_tokens=24, num_loops=6, noise_seed=1)[0, 5:].tolist() == ours
     assert min(loops) < 6 or rule.startswith("gate")  # the rule stopped some token early
 
 
@@ -428,7 +430,8 @@ def _lm_eval(model, model_args, tasks, limit):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective, num_loops", [("dense", 1), ("diffusion", 2), ("bptt", 2), ("stacked-diffusion", 2)])
+@pytest.mark.parametrize("objective, num_loops", [("dense", 1), ("diffusion", 2), ("bptt", 2), ("ouro", 2),
+                                                      ("stacked-diffusion", 2)])
 def test_lm_eval_hf_scores_the_export_as_lm_eval_loopdb_scores_the_run(data_dir, tmp_path, offline_hf, objective,
                                                                        num_loops):
     """The likelihood tasks, 10 documents each, at a loop count other than the export's default (4), so

@@ -709,8 +709,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         filled with ``pad_token_id``). With ``use_cache`` a new token runs against a ``LoopDBCache``
         of the earlier positions, else the window is recomputed (the same tokens, slower); when the
         window is full it slides by half and the cache is rebuilt, as loopdb's generation does.
-        ``exit`` (sequence recurrence): stop each token's loops early, ``kl:EPS``, ``delta:EPS`` or ``gate:Q``
-        (``self.loops_used`` then holds each new token's loops); ``grid``, ``solver``, ``grid_sigma_last``,
+        ``exit`` (sequence recurrence; default the config's): stop each token's loops early, ``kl:EPS``,
+        ``delta:EPS`` or ``gate:Q`` (``self.loops_used`` then holds each new token's loops); ``grid``, ``solver``, ``grid_sigma_last``,
         ``estimate``: the diffusion sampler's settings."""
         settings = generation_config if generation_config is not None else self.generation_config
         num_loops = int(self.config.num_loops if num_loops is None else num_loops)
@@ -728,6 +728,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             max_new_tokens = max(0, limit - input_ids.shape[1])
         if num_loops < 1:
             raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+        exit = getattr(self.config, "exit", None) if exit is None else exit
         if exit and self.config.recurrence != "sequence":
             raise ValueError("adaptive exit applies to sequence-recurrent models (objective bptt or ouro)")
         ExitTracker(exit, (1,), input_ids.device)  # a bad rule fails here, before any work
