@@ -378,10 +378,11 @@ def test_the_export_loads_where_loopdb_is_not_importable(runs, data_dir, tmp_pat
         assert torch.equal(torch.load(tmp_path / "logits.pt"), exported(inputs, num_loops=2).logits)
 
 
-def test_save_pretrained_round_trips_unchanged(runs, data_dir, tmp_path):
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion"])
+def test_save_pretrained_round_trips_unchanged(runs, data_dir, tmp_path, objective):
     from transformers import AutoModelForCausalLM
 
-    exported = load_pair(runs, "bptt")[1]
+    exported = load_pair(runs, objective)[1]
     exported.save_pretrained(tmp_path / "again")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True).eval()
     def settings(model):
