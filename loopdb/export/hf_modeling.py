@@ -22,6 +22,10 @@ the export's tests check the logits and the generated tokens against loopdb's ow
 - ``readout``: ``predictive`` returns log of the mean over ``num_samples`` draws of the last loop's
   next-token distribution (log-probabilities, loopdb's scoring readout); ``draw`` returns the raw
   last-loop logits of one draw.
+- ``generate``: its own loop (not transformers' GenerationMixin.generate, whose cache and input
+  handling assume one pass per token), with a ``LoopDBCache`` (a ``DynamicCache`` of one key/value
+  slot per layer, per loop and layer where loops attend over the sequence), left-padded batches,
+  lm-eval's stopping criteria, and adaptive exit for sequence recurrence.
 """
 
 from __future__ import annotations
