@@ -39,6 +39,8 @@ class ModelConfig:
     #                                 position: a state attends to the clean stream only (DiffusionBlocks; ablation)
     #                                 auto: sequence for bptt and ouro, position for diffusion and dense
     sandwich_norm: bool = False     # sequence recurrence: Huginn's norms after each residual add, as well as before
+    state_std: float = 1.0          # bptt, ouro: std of the random initial state (Huginn's)
+    init: str = "small"             # sequence recurrence: small (N(0, 0.02) linears and embeddings) | torch (PyTorch's defaults)
     attention: str = "auto"         # auto (xformers on CUDA when its probe passes, else SDPA) | sdpa | xformers
     n_layers: int = 8               # stacked / mdm / vit / dit: distinct layers in all
     num_blocks: int = 4             # DiffusionBlocks of n_layers/num_blocks contiguous layers each
@@ -189,6 +191,8 @@ class Config:
             (m.n_prelude >= 0 and m.n_coda >= 0, "n_prelude and n_coda must be >= 0"),
             (m.context >= 2, "context must be >= 2"),
             (m.injection in ("concat", "add"), f"injection must be concat or add, got {m.injection!r}"),
+            (m.state_std >= 0, "state_std must be >= 0"),
+            (m.init in ("small", "torch"), f"init must be small or torch, got {m.init!r}"),
             (m.attention in ("auto", "sdpa", "xformers"), f"attention must be auto, sdpa or xformers, got {m.attention!r}"),
             (d.sigma_data >= 0, "sigma_data must be >= 0 (0 = 1/sqrt(d_model))"),
             (0 < d.sigma_min < d.sigma_max, "need 0 < sigma_min < sigma_max"),

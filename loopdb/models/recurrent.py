@@ -79,8 +79,9 @@ class RecurrentDepthLM(nn.Module):
         self.final_norm = RMSNorm(dim)
         self.head = None if model.tie_head else nn.Linear(dim, model.vocab_size, bias=False)
         self.exit_gate = nn.Linear(dim, 1) if exit_gate else None
-        init_linears(self)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        if model.init == "small":
+            init_linears(self)
+            nn.init.normal_(self.embedding.weight, std=0.02)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -238,7 +238,7 @@ class BPTTObjective:
 
     def initial_state(self, model, shape, num_loops, generator, device):
         # Huginn starts from a random state; the recurrence normalises it to unit RMS after one step
-        return torch.randn(shape, generator=generator).to(device)
+        return (torch.randn(shape, generator=generator) * model.config.state_std).to(device)
 
     def final_logits(self, model, context, z, num_loops: int, generator=None):
         for _ in range(num_loops):
