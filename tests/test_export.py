@@ -91,6 +91,18 @@ def test_exported_logits_equal_loopdbs_predictive_readout(runs, data_dir, object
     assert torch.allclose(theirs, ours, atol=ATOL, rtol=0)
 
 
+def test_the_initial_states_scale_is_the_runs(runs, data_dir):
+    from loopdb.readouts import scoring
+
+    model, exported = load_pair(runs, "bptt")
+    model.config.state_std = exported.config.state_std = 0.3
+    inputs = play_windows(data_dir, 2, 16)
+    with torch.no_grad():
+        ours = scoring.predictive_distribution(model, inputs, 2, 3, [torch.Generator().manual_seed(1) for _ in range(2)])
+        theirs = exported(inputs, num_loops=2, noise_seed=1).logits
+    assert torch.allclose(theirs, ours, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion"])
 def test_one_draw_readout_equals_loopdbs_last_loop_logits(runs, data_dir, objective):
     from loopdb.readouts import scoring

@@ -49,7 +49,7 @@ def hf_config_values(config) -> dict:
         "vocab_size": m.vocab_size, "context": m.context, "d_model": m.d_model, "n_heads": m.n_heads,
         "n_prelude": m.n_prelude, "n_core": m.n_core, "n_coda": m.n_coda, "mlp_ratio": m.mlp_ratio,
         "injection": m.injection, "tie_head": m.tie_head, "recurrence": "position" if stacked else config.recurrence,
-        "sandwich_norm": m.sandwich_norm, "exit_gate": t.objective == "ouro", "objective": t.objective,
+        "sandwich_norm": m.sandwich_norm, "state_std": m.state_std, "exit_gate": t.objective == "ouro", "objective": t.objective,
         "sigma_data": d.sigma_data, "target_norm": d.target_norm, "p_mean": d.p_mean, "p_std": d.p_std,
         "sigma_min": d.sigma_min, "sigma_max": d.sigma_max, "grid": d.grid, "grid_sigma_last": d.grid_sigma_last,
         "solver": d.solver, "estimate": d.estimate, "self_condition": d.self_condition,

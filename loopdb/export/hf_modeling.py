@@ -596,7 +596,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         noise = torch.randn(shape, generator=generator).to(device)
         if self.config.objective == "diffusion":
             return noise * math.sqrt(self.sigma_data**2 + self.config.sigma_max**2)
-        return noise
+        return noise * self.config.state_std
 
     def _loop_logits(self, clean, z, num_loops, generator, states, sampler):
         """K loops from state z (None: dense); the last loop's logits; ``states`` receives each loop's state."""
@@ -852,6 +852,7 @@ class _RowStream:
         else:
             z = torch.stack([torch.randn(width, generator=torch.Generator().manual_seed(
                 (self.seed * 1_000_003 + position) % 2**63)) for position in range(start, len(self.window))])[None]
+            z = z * model.config.state_std
             logits, used = model._decode_sequence(clean, z.to(device), self.num_loops, self.exit_rule)
         self.cache.length = len(self.window)
         self.loops_used.append(int(used[0, -1]))
