@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LoopdbError, UsageError
+from . import export as export_command
 from .args import check_flag_minimums, parse_loops, parse_overrides
 
 USER_ERROR = 2
@@ -200,6 +201,7 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopdb", description="Looped transformers trained with DiffusionBlocks.")
     commands = parser.add_subparsers(dest="command", required=True)
+    export_command.add_parser(commands)
 
     p = commands.add_parser("prepare", help="tokenize a corpus into a data folder")
     p.add_argument("--out", required=True)
@@ -380,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(run_commands(args.run), args.command)(args, parse_overrides(extra))
         if extra:
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
-        return {"prepare": cmd_prepare, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+        return {"prepare": cmd_prepare, "eval": cmd_eval, "bench": cmd_bench,
+                "export": export_command.run}[args.command](args)
     except LoopdbError as error:
         print(f"loopdb {args.command}: error: {error}", file=sys.stderr)
         return USER_ERROR
