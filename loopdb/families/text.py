@@ -10,11 +10,13 @@ import torch
 
 from .. import data as data_lib
 from ..config import Config
+from ..models.joint import JointDiffusionLM
 from ..models.looped import LoopedLM
 from ..models.recurrent import RecurrentDepthLM
 from ..models.masked import MaskedDiffusionLM
 from ..models.stacked import HostOffload, StackedLM
 from ..objectives.drafting import DraftDiffusionObjective
+from ..objectives.joint import JointDiffusionObjective
 from ..objectives.masked import make_masked_objective
 from ..objectives.next_token import DenseObjective, StackedDiffusionObjective, make_objective
 from ..readouts import masked as masked_readouts
@@ -90,6 +92,10 @@ def text_data_dir(data: str | None, config: Config) -> Path:
 def _build_looped(config: Config):
     """Sequence recurrence (Huginn's wiring: loopdb.models.recurrent) or the per-position loop
     of the DiffusionBlocks LM (loopdb.models.looped), as ``config.recurrence`` says."""
+    if config.recurrence == "sequence" and config.train.objective == "diffusion":
+        model = JointDiffusionLM(config.model, config.diffusion)
+        model.objective = JointDiffusionObjective()
+        return model
     objective = _looped_objective(config)
     if config.recurrence == "sequence":
         return RecurrentDepthLM(config.model, objective, exit_gate=config.train.objective == "ouro")
@@ -117,8 +123,14 @@ def _looped_rules(config: Config) -> list:
     objective = t.objective
     drafting = m.draft_width > 1 or t.anchor_weight > 0
     return [
-        (objective != "diffusion" or config.recurrence == "position",
-         "objective=diffusion loops over one position's denoised target; it needs recurrence=position (or auto)"),
+        (objective != "diffusion" or config.recurrence == "position"
+         or not (drafting or d.self_condition or d.rollout_fraction or d.train_grid_fraction or d.likelihood_logits),
+         "draft_width, anchor_weight, self_condition, rollout_fraction, train_grid_fraction and likelihood_logits "
+         "are per-position remedies; recurrence=sequence (sequence-joint DiffusionBlocks) does not support them"),
+        (objective == "diffusion" and config.recurrence == "sequence"
+         or not (d.position_sigma_fraction or d.wavefront),
+         "position_sigma_fraction and wavefront belong to sequence-joint DiffusionBlocks "
+         "(objective=diffusion with recurrence=sequence)"),
         (objective != "ouro" or config.recurrence == "sequence",
          "objective=ouro trains the exit gate of the sequence-recurrent model; use recurrence=sequence (or auto)"),
         (not drafting or objective == "diffusion",
