@@ -7,7 +7,8 @@ need not move every position down the grid together:
       p(i, t) = clamp(i/(K-1) * (1 + W) - W * t/(T-1), 0, 1)
   along the same grid curve, so earlier positions run ahead of later ones (they resolve first and
   later positions read them) and every position ends on the grid's last sigma.
-K = 1 is one evaluation at sigma_max for every position and width.
+K = 1 is one evaluation at sigma_max for every position and width; a lone position (generation's
+newest token) follows the grid whatever the width.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def position_progress(num_loops: int, length: int, width: float = 0.0) -> torch.
         return torch.zeros(1, length, dtype=torch.float64)
     loop = torch.arange(num_loops, dtype=torch.float64)[:, None] / (num_loops - 1)
     position = torch.arange(length, dtype=torch.float64)[None, :] / max(length - 1, 1)
-    if width == 0:
+    if width == 0 or length == 1:
         return loop.expand(num_loops, length).clone()
     return (loop * (1 + width) - width * position).clamp(0.0, 1.0)
 

@@ -13,6 +13,11 @@ Design (the looped family with ``objective=diffusion`` and ``recurrence=sequence
 - coda C and the head give logits; Dhat = softmax(logits) @ the target table drives the sampler.
 The network sees no loop index and no grid: K loops = K sampler steps on any grid
 (loopdb.maths.schedules), chosen at inference.
+
+Generation: a position whose target is known (every prompt position but the last, and each
+position once its token is drawn) enters as its clean target at the grid's last sigma, the state
+the sampler ends in. Its keys/values then never change, so a ``JointContext`` keeps ONE cache per
+layer whatever the loop count, and each new token runs its K loops as one row against it.
 """
 
 from __future__ import annotations
@@ -21,14 +26,30 @@ import torch
 import torch.nn as nn
 
 from ..config import DiffusionConfig, ModelConfig
-from ..layers import Block, SigmaEmbedder, RMSNorm, Rotary
+from dataclasses import dataclass
+
+from ..layers import Block, SigmaEmbedder, RMSNorm, Rotary, causal_mask, run_clean_layers
 from ..maths.edm import NoiseSchedule, precondition
 from .looped import NextTokenDenoiser
-from .recurrent import RecurrentContext
+
+
+@dataclass
+class JointContext:
+    """What the loops read. ``embedded``: the prelude output (B, n, C) of the last n positions, the
+    ones a sampler denoises; ``length``: positions so far. In generation (``known`` positions) the
+    first ``committed`` positions sit at their clean targets and their per-layer keys/values are
+    cached (prelude_kv over all ``length`` positions; core_kv and coda_kv over the committed)."""
+
+    embedded: torch.Tensor
+    length: int
+    prelude_kv: list | None = None
+    core_kv: list | None = None
+    coda_kv: list | None = None
+    committed: int = 0
 
 
 class JointDiffusionLM(NextTokenDenoiser, nn.Module):
-    sequence_recurrence = True  # every loop attends over all positions' states
+    known_targets = True  # generation: known positions enter as clean targets (loopdb.readouts.generation)
 
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig):
         super().__init__()
@@ -53,28 +74,62 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         self.head = None if model.tie_head else nn.Linear(dim, model.vocab_size, bias=False)
         self._init_linears_and_embedding()
 
-    def encode(self, tokens: torch.Tensor) -> RecurrentContext:
-        """The prelude over ``tokens`` (B, T): what every loop reads beside the states."""
-        cos, sin = self._rotary(tokens.shape[1], tokens.device)
-        hidden = self.embedding(tokens)
-        for layer in self.prelude:
-            hidden, _ = layer(hidden, cos, sin)
-        return RecurrentContext(hidden, tokens.shape[1])
+    def encode(self, tokens: torch.Tensor, cache: JointContext | None = None, known: bool = False) -> JointContext:
+        """The prelude over ``tokens`` (B, T): what every loop reads beside the states (training and
+        scoring: every position is denoised). With ``known`` (or a ``cache`` to extend), generation:
+        every position but the newest has a known target (the token after it), so those enter as
+        clean targets at the last sigma and are cached; only the newest stays to be denoised."""
+        if cache is None and not known:
+            cos, sin = self._rotary(tokens.shape[1], tokens.device)
+            hidden, _ = run_clean_layers(self.prelude, self.embedding(tokens), cos, sin)
+            return JointContext(hidden, tokens.shape[1])
+        start = 0 if cache is None else cache.length
+        cos, sin, mask = self._positions(start, tokens.shape[1], start, tokens.device)
+        embedded, prelude_kv = run_clean_layers(self.prelude, self.embedding(tokens), cos, sin,
+                                                None if cache is None else cache.prelude_kv, mask=mask)
+        pending = embedded if cache is None else torch.cat([cache.embedded, embedded], 1)
+        context = JointContext(pending, start + tokens.shape[1], prelude_kv, None if cache is None else cache.core_kv,
+                               None if cache is None else cache.coda_kv, 0 if cache is None else cache.committed)
+        return self._commit(context, tokens if cache is not None else tokens[:, 1:])
 
-    def denoise(self, z: torch.Tensor, sigma, context: RecurrentContext) -> torch.Tensor:
-        """Logits (B, T, V) of the denoiser for the states z (B, T, C) at noise levels ``sigma``: a
-        float, one per sequence (B,), or one per position (B, T)."""
+    def _commit(self, context: JointContext, targets: torch.Tensor) -> JointContext:
+        """Move the first targets.shape[1] pending positions to the cache at their clean targets."""
+        count = targets.shape[1]
+        if count == 0:
+            return context
+        start = context.committed
+        sigma = torch.full(targets.shape, self.sigma_last, device=targets.device)
+        cos, sin, mask = self._positions(start, count, start, targets.device)
+        pre = precondition(sigma, self.sigma_data)
+        hidden = self._inject(pre.c_in[..., None] * self.targets(targets), context.embedded[:, :count])
+        cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)
+        hidden, core_kv = run_clean_layers(self.core, hidden, cos, sin, context.core_kv, cond, mask)
+        _, coda_kv = run_clean_layers(self.coda, hidden, cos, sin, context.coda_kv, None, mask)
+        return JointContext(context.embedded[:, count:], context.length, context.prelude_kv, core_kv, coda_kv,
+                            start + count)
+
+    @property
+    def sigma_last(self) -> float:
+        """Where the sampler ends, and where known positions sit in generation."""
+        return self.diffusion.grid_sigma_last or self.schedule.sigma_min
+
+    def denoise(self, z: torch.Tensor, sigma, context: JointContext) -> torch.Tensor:
+        """Logits (B, n, V) of the denoiser for the states z (B, n, C) of the context's last n
+        positions, at noise levels ``sigma``: a float, one per sequence (B,), or one per position (B, n)."""
         batch, length = z.shape[:2]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device)
         sigma = (sigma[:, None] if sigma.dim() == 1 else sigma).expand(batch, length)
         pre = precondition(sigma, self.sigma_data)
-        cos, sin = self._rotary(length, z.device)
-        hidden = self._inject(pre.c_in[..., None] * z, context.embedded)
-        cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)  # (B, T, C): one condition per row
-        for layer in self.core:
-            hidden, _ = layer(hidden, cos, sin, cond=cond)
-        for layer in self.coda:
-            hidden, _ = layer(hidden, cos, sin)
+        start = context.length - length
+        cos, sin, mask = self._positions(start, length, context.committed, z.device)
+        hidden = self._inject(pre.c_in[..., None] * z, context.embedded[:, -length:])
+        cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)  # (B, n, C): one condition per row
+        for index, layer in enumerate(self.core):
+            hidden, _ = layer(hidden, cos, sin, cond=cond, mask=mask,
+                              kv_prefix=None if context.core_kv is None else context.core_kv[index])
+        for index, layer in enumerate(self.coda):
+            hidden, _ = layer(hidden, cos, sin, mask=mask,
+                              kv_prefix=None if context.coda_kv is None else context.coda_kv[index])
         return self.logits_from(hidden)
 
     def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -83,6 +138,16 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
 
     def _rotary(self, length: int, device):
         return self.rotary(torch.arange(length, device=device))
+
+    def _positions(self, start: int, length: int, cached: int, device):
+        """cos, sin and mask of rows [start, start + length) reading ``cached`` cached keys before their
+        own; mask None (no cache): the plain causal fast path."""
+        cos, sin = self.rotary(torch.arange(start, start + length, device=device))
+        if cached == 0 and start == 0:
+            return cos, sin, None
+        queries = torch.arange(start, start + length, device=device)
+        keys = torch.cat([torch.arange(cached, device=device), queries])
+        return cos, sin, causal_mask(queries, keys)
 
     def _inject(self, state, embedded):
         state = state.to(embedded.dtype)
