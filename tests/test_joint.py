@@ -186,3 +186,17 @@ def test_generation_with_and_without_the_cache_gives_the_same_tokens():
         cached = generate(model, prompt, 20, 4, temperature=1.0, seed=3)  # slides the 16-token window once
         uncached = generate(model, prompt, 20, 4, temperature=1.0, seed=3, use_cache=False)
     assert cached == uncached and len(cached) == 20
+
+
+def test_a_task_model_generates_by_denoising_the_whole_window_as_scoring_does():
+    from loopdb.readouts.generation import generate
+
+    model = joint_model(wavefront=1.0)
+    model.targets_are_next_tokens = False  # a reasoning task: prompt positions' targets are unknown
+    prompt = torch.randint(VOCAB, (1, 6))
+    with torch.no_grad():
+        token = generate(model, prompt[0].tolist(), 1, 4, temperature=0.0, seed=5)[0]
+        generator = torch.Generator().manual_seed(5)
+        z = initial_noise(model, (1, 6, 32), 4, generator, "cpu")
+        expected = int(loop_logits(model, model.encode(prompt), z, 4, generator)[0, -1].argmax())
+    assert token == expected

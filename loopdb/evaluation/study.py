@@ -33,7 +33,7 @@ from .compare import LOOP_FREE_READOUTS, score_member, train_member
 
 STUDY_READOUTS = ("predictive", "last", "elbo")
 DRAFT_READOUTS = ("anchor", "block_elbo")  # drafting runs (issue 15); skipped for members without drafts or anchor
-INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last")  # change the sampler, not the trained weights
+INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last", "wavefront")  # change the sampler, not the trained weights
 
 
 def load_variants(path) -> dict[str, dict]:

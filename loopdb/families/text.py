@@ -93,7 +93,7 @@ def _build_looped(config: Config):
     """Sequence recurrence (Huginn's wiring: loopdb.models.recurrent) or the per-position loop
     of the DiffusionBlocks LM (loopdb.models.looped), as ``config.recurrence`` says."""
     if config.recurrence == "sequence" and config.train.objective == "diffusion":
-        model = JointDiffusionLM(config.model, config.diffusion)
+        model = JointDiffusionLM(config.model, config.diffusion, targets_are_next_tokens=not config.train.task)
         model.objective = JointDiffusionObjective()
         return model
     objective = _looped_objective(config)

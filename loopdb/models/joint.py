@@ -49,10 +49,13 @@ class JointContext:
 
 
 class JointDiffusionLM(NextTokenDenoiser, nn.Module):
-    known_targets = True  # generation: known positions enter as clean targets (loopdb.readouts.generation)
+    joint_denoiser = True  # generation denoises positions jointly (loopdb.readouts.generation)
 
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig):
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, targets_are_next_tokens: bool = True):
+        """``targets_are_next_tokens``: a text LM (position t's target is token t+1, so in generation
+        every position but the newest has a known target); False for a reasoning task's answers."""
         super().__init__()
+        self.targets_are_next_tokens = targets_are_next_tokens
         self.config, self.diffusion = model, diffusion
         dim = model.d_model
         self.sigma_data = diffusion.sigma_data or dim**-0.5

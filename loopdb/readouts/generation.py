@@ -34,9 +34,9 @@ def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temp
     (``_generate_recurrent``): ``exit_rule`` (loopdb.maths.exit) stops each token's loops early,
     ``last_cache_only`` is Ouro's one-cache shortcut, and ``stats`` receives the mean loops used
     and the cache's size."""
-    if getattr(model, "known_targets", False):
+    if getattr(model, "joint_denoiser", False):
         _check_request([prompt], num_loops)
-        return _generate_known(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache)
+        return _generate_joint(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache)
     if getattr(model, "sequence_recurrence", False):
         _check_request([prompt], num_loops)
         return _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
@@ -80,8 +80,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loo
     seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
-    if getattr(model, "known_targets", False):
-        return [_generate_known(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache)
+    if getattr(model, "joint_denoiser", False):
+        return [_generate_joint(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache)
                 for prompt, seed in zip(prompts, seeds)]
     if getattr(model, "sequence_recurrence", False):
         return [_generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
@@ -163,19 +163,23 @@ def _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, t
     return new_tokens
 
 
-def _generate_known(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache):
-    """Sequence-joint DiffusionBlocks: the positions whose next token is known sit at their clean
-    targets in the context's cache (loopdb.models.joint); each new token is one row sampled with
-    ``num_loops`` loops against it. Without the cache the context is rebuilt every token (same
-    tokens, slower). The window slides like ``generate``'s."""
+def _generate_joint(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache):
+    """Sequence-joint DiffusionBlocks. A model whose targets are the next tokens (text) knows the target
+    of every position but the newest: those sit at their clean targets in the context's cache
+    (loopdb.models.joint) and each new token is one row sampled with ``num_loops`` loops against it;
+    without the cache the context is rebuilt every token (same tokens, slower). A model trained on
+    other targets (a reasoning task's running answers) denoises every position of the window jointly
+    for each new token, as scoring does. The window slides like ``generate``'s."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     width, window = model.config.d_model, model.config.context
+    known = model.targets_are_next_tokens
     tokens, new_tokens = list(prompt), []
     start = max(0, len(tokens) - window)
-    context = model.encode(torch.tensor([tokens[start:]], device=device), known=True)
+    context = model.encode(torch.tensor([tokens[start:]], device=device), known=known)
     for _ in range(max_new_tokens):
-        z = scoring.initial_noise(model, (1, 1, width), num_loops, generator, device)
+        rows = 1 if known else context.length
+        z = scoring.initial_noise(model, (1, rows, width), num_loops, generator, device)
         logits = scoring.loop_logits(model, context, z, num_loops, generator)[0, -1]
         token = sample_next_token(logits, temperature, top_k, generator)
         tokens.append(token)
@@ -183,8 +187,8 @@ def _generate_known(model, prompt, max_new_tokens, num_loops, temperature, top_k
         slide = len(tokens) - start > window
         if slide:  # keep the last half of the window
             start = len(tokens) - window // 2
-        if use_cache and not slide:
+        if known and use_cache and not slide:
             context = model.encode(torch.tensor([[token]], device=device), cache=context)
         else:
-            context = model.encode(torch.tensor([tokens[start:]], device=device), known=True)
+            context = model.encode(torch.tensor([tokens[start:]], device=device), known=known)
     return new_tokens
