@@ -1,6 +1,6 @@
 """Sequence-joint DiffusionBlocks LM: the loop is a denoiser over the WHOLE sequence of states.
 
-Design (the looped family with ``objective=diffusion`` and ``recurrence=sequence``; docs/method.md):
+Design (the looped family with ``objective=diffusion`` and ``recurrence=sequence``; docs/method.md 3.1.6):
 - prelude P: plain causal layers on the token embeddings, e = P(x) (as in Huginn's wiring);
 - the loop state z_t at position t is a noisy copy of t's own target, the unit-norm embedding of
   the token t must predict: z = y + sigma_t * eps. Positions may sit at DIFFERENT noise levels
@@ -12,7 +12,7 @@ Design (the looped family with ``objective=diffusion`` and ``recurrence=sequence
 - input injection: Huginn's adapter Linear([c_in z ; e]) (``injection=concat``) or c_in z + e;
 - coda C and the head give logits; Dhat = softmax(logits) @ the target table drives the sampler.
 The network sees no loop index and no grid: K loops = K sampler steps on any grid
-(loopdb.maths.schedules), chosen at inference.
+(loopdb.maths.schedules), chosen at inference. docs/method.md#position-schedules
 
 Generation: a position whose target is known (every prompt position but the last, and each
 position once its token is drawn) enters as its clean target at the grid's last sigma, the state
