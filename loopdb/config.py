@@ -96,6 +96,7 @@ class TrainConfig:
     test_difficulties: tuple = ()   # task: difficulties scored on val/test; () = the trained ones and twice the largest
     eval_examples: int = 64         # task: examples per difficulty in evaluation
     time_budget_minutes: float = 0.0  # > 0: train for this much training time (max_steps is then estimated)
+    time_budget_clock: str = "wall"  # wall: elapsed time | cpu: the process's CPU time (equal compute on a shared machine)
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int = 1000
@@ -204,6 +205,7 @@ class Config:
             (0 <= d.train_grid_fraction <= 1 and 0 <= d.rollout_fraction <= 1,
              "train_grid_fraction and rollout_fraction must be in [0, 1]"),
             (d.rollout_loops >= 2 and d.rollout_max_steps >= 0, "rollout_loops must be >= 2, rollout_max_steps >= 0"),
+            (t.time_budget_clock in ("wall", "cpu"), f"time_budget_clock must be wall or cpu, got {t.time_budget_clock!r}"),
             (d.sigma_sampling in ("lognormal", "loguniform"),
              f"sigma_sampling must be lognormal or loguniform, got {d.sigma_sampling!r}"),
             (0 <= d.position_sigma_fraction <= 1, "position_sigma_fraction must be in [0, 1]"),
