@@ -49,7 +49,7 @@ def test_a_position_reads_earlier_states_and_never_later_ones():
     model = joint_model()
     tokens = torch.randint(VOCAB, (1, LENGTH))
     z = torch.randn(1, LENGTH, 32, requires_grad=True)
-    logits = model.denoise(z, torch.full((1, LENGTH), 0.5), model.encode(tokens))
+    logits = model.denoise(z, torch.full((1, LENGTH), 0.5), model.encode(tokens, known=False))
     position = 5
     (gradient,) = torch.autograd.grad(logits[0, position].sum(), z)
     influence = gradient[0].abs().sum(-1)
@@ -63,17 +63,17 @@ def test_per_row_sigmas_give_what_each_prefix_gives_alone():
     z = torch.randn(2, LENGTH, 32)
     sigma = torch.exp(torch.empty(2, LENGTH).uniform_(-3, 4))
     with torch.no_grad():
-        together = model.denoise(z, sigma, model.encode(tokens))
+        together = model.denoise(z, sigma, model.encode(tokens, known=False))
         for end in (1, 4, LENGTH):
-            alone = model.denoise(z[:, :end], sigma[:, :end], model.encode(tokens[:, :end]))
+            alone = model.denoise(z[:, :end], sigma[:, :end], model.encode(tokens[:, :end], known=False))
             torch.testing.assert_close(together[:, :end], alone, atol=1e-5, rtol=1e-5)
         # a per-sequence sigma is the same as that sigma at every position
-        per_sequence = model.denoise(z, sigma[:, 0], model.encode(tokens))
-        torch.testing.assert_close(per_sequence, model.denoise(z, sigma[:, :1].expand(2, LENGTH), model.encode(tokens)))
+        per_sequence = model.denoise(z, sigma[:, 0], model.encode(tokens, known=False))
+        torch.testing.assert_close(per_sequence, model.denoise(z, sigma[:, :1].expand(2, LENGTH), model.encode(tokens, known=False)))
         # the condition is real: moving one position's sigma changes that position's logits
         moved = sigma.clone()
         moved[:, 3] *= 10
-        changed = model.denoise(z, moved, model.encode(tokens))
+        changed = model.denoise(z, moved, model.encode(tokens, known=False))
     assert not torch.allclose(changed[:, 3], together[:, 3], atol=1e-4)
     torch.testing.assert_close(changed[:, :3], together[:, :3])
 
@@ -172,9 +172,9 @@ def test_the_cache_holds_known_positions_at_their_clean_targets_at_the_last_sigm
         # the same position in one pass over the whole sequence, the known ones clean at the last sigma
         states = torch.cat([model.targets(tokens[:, 1:]), z], 1)
         sigma = torch.cat([torch.full((1, LENGTH - 1), last), torch.full((1, 1), 3.0)], 1)
-        whole = model.denoise(states, sigma, model.encode(tokens))[:, -1:]
+        whole = model.denoise(states, sigma, model.encode(tokens, known=False))[:, -1:]
     torch.testing.assert_close(from_cache, whole, atol=1e-5, rtol=1e-5)
-    assert cached.committed == LENGTH - 1 and cached.embedded.shape[1] == 1
+    assert cached.committed == LENGTH - 1 and cached.embedded.shape[1] == LENGTH
 
 
 def test_generation_with_and_without_the_cache_gives_the_same_tokens():
@@ -198,5 +198,22 @@ def test_a_task_model_generates_by_denoising_the_whole_window_as_scoring_does():
         token = generate(model, prompt[0].tolist(), 1, 4, temperature=0.0, seed=5)[0]
         generator = torch.Generator().manual_seed(5)
         z = initial_noise(model, (1, 6, 32), 4, generator, "cpu")
-        expected = int(loop_logits(model, model.encode(prompt), z, 4, generator)[0, -1].argmax())
+        expected = int(loop_logits(model, model.encode(prompt), z, 4, generator)[0, -1].argmax())  # not known
     assert token == expected
+
+
+def test_with_a_known_prefix_each_scored_row_reads_the_clean_prefix_before_it_alone():
+    """Text scoring: row t (noisy, its own sigma) reads positions < t at their clean targets and
+    itself; it equals the generation step at t, and no other noisy row reaches it."""
+    model = joint_model()
+    tokens = torch.randint(VOCAB, (1, LENGTH))
+    z = torch.randn(1, LENGTH, 32, requires_grad=True)
+    sigma = torch.exp(torch.empty(1, LENGTH).uniform_(-3, 4))
+    context = model.encode(tokens)  # a text model: known prefix
+    assert context.committed == LENGTH - 1
+    logits = model.denoise(z, sigma, context)
+    (gradient,) = torch.autograd.grad(logits[0, 5].sum(), z)
+    assert torch.all(gradient[0, :5] == 0) and torch.all(gradient[0, 6:] == 0) and gradient[0, 5].abs().sum() > 0
+    with torch.no_grad():
+        step = model.denoise(z[:, 5:6].detach(), sigma[:, 5:6], model.encode(tokens[:, :6]))
+    torch.testing.assert_close(step[:, 0], logits[:, 5].detach(), atol=1e-5, rtol=1e-5)

@@ -14,20 +14,21 @@ Design (the looped family with ``objective=diffusion`` and ``recurrence=sequence
 The network sees no loop index and no grid: K loops = K sampler steps on any grid
 (loopdb.maths.schedules), chosen at inference. docs/method.md#position-schedules
 
-Generation: a position whose target is known (every prompt position but the last, and each
-position once its token is drawn) enters as its clean target at the grid's last sigma, the state
-the sampler ends in. Its keys/values then never change, so a ``JointContext`` keeps ONE cache per
-layer whatever the loop count, and each new token runs its K loops as one row against it.
+A known prefix (text: every position but the newest has a known target, the token after it):
+those positions enter as their clean targets at the grid's last sigma, the state the sampler ends
+in. Their keys/values then never change, so a ``JointContext`` keeps ONE cache per layer whatever
+the loop count; each new token in generation, and each scored position, runs its K loops as one
+row against the prefix before it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..config import DiffusionConfig, ModelConfig
-from dataclasses import dataclass
-
 from ..layers import Block, SigmaEmbedder, RMSNorm, Rotary, causal_mask, run_clean_layers
 from ..maths.edm import NoiseSchedule, precondition
 from .looped import NextTokenDenoiser
@@ -35,10 +36,10 @@ from .looped import NextTokenDenoiser
 
 @dataclass
 class JointContext:
-    """What the loops read. ``embedded``: the prelude output (B, n, C) of the last n positions, the
-    ones a sampler denoises; ``length``: positions so far. In generation (``known`` positions) the
-    first ``committed`` positions sit at their clean targets and their per-layer keys/values are
-    cached (prelude_kv over all ``length`` positions; core_kv and coda_kv over the committed)."""
+    """What the loops read: ``embedded``, the prelude output (B, length, C) of every position so far.
+    With a known prefix the first ``committed`` positions sit at their clean targets at the last
+    sigma and their per-layer keys/values are cached (prelude_kv over all positions, core_kv and
+    coda_kv over the committed ones)."""
 
     embedded: torch.Tensor
     length: int
@@ -52,7 +53,7 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
     joint_denoiser = True  # generation denoises positions jointly (loopdb.readouts.generation)
 
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, targets_are_next_tokens: bool = True):
-        """``targets_are_next_tokens``: a text LM (position t's target is token t+1, so in generation
+        """``targets_are_next_tokens``: a text LM (position t's target is token t+1, so at inference
         every position but the newest has a known target); False for a reasoning task's answers."""
         super().__init__()
         self.targets_are_next_tokens = targets_are_next_tokens
@@ -77,55 +78,63 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         self.head = None if model.tie_head else nn.Linear(dim, model.vocab_size, bias=False)
         self._init_linears_and_embedding()
 
-    def encode(self, tokens: torch.Tensor, cache: JointContext | None = None, known: bool = False) -> JointContext:
-        """The prelude over ``tokens`` (B, T): what every loop reads beside the states (training and
-        scoring: every position is denoised). With ``known`` (or a ``cache`` to extend), generation:
-        every position but the newest has a known target (the token after it), so those enter as
-        clean targets at the last sigma and are cached; only the newest stays to be denoised."""
+    def encode(self, tokens: torch.Tensor, cache: JointContext | None = None, known: bool | None = None) -> JointContext:
+        """The context of ``tokens`` (B, T) at inference, appended to ``cache`` if given.
+
+        ``known`` (default: ``targets_are_next_tokens``): every position but the newest has a known
+        target, the token after it; those enter as clean targets at the last sigma and are cached,
+        and a sampler denoises each row against that prefix alone (text: scoring and generation).
+        Without it (a reasoning task, whose running answers are not in the input) every position
+        is denoised jointly."""
+        known = self.targets_are_next_tokens if known is None else known
         if cache is None and not known:
-            cos, sin = self._rotary(tokens.shape[1], tokens.device)
-            hidden, _ = run_clean_layers(self.prelude, self.embedding(tokens), cos, sin)
-            return JointContext(hidden, tokens.shape[1])
+            return JointContext(self._prelude(tokens), tokens.shape[1])
         start = 0 if cache is None else cache.length
-        cos, sin, mask = self._positions(start, tokens.shape[1], start, tokens.device)
+        cos, sin, mask = self._positions(start, tokens.shape[1], start, False, tokens.device)
         embedded, prelude_kv = run_clean_layers(self.prelude, self.embedding(tokens), cos, sin,
                                                 None if cache is None else cache.prelude_kv, mask=mask)
-        pending = embedded if cache is None else torch.cat([cache.embedded, embedded], 1)
-        context = JointContext(pending, start + tokens.shape[1], prelude_kv, None if cache is None else cache.core_kv,
+        if cache is not None:
+            embedded = torch.cat([cache.embedded, embedded], 1)
+        context = JointContext(embedded, start + tokens.shape[1], prelude_kv, None if cache is None else cache.core_kv,
                                None if cache is None else cache.coda_kv, 0 if cache is None else cache.committed)
         return self._commit(context, tokens if cache is not None else tokens[:, 1:])
 
+    def _prelude(self, tokens: torch.Tensor) -> torch.Tensor:
+        cos, sin, _ = self._positions(0, tokens.shape[1], 0, False, tokens.device)
+        return run_clean_layers(self.prelude, self.embedding(tokens), cos, sin)[0]
+
     def _commit(self, context: JointContext, targets: torch.Tensor) -> JointContext:
-        """Move the first targets.shape[1] pending positions to the cache at their clean targets."""
+        """Cache the next targets.shape[1] positions after the committed ones at their clean targets."""
         count = targets.shape[1]
         if count == 0:
             return context
         start = context.committed
         sigma = torch.full(targets.shape, self.sigma_last, device=targets.device)
-        cos, sin, mask = self._positions(start, count, start, targets.device)
+        cos, sin, mask = self._positions(start, count, start, False, targets.device)
         pre = precondition(sigma, self.sigma_data)
-        hidden = self._inject(pre.c_in[..., None] * self.targets(targets), context.embedded[:, :count])
+        hidden = self._inject(pre.c_in[..., None] * self.targets(targets), context.embedded[:, start:start + count])
         cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)
         hidden, core_kv = run_clean_layers(self.core, hidden, cos, sin, context.core_kv, cond, mask)
         _, coda_kv = run_clean_layers(self.coda, hidden, cos, sin, context.coda_kv, None, mask)
-        return JointContext(context.embedded[:, count:], context.length, context.prelude_kv, core_kv, coda_kv,
-                            start + count)
+        return JointContext(context.embedded, context.length, context.prelude_kv, core_kv, coda_kv, start + count)
 
     @property
     def sigma_last(self) -> float:
-        """Where the sampler ends, and where known positions sit in generation."""
+        """Where the sampler ends, and where known positions sit."""
         return self.diffusion.grid_sigma_last or self.schedule.sigma_min
 
     def denoise(self, z: torch.Tensor, sigma, context: JointContext) -> torch.Tensor:
         """Logits (B, n, V) of the denoiser for the states z (B, n, C) of the context's last n
-        positions, at noise levels ``sigma``: a float, one per sequence (B,), or one per position (B, n)."""
+        positions, at noise levels ``sigma``: a float, one per sequence (B,), or one per position (B, n).
+        Rows read each other causally; with a known prefix, each row reads the prefix before it
+        and itself only."""
         batch, length = z.shape[:2]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device)
         sigma = (sigma[:, None] if sigma.dim() == 1 else sigma).expand(batch, length)
         pre = precondition(sigma, self.sigma_data)
         start = context.length - length
-        cos, sin, mask = self._positions(start, length, context.committed, z.device)
-        hidden = self._inject(pre.c_in[..., None] * z, context.embedded[:, -length:])
+        cos, sin, mask = self._positions(start, length, context.committed, context.committed > 0, z.device)
+        hidden = self._inject(pre.c_in[..., None] * z, context.embedded[:, start:])
         cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)  # (B, n, C): one condition per row
         for index, layer in enumerate(self.core):
             hidden, _ = layer(hidden, cos, sin, cond=cond, mask=mask,
@@ -137,20 +146,22 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
 
     def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The training pass: prelude over ``inputs``, ONE denoiser evaluation of every position."""
-        return self.denoise(noisy, sigma, self.encode(inputs))
+        return self.denoise(noisy, sigma, JointContext(self._prelude(inputs), inputs.shape[1]))
 
     def _rotary(self, length: int, device):
         return self.rotary(torch.arange(length, device=device))
 
-    def _positions(self, start: int, length: int, cached: int, device):
-        """cos, sin and mask of rows [start, start + length) reading ``cached`` cached keys before their
-        own; mask None (no cache): the plain causal fast path."""
-        cos, sin = self.rotary(torch.arange(start, start + length, device=device))
+    def _positions(self, start: int, length: int, cached: int, alone: bool, device):
+        """cos, sin and mask of rows [start, start + length) reading ``cached`` cached keys (those before
+        each row's position) and their own rows: causally, or with ``alone`` each row itself only.
+        mask None (no cache): the plain causal fast path."""
+        queries = torch.arange(start, start + length, device=device)
+        cos, sin = self.rotary(queries)
         if cached == 0 and start == 0:
             return cos, sin, None
-        queries = torch.arange(start, start + length, device=device)
-        keys = torch.cat([torch.arange(cached, device=device), queries])
-        return cos, sin, causal_mask(queries, keys)
+        prefix = torch.arange(cached, device=device)
+        own = queries[None, :] == queries[:, None] if alone else causal_mask(queries, queries)
+        return cos, sin, torch.cat([prefix[None, :] < queries[:, None], own], dim=1)
 
     def _inject(self, state, embedded):
         state = state.to(embedded.dtype)
