@@ -214,13 +214,14 @@ def test_every_objective_runs_through_the_same_adapter(tokenizer):
         pytest.skip("this loopdb has a single model family")
     from loopdb.config import DiffusionConfig, ModelConfig, preset
     from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.sampling import OBJECTIVE_LOOPS
     from loopdb.models.looped import LoopedLM
 
     for name in objectives.OBJECTIVES:
         train = preset("tiny").apply_overrides({"objective": name, "mean_depth": "3"}).train
         config = ModelConfig(vocab_size=tokenizer.vocab_size, context=CONTEXT, d_model=32, n_heads=4, n_prelude=1,
                              n_core=1, n_coda=1)
-        lm = LoopDBLM(model=LoopedLM(config, DiffusionConfig(), objectives.make_objective(train)),
+        lm = LoopDBLM(model=LoopedLM(config, DiffusionConfig(), OBJECTIVE_LOOPS[train.objective]),
                       tokenizer=tokenizer, num_loops=2, samples=2)
         (logprob, _), = lm.loglikelihood([instance("loglikelihood", ("To be", " or not to be"))], disable_tqdm=True)
         assert math.isfinite(logprob), name

@@ -11,7 +11,7 @@ from loopdb.maths.edm import NoiseSchedule, grid_curve, sigma_grid
 from loopdb.maths.schedules import position_progress, position_sigmas
 from loopdb.models.joint import JointDiffusionLM
 from loopdb.models.looped import LoopedLM
-from loopdb.objectives.joint import training_sigmas
+from loopdb.objectives.joint import JointDiffusionObjective, training_sigmas
 from loopdb.readouts.scoring import initial_noise, loop_logits
 
 VOCAB, LENGTH = 11, 9
@@ -123,7 +123,7 @@ def test_a_training_step_is_one_forward_and_one_backward_pass():
         layer.register_forward_hook(lambda *_: forwards.append(1))
         layer.register_full_backward_hook(lambda *_: backwards.append(1))
     batch = {"inputs": torch.randint(VOCAB, (4, LENGTH)), "targets": torch.randint(VOCAB, (4, LENGTH))}
-    loss, stats = model.objective.loss(model, batch, torch.Generator().manual_seed(0))
+    loss, stats = JointDiffusionObjective().loss(model, batch, torch.Generator().manual_seed(0))
     loss.backward()
     assert len(forwards) == len(model.core) and len(backwards) == len(model.core)
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.core.parameters())

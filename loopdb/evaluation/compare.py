@@ -19,6 +19,7 @@ import torch
 from .. import data as data_lib
 from ..readouts.scoring import bits_per_byte
 from ..runs.folder import load_model, run_data_dir
+from ..sampling import sampler_of
 
 DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -77,7 +78,7 @@ LOOP_FREE_READOUTS = ("anchor",)  # the dense anchor head: one clean pass, whate
 
 def loop_counts(model, loops, readout: str) -> tuple:
     """The loop counts a readout of ``model`` is scored at: K = 1 only where K changes nothing."""
-    return tuple(loops) if model.objective.has_loops and readout not in LOOP_FREE_READOUTS else (1,)
+    return tuple(loops) if sampler_of(model).has_loops and readout not in LOOP_FREE_READOUTS else (1,)
 
 
 def _task_scores(run, model, config, loops, samples, max_windows, seed, device, readout, split) -> dict:
@@ -91,7 +92,7 @@ def _task_scores(run, model, config, loops, samples, max_windows, seed, device, 
               if within_training(d, config.train) == (readout == "accuracy")]
     examples = evaluation_examples(task, split, wanted, max_windows or config.train.eval_examples)
     results = {}
-    for num_loops in loops if model.objective.has_loops else (1,):
+    for num_loops in loops if sampler_of(model).has_loops else (1,):
         results[str(num_loops)] = task_accuracy(model, task, examples, num_loops, samples, seed, device=device)["accuracy"]
         print(f"[loopdb] {run.name} {readout} K={num_loops}: {results[str(num_loops)]:.3f}", file=sys.stderr)
     return results

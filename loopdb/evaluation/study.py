@@ -29,6 +29,7 @@ from ..config import preset
 from ..errors import ConfigError
 from ..readouts.quality import sample_quality
 from ..runs.folder import load_model, run_data_dir
+from ..sampling import sampler_of
 from .compare import LOOP_FREE_READOUTS, score_member, train_member
 
 STUDY_READOUTS = ("predictive", "last", "elbo")
@@ -108,7 +109,7 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
                     print(f"[study] {name}: {readout} skipped: {error}", file=sys.stderr)
             if "samples" in missing:
                 model = load_model(run, sampler=variant["sampler"])[0]
-                counts = loops if model.objective.has_loops else (1,)
+                counts = loops if sampler_of(model).has_loops else (1,)
                 member["samples"] = {str(k): sample_quality(model, judge_model, newline, k, generations,
                                                                    generation_length) for k in counts}
             if missing:

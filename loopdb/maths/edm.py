@@ -170,16 +170,19 @@ def euler_step(z: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
 def heun_step(denoise: Denoiser, z: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """Heun's 2nd-order correction (EDM Algorithm 1): average the slopes at sigma and sigma_next."""
     z_euler = euler_step(z, denoised, sigma, sigma_next)
-    if sigma_next <= 0:
+    if bool((torch.as_tensor(sigma_next) <= 0).all()):  # a grid entry may be a tensor of per-position sigmas
         return z_euler
     denoised_next = denoise(z_euler, sigma_next)
     slope = 0.5 * ((z - denoised) / sigma + (z_euler - denoised_next) / sigma_next)
     return z + (sigma_next - sigma) * slope
 
 
-def initial_state(shape, sigma_max: float, sigma_data: float, generator: torch.Generator | None = None,
+def initial_state(shape, sigma_max, sigma_data: float, generator: torch.Generator | None = None,
                   device=None) -> torch.Tensor:
-    """z at the top of the grid: the marginal of y + sigma_max * eps, variance sd^2 + s_max^2."""
+    """z at the top of the grid: the marginal of y + sigma_max * eps, variance sd^2 + s_max^2.
+    ``sigma_max``: a float, or a tensor of per-position sigmas that broadcasts against ``shape``."""
     # draw on the generator's device so a CPU generator seeds CUDA runs identically
     noise = torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
+    if torch.is_tensor(sigma_max):
+        return noise.to(device) * (sigma_data**2 + sigma_max.to(device)**2).sqrt()
     return noise.to(device) * math.sqrt(sigma_data**2 + sigma_max**2)

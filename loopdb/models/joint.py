@@ -50,7 +50,8 @@ class JointContext:
 
 
 class JointDiffusionLM(NextTokenDenoiser, nn.Module):
-    joint_denoiser = True  # generation denoises positions jointly (loopdb.readouts.generation)
+    loop = "joint"  # its sampler (loopdb.sampling): K steps with a sigma per position
+    anchor_head = False
 
     def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, targets_are_next_tokens: bool = True):
         """``targets_are_next_tokens``: a text LM (position t's target is token t+1, so at inference

@@ -22,7 +22,7 @@ Design (METHOD 3.1; [ours] where the paper is silent):
   token at small sigma from the start: a bare network reads z through c_skip but has to
   learn logits of scale 1/sigma^2 behind the final norm (the block ELBO exploded there).
 - ``num_loops`` is an argument of every inference call; the sigma grid is computed
-  from it on the fly (loopdb.edm.sigma_grid), never stored.
+  from it on the fly (loopdb.maths.edm.sigma_grid), never stored.
 - Draft width L (``draft_width``, issue 15) [ours]: position t holds L noisy slots, the
   embeddings of tokens t+1..t+L, denoised jointly at one sigma. A slot attends to the
   clean keys at positions <= t and to the L slots of its own position, never to other
@@ -66,6 +66,10 @@ class NextTokenDenoiser:
     """What every next-token diffusion LM of loopdb shares (the looped and the stacked one):
     the target table, Dhat, the head, and the noisy stream's positions and mask. Needs
     ``embedding``, ``rotary``, ``final_norm``, ``head`` and ``target_norm``."""
+
+    draft_width = 1            # noisy slots per position (the looped model's draft_width)
+    anchor_head = False        # whether the clean stream's next-token logits were trained (anchor_weight > 0)
+    sequence_recurrence = False  # loops update one position's state at a time (loopdb.models.recurrent: all)
 
     # -- tables -----------------------------------------------------------------------
     def target_table(self) -> torch.Tensor:
@@ -123,11 +127,14 @@ class NextTokenDenoiser:
 
 
 class LoopedLM(NextTokenDenoiser, nn.Module):
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, objective=None):
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, loop: str = "diffusion",
+                 anchor_head: bool = False):
+        """``loop``: what one loop is at inference, the name of its sampler (loopdb.sampling): diffusion
+        (a denoiser step), recurrent (``recur``) or dense (none: ``dense_logits``); ``anchor_head``: the
+        dense next-token logits of the clean stream were trained beside the denoiser."""
         super().__init__()
         self.config, self.diffusion = model, diffusion
-        # how to train it and what a loop means at inference (loopdb.objectives); a plain object, not a module
-        self.objective = objective
+        self.loop, self.anchor_head = loop, anchor_head
         dim = model.d_model
         self.sigma_data = diffusion.sigma_data or dim**-0.5
         self.schedule = NoiseSchedule(diffusion.p_mean, diffusion.p_std, diffusion.sigma_min, diffusion.sigma_max)

@@ -14,10 +14,6 @@ import math
 
 import torch
 
-from ..maths.edm import grid_curve
-from ..maths.edm import initial_state as edm_initial_state
-from ..maths.sampler import run_sampler
-from ..maths.schedules import position_sigmas
 from .next_token import mean_cross_entropy, split_batch
 
 
@@ -39,8 +35,7 @@ def training_sigmas(diffusion, schedule, shape: tuple[int, int], generator: torc
 
 
 class JointDiffusionObjective:
-    name = "diffusion"
-    has_loops = True
+    """The loss only; what K loops are at inference is loopdb.sampling's JointSampler."""
 
     def loss(self, model, batch, generator: torch.Generator, step: int = 0):
         inputs, targets = split_batch(batch)
@@ -50,23 +45,3 @@ class JointDiffusionObjective:
         noisy = clean + sigma[..., None].to(clean.dtype) * noise
         cross_entropy = mean_cross_entropy(model(inputs, noisy, sigma), targets)
         return cross_entropy, {"ce": cross_entropy.detach(), "sigma_median": sigma.median().detach()}
-
-    # -- inference: K loops = K sampler steps, each position on its own sigma schedule ------------------
-    def grid(self, model, num_loops: int, length: int) -> torch.Tensor:
-        """(K, T) sigmas: the grid kind ``model.diffusion.grid`` walked with the wavefront width."""
-        diffusion = model.diffusion
-        last = diffusion.grid_sigma_last or model.schedule.sigma_min
-        curve = grid_curve(model.schedule, diffusion.grid, last)
-        return position_sigmas(num_loops, length, curve, model.schedule.sigma_max, last, diffusion.wavefront)
-
-    def initial_state(self, model, shape, num_loops, generator, device):
-        return edm_initial_state(shape, model.schedule.sigma_max, model.sigma_data, generator, device)
-
-    def final_logits(self, model, context, z, num_loops: int, generator=None):
-        sigmas = self.grid(model, num_loops, z.shape[1]).to(z.device)
-
-        def step(state, sigma):  # sigma: (T, 1), one per position
-            logits = model.denoise(state, sigma.view(1, -1), context)
-            return model.soft_denoised(logits).to(state.dtype), logits
-
-        return run_sampler(step, z, list(sigmas[..., None]), "euler")

@@ -87,11 +87,13 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on each step's large activations
         torch.manual_seed(config.train.seed)
+        # the model and its loss (the model holds none; loopdb.sampling reads it at inference)
         if self.owned_blocks is None:
             self.model = family.build(config).to(self.device)
+            self.objective = family.objective(config)
         else:  # this rank allocates and trains its own blocks only
             self.model = family.build_for_blocks(config, self.owned_blocks).to(self.device)
-        self.objective = self.model.objective
+            self.objective = family.objective_for_blocks(config, self.owned_blocks)
         self.wrapper = self._wrap_for_ranks()  # DDP or FSDP around the whole step; None: one process
         self.optimizer = make_optimizer(self.model, config)
         family.after_optimizer(self.model, self.optimizer, self.device, self.group.world_size > 1)
@@ -432,7 +434,7 @@ class Trainer:
 
         ordered = sorted(step_seconds) or [0.0]
         summary = {
-            "objective": self.objective.name,
+            "objective": self.config.train.objective,
             "steps": self.step,
             "tokens_seen": self.step * tokens_per_step,
             "train_seconds": sum(step_seconds),
