@@ -157,7 +157,7 @@ def cmd_study(args, overrides) -> int:
     data_dir = family_of(config).data_dir(args.data, config)
     run_study(args.preset, args.out, data_dir, args.variants, args.budget_minutes, args.steps, parse_loops(args.loops),
               readouts, args.samples, args.max_windows, args.split, args.judge, args.generations,
-              args.generation_length)
+              args.generation_length, args.budget_clock)
     print((Path(args.out) / "results.md").read_text())
     return 0
 
@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", required=True, help='JSON: {"name": {"key": value, ..., "seeds": [0, 1]}, ...}')
     p.add_argument("--data", default=None)
     p.add_argument("--budget-minutes", type=float, default=None, help="training time per member")
+    p.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall",
+                   help="what --budget-minutes counts: elapsed time, or the member's CPU time (fair on shared cores)")
     p.add_argument("--steps", type=int, default=None, help="train each member for this many steps instead")
     p.add_argument("--loops", default="1,2,4,8,16")
     p.add_argument("--readouts", default="predictive,last,elbo")

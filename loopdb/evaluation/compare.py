@@ -25,15 +25,16 @@ DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def train_member(run: Path, preset: str, data_dir: Path, budget_minutes: float | None, steps: int | None,
-                 overrides: list[str]) -> dict:
+                 overrides: list[str], budget_clock: str = "wall") -> dict:
     """Train one run in its own process (so its peak memory is its own) unless it already finished;
     an interrupted member resumes from its last checkpoint. Returns its train_summary.json."""
     summary_path = run / "train_summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
-    limit = f"--max_steps={steps}" if steps else f"--time_budget_minutes={budget_minutes}"
+    limit = [f"--max_steps={steps}"] if steps else [f"--time_budget_minutes={budget_minutes}",
+                                                    f"--time_budget_clock={budget_clock}"]
     command = [sys.executable, "-m", "loopdb", "train", "--preset", preset, "--data", str(data_dir),
-               "--out", str(run), "--quiet", limit, "--eval_every=1000000000", "--eval_loops=1", *overrides]
+               "--out", str(run), "--quiet", *limit, "--eval_every=1000000000", "--eval_loops=1", *overrides]
     if (run / "latest").exists():
         command.append("--resume")
     print(f"[loopdb] training {run.name}: {' '.join(command[3:])}", file=sys.stderr)

@@ -10,11 +10,13 @@ import torch
 
 from .. import data as data_lib
 from ..config import Config
+from ..models.joint import JointDiffusionLM
 from ..models.looped import LoopedLM
 from ..models.recurrent import RecurrentDepthLM
 from ..models.masked import MaskedDiffusionLM
 from ..models.stacked import HostOffload, StackedLM
 from ..objectives.drafting import DraftDiffusionObjective
+from ..objectives.joint import JointDiffusionObjective
 from ..objectives.masked import make_masked_objective
 from ..objectives.next_token import DenseObjective, StackedDiffusionObjective, make_objective
 from ..readouts import masked as masked_readouts
@@ -92,15 +94,25 @@ def _build_looped(config: Config):
     """Sequence recurrence (Huginn's wiring: loopdb.models.recurrent) or the per-position loop
     of the DiffusionBlocks LM (loopdb.models.looped), as ``config.recurrence`` says."""
     train = config.train
+    if _joint(config):
+        return JointDiffusionLM(config.model, config.diffusion, targets_are_next_tokens=not train.task)
     loop = OBJECTIVE_LOOPS[train.objective]
     if config.recurrence == "sequence":
         return RecurrentDepthLM(config.model, loop, exit_gate=train.objective == "ouro")
     return LoopedLM(config.model, config.diffusion, loop, anchor_head=train.anchor_weight > 0)
 
 
+def _joint(config: Config) -> bool:
+    """Sequence-joint DiffusionBlocks (loopdb.models.joint): diffusion with sequence recurrence."""
+    return config.train.objective == "diffusion" and config.recurrence == "sequence"
+
+
 def _looped_objective(config: Config):
-    """DiffusionBlocks with drafts or the anchor head when asked for, else the plain objectives."""
+    """DiffusionBlocks with drafts or the anchor head when asked for, sequence-joint DiffusionBlocks
+    with sequence recurrence, else the plain objectives."""
     train = config.train
+    if _joint(config):
+        return JointDiffusionObjective()
     if train.objective == "diffusion" and (config.model.draft_width > 1 or train.anchor_weight > 0):
         return DraftDiffusionObjective(train.anchor_weight, train.draft_fraction)
     return make_objective(train)
@@ -119,8 +131,15 @@ def _looped_rules(config: Config) -> list:
     objective = t.objective
     drafting = m.draft_width > 1 or t.anchor_weight > 0
     return [
-        (objective != "diffusion" or config.recurrence == "position",
-         "objective=diffusion loops over one position's denoised target; it needs recurrence=position (or auto)"),
+        (objective != "diffusion" or config.recurrence == "position"
+         or not (drafting or d.self_condition or d.rollout_fraction or d.train_grid_fraction or d.likelihood_logits),
+         "draft_width, anchor_weight, self_condition, rollout_fraction, train_grid_fraction and likelihood_logits "
+         "are per-position remedies; recurrence=sequence (sequence-joint DiffusionBlocks) does not support them"),
+        (not _joint(config) or d.solver in ("euler", "ancestral"),
+         f"sequence-joint DiffusionBlocks samples with solver euler or ancestral, not {d.solver!r}"),
+        (_joint(config) or not (d.position_sigma_fraction or d.wavefront),
+         "position_sigma_fraction and wavefront belong to sequence-joint DiffusionBlocks "
+         "(objective=diffusion with recurrence=sequence)"),
         (objective != "ouro" or config.recurrence == "sequence",
          "objective=ouro trains the exit gate of the sequence-recurrent model; use recurrence=sequence (or auto)"),
         (not drafting or objective == "diffusion",

@@ -36,6 +36,9 @@ def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temp
     (``_generate_recurrent``): ``exit_rule`` (loopdb.maths.exit) stops each token's loops early,
     ``last_cache_only`` is Ouro's one-cache shortcut, and ``stats`` receives the mean loops used
     and the cache's size."""
+    if model.loop == "joint":
+        _check_request([prompt], num_loops)
+        return _generate_joint(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache)
     if model.sequence_recurrence:
         _check_request([prompt], num_loops)
         return _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
@@ -82,6 +85,9 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loo
     seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    if model.loop == "joint":
+        return [_generate_joint(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache)
+                for prompt, seed in zip(prompts, seeds)]
     if model.sequence_recurrence:
         return [_generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
                                     None, False, None) for prompt, seed in zip(prompts, seeds)]
@@ -151,4 +157,35 @@ def _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, t
     if stats is not None:
         stats.update({"mean_loops": sum(loops) / max(1, len(loops)),
                       "cache_bytes": 0 if cache is None else cache.nbytes()})
+    return new_tokens
+
+
+def _generate_joint(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache):
+    """Sequence-joint DiffusionBlocks. A model whose targets are the next tokens (text) knows the target
+    of every position but the newest: those sit at their clean targets in the context's cache
+    (loopdb.models.joint) and each new token is one row sampled with ``num_loops`` loops against it;
+    without the cache the context is rebuilt every token (same tokens, slower). A model trained on
+    other targets (a reasoning task's running answers) denoises every position of the window jointly
+    for each new token, as scoring does. The window slides like ``generate``'s."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    width, window = model.config.d_model, model.config.context
+    known = model.targets_are_next_tokens
+    tokens, new_tokens = list(prompt), []
+    start = max(0, len(tokens) - window)
+    context = model.encode(torch.tensor([tokens[start:]], device=device), known=known)
+    for _ in range(max_new_tokens):
+        rows = 1 if known else context.length
+        z = scoring.initial_noise(model, (1, rows, width), num_loops, generator, device)
+        logits = scoring.loop_logits(model, context, z, num_loops, generator)[0, -1]
+        token = sample_next_token(logits, temperature, top_k, generator)
+        tokens.append(token)
+        new_tokens.append(token)
+        slide = len(tokens) - start > window
+        if slide:  # keep the last half of the window
+            start = len(tokens) - window // 2
+        if known and use_cache and not slide:
+            context = model.encode(torch.tensor([[token]], device=device), cache=context)
+        else:
+            context = model.encode(torch.tensor([tokens[start:]], device=device), known=known)
     return new_tokens

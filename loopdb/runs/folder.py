@@ -24,7 +24,7 @@ from ..families import build_model
 from .checkpoint import _atomic_write_text, checkpoints, latest_checkpoint, load_config, load_weights, verify_checkpoint
 
 RUN_CONFIG, DATA_POINTER, METRICS = "config.json", "data.json", "metrics.jsonl"
-SAMPLER_KEYS = ("grid", "solver", "grid_sigma_last", "estimate")  # may change after training
+SAMPLER_KEYS = ("grid", "solver", "grid_sigma_last", "estimate", "wavefront")  # may change after training
 
 
 def write_run_files(run_dir, config: Config, data_dir: Path | None, preset: str | None = None) -> None:

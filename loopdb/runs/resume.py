@@ -14,7 +14,7 @@ from .folder import run_data_dir, run_preset
 
 RESUMABLE = frozenset({
     # how long and how fast: the cosine schedule stretches to the new max_steps
-    "max_steps", "time_budget_minutes", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
+    "max_steps", "time_budget_minutes", "time_budget_clock", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
     "grad_clip", "skip_nonfinite_steps",
     # evaluation and checkpoints
     "eval_every", "eval_loops", "eval_windows", "eval_samples", "eval_examples", "test_difficulties",

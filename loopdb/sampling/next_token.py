@@ -9,6 +9,8 @@ settings are the model's (``model.diffusion``), so one instance serves every mod
   L > 1 each step denoises the L slots of every position together and the logits are slot 0's.
 - recurrent (Huginn, Ouro): K iterations of the core from a random state, then the coda.
 - dense: the layers once on the clean stream; K is ignored and no noise is drawn.
+- joint (sequence-joint DiffusionBlocks): K solver steps with a sigma per position, one sigma for
+  all or a wavefront across positions (loopdb.maths.schedules).
 
 Every sampler answers ``initial_state(model, shape, K, generator, device)`` (None: no state),
 ``final_logits(model, context, z, K, generator)`` and ``has_loops``.
@@ -19,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..maths.edm import initial_state as edm_initial_state
-from ..maths.edm import sigma_grid
+from ..maths.edm import grid_curve, sigma_grid
+from ..maths.schedules import position_sigmas
 from ..maths.sampler import run_sampler
 
 
@@ -130,8 +133,30 @@ class DenseSampler:
         return model.dense_logits(context)[:, -(context.length if z is None else z.shape[1]):]
 
 
-DIFFUSION, RECURRENT, DENSE = DiffusionSampler(), RecurrentSampler(), DenseSampler()
-SAMPLERS = {"diffusion": DIFFUSION, "recurrent": RECURRENT, "dense": DENSE}  # the values of a model's ``loop``
+class JointSampler(DiffusionSampler):
+    """Sequence-joint DiffusionBlocks (loopdb.models.joint): K solver steps from sigma_max with a sigma
+    per position. The grid is (K, T): the model's grid curve walked with the wavefront width
+    (loopdb.maths.schedules; width 0: every position on the same grid), handed to the solver one
+    (T, 1) row per step."""
+
+    def grid(self, model, num_loops: int, length: int = 1) -> torch.Tensor:
+        diffusion = model.diffusion
+        curve = grid_curve(model.schedule, diffusion.grid, model.sigma_last)
+        return position_sigmas(num_loops, length, curve, model.schedule.sigma_max, model.sigma_last,
+                               diffusion.wavefront)
+
+    def initial_state(self, model, shape, num_loops: int, generator, device):
+        return edm_initial_state(shape, model.schedule.sigma_max, model.sigma_data, generator, device)
+
+    def final_logits(self, model, context, z, num_loops: int, generator=None):
+        rows = self.grid(model, num_loops, z.shape[1]).to(z.device)[..., None]  # (K, T, 1)
+        return self.run_grid(model, context, z, list(rows), generator,
+                             denoise=lambda state, sigma, previous: model.denoise(state, sigma.view(1, -1), context))
+
+
+DIFFUSION, RECURRENT, DENSE, JOINT = DiffusionSampler(), RecurrentSampler(), DenseSampler(), JointSampler()
+SAMPLERS = {"diffusion": DIFFUSION, "recurrent": RECURRENT, "dense": DENSE,  # the values of a model's ``loop``
+            "joint": JOINT}
 # the ``loop`` of a next-token model trained with each objective (the family sets it from the run's config)
 OBJECTIVE_LOOPS = {"diffusion": "diffusion", "bptt": "recurrent", "ouro": "recurrent", "dense": "dense"}
 

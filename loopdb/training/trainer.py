@@ -425,19 +425,21 @@ class Trainer:
                    desc="train", unit="step")
         tokens_per_step = train.batch_size * train.grad_accum * self.config.model.context * self.batch_draws[0]  # the job's
         last_eval = {}
-        step_seconds = []
+        step_seconds, budget_seconds = [], []  # budget_seconds: on the time_budget_clock
         stopping, train_loss = False, None
         try:
             with StopSignals(abandon=False) as stop:
                 while self.step < train.max_steps and not (stopping := self._stop_agreed(stop.asked)):
-                    started = time.perf_counter()
+                    started, started_cpu = time.perf_counter(), time.process_time()
                     stats = self.train_step()
                     elapsed = time.perf_counter() - started
                     step_seconds.append(elapsed)
+                    budget_seconds.append(time.process_time() - started_cpu if train.time_budget_clock == "cpu"
+                                          else elapsed)
                     stats["tokens_per_s"] = tokens_per_step / elapsed
                     train_loss = stats["loss"]
                     if train.time_budget_minutes > 0:
-                        self._fit_budget(step_seconds, bar)
+                        self._fit_budget(budget_seconds, bar)
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", gnorm=f"{stats['grad_norm']:.2f}",
                                     tok_s=f"{stats['tokens_per_s']:.0f}")
@@ -515,7 +517,9 @@ class Trainer:
 
     def _fit_budget(self, step_seconds: list[float], bar) -> None:
         """With a time budget, set max_steps from the measured step time (re-estimated every
-        10 steps, so the cosine schedule ends when the budget does). Evaluation time is not counted."""
+        10 steps, so the cosine schedule ends when the budget does). Evaluation time is not counted.
+        ``step_seconds`` are on ``time_budget_clock``: CPU time makes a budget mean the same compute
+        however many other processes share the cores (with one thread, it is the quiet wall time)."""
         train = self.config.train
         budget, spent = train.time_budget_minutes * 60, sum(step_seconds)
         if spent >= budget:
