@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from ..readouts.scoring import initial_noise, loop_logits
 from ..config import preset
 from ..training.trainer import Trainer
 from .minimal_recurrent import MinimalSettings, task_scores, train_minimal
@@ -43,13 +44,13 @@ def run_loopdb(overrides: dict, steps: int, seconds: float, count: int, preset_n
             if trainer.step % 100 == 0:  # progress on stderr: the loss curve of a long comparison
                 print(f"loopdb step {trainer.step} loss {stats['loss']:.4f}", file=sys.stderr, flush=True)
         elapsed = time.perf_counter() - start
-    model, objective = trainer.model.eval(), trainer.objective
+    model = trainer.model.eval()
     generator = torch.Generator().manual_seed(0)
 
     def logits_at(inputs, loops):
         context = model.encode(inputs)
-        state = objective.initial_state(model, (*inputs.shape, model.config.d_model), loops, generator, inputs.device)
-        return objective.final_logits(model, context, state, loops, generator)
+        state = initial_noise(model, (*inputs.shape, model.config.d_model), loops, generator, inputs.device)
+        return loop_logits(model, context, state, loops, generator)
 
     return {"updates": trainer.step, "seconds": elapsed, "parameters": model.num_parameters(),
             "scores": task_scores(logits_at, config.train.task, DIFFICULTIES, count, LOOPS)}
