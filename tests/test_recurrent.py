@@ -11,6 +11,7 @@ from loopdb.cli import main
 from loopdb.config import Config, preset
 from loopdb.families import build_model, check_config, family_of
 from loopdb.maths.exit import ExitRule, parse_exit
+from loopdb.models.joint import JointDiffusionLM
 from loopdb.models.looped import LoopedLM
 from loopdb.models.recurrent import RecurrentDepthLM
 from loopdb.objectives.next_token import (IGNORE_INDEX, BPTTObjective, OuroObjective, exit_distribution,
@@ -41,8 +42,8 @@ def test_auto_recurrence_is_sequence_for_bptt_and_ouro_and_per_position_for_diff
     assert isinstance(recurrent_model("ouro"), RecurrentDepthLM) and recurrent_model("ouro").exit_gate is not None
     assert isinstance(recurrent_model("diffusion"), LoopedLM)
     assert isinstance(recurrent_model("bptt", recurrence="position"), LoopedLM)
-    with pytest.raises(ConfigError, match="recurrence=position"):
-        recurrent_config("diffusion", recurrence="sequence")
+    # diffusion with sequence recurrence is the sequence-joint DiffusionBlocks model (tests/test_joint.py)
+    assert isinstance(recurrent_model("diffusion", recurrence="sequence"), JointDiffusionLM)
 
 
 def test_a_state_at_loop_k_depends_on_the_previous_position_at_loop_k_minus_1_and_never_on_later_ones():
