@@ -192,13 +192,13 @@ def test_cli_scores_block_elbo_benches_decoding_and_samples_speculatively(draft_
 
 
 def test_lm_eval_readout_anchor_scores_with_the_anchor_head(draft_run, data_dir):
-    from loopdb import data
+    from loopdb.data.storage import load_tokens
     from loopdb.evaluation.harness import LoopDBLM
     from loopdb.runs.folder import load_model
 
     lm = LoopDBLM(run=str(draft_run), readout="anchor", num_loops=4)
     model, _ = load_model(draft_run)
-    tokens = data.load_tokens(data_dir, "test")[:12].tolist()
+    tokens = load_tokens(data_dir, "test")[:12].tolist()
     (logprob, _), = lm.score_windows([(tokens, 11)])
     with torch.no_grad():
         dense = torch.log_softmax(model.dense_logits(model.encode(torch.tensor([tokens[:-1]]))), -1)

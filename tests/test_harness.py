@@ -35,9 +35,9 @@ def offline_hf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(data_dir):
-    from loopdb import data
+    from loopdb.data.storage import load_tokenizer
 
-    return data.load_tokenizer(data_dir)
+    return load_tokenizer(data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +67,10 @@ def instance(kind, args):
 
 
 def play_text(data_dir, split="test", chars=3000) -> str:
-    from loopdb import data
+    from loopdb.data.storage import load_tokenizer, load_tokens
 
-    tokens = data.load_tokens(data_dir, split)
-    return data.load_tokenizer(data_dir).decode(tokens[:2000])[:chars]
+    tokens = load_tokens(data_dir, split)
+    return load_tokenizer(data_dir).decode(tokens[:2000])[:chars]
 
 
 # -- the model class ------------------------------------------------------------------------------
@@ -247,17 +247,18 @@ def test_harness_bits_per_byte_equals_loopdb_score(tiny_lm, data_dir, tmp_path, 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from loopdb import data
+    from loopdb.data.storage import load_tokens
+    from loopdb.data.windows import eval_windows
     from loopdb.readouts import scoring as engine
     from loopdb.evaluation.harness import window_seed
 
     tokenizer = tiny_lm.tok
-    test_tokens = [int(t) for t in data.load_tokens(data_dir, "test")[:3000]]
+    test_tokens = [int(t) for t in load_tokens(data_dir, "test")[:3000]]
     start = next(i for i in range(200, 3000) if test_tokens[i] == tokenizer.newline_id)
     passage_tokens = test_tokens[start + 1:start + 1 + 5 * CONTEXT]
     text = tokenizer.decode(passage_tokens)
     assert tokenizer.encode(text) == passage_tokens
-    windows = data.eval_windows(torch.tensor([tokenizer.newline_id] + passage_tokens), CONTEXT)
+    windows = eval_windows(torch.tensor([tokenizer.newline_id] + passage_tokens), CONTEXT)
     assert [(w.tolist(), CONTEXT) for w in windows] == tiny_lm.rolling_windows(passage_tokens)
 
     token_bytes = torch.as_tensor(tokenizer.token_bytes)
@@ -321,11 +322,11 @@ def test_task_data_is_reproducible():
         import make_tasks
     finally:
         sys.path.remove(str(ROOT / "eval"))
-    from loopdb import data
+    from loopdb.errors import DataError
 
     try:
         built = make_tasks.build()
-    except data.DataError:
+    except DataError:
         pytest.skip("the default corpus is not installed")
     folder = TASKS / "shakespeare"
     for name, content in built.items():

@@ -20,11 +20,11 @@ USER_ERROR = 2
 
 # -- commands ------------------------------------------------------------------------------
 def cmd_prepare(args) -> int:
-    from ..data import prepare
+    from ..data.preparation import prepare
 
     corpus = None if args.corpus in (None, ["shakespeare"]) else args.corpus
     streaming = {key: getattr(args, key) for key in ("workers", "tokenizer_sample_mb", "shard_mb", "chunk_mb")
-                 if getattr(args, key) is not None}  # unset: loopdb.data's defaults
+                 if getattr(args, key) is not None}  # unset: loopdb.data.preparation's defaults
     meta = prepare(args.out, corpus=corpus, vocab_size=args.vocab_size, tokenizer=args.tokenizer, **streaming)
     splits = meta["splits"]
     print(f"prepared {args.out}: vocab {meta['vocab_size']} ({meta['dtype']}), tokens "
@@ -80,7 +80,7 @@ def cmd_compare(args, overrides) -> int:
     from ..config import preset
 
     check_budget(args)
-    from ..data import resolve_data_dir
+    from ..data.preparation import resolve_data_dir
 
     loops = parse_loops(args.loops)
     config = preset(args.preset).apply_overrides(overrides)  # fail fast on bad keys, before any training

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .. import data as data_lib
+from ..data.storage import load_tokenizer, load_tokens
+from ..data.windows import eval_windows
 from ..device import resolve_device
 from ..errors import UsageError
 from ..readouts import drafting
@@ -25,9 +26,9 @@ def score_block_elbo(args, sampler) -> int:
     device = resolve_device(args.device)
     model, config = load_model(args.run, device, sampler)
     data_dir = run_data_dir(args.run)
-    windows = data_lib.eval_windows(data_lib.load_tokens(data_dir, args.split), config.model.context,
+    windows = eval_windows(load_tokens(data_dir, args.split), config.model.context,
                                     args.max_windows)
-    token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
+    token_bytes = torch.as_tensor(load_tokenizer(data_dir).token_bytes)
     try:
         result = drafting.block_elbo_bits_per_byte(model, windows, token_bytes, loops, samples=args.samples,
                                                    seed=args.seed, batch_size=args.batch_size, device=device)
@@ -54,7 +55,7 @@ def sample_drafts(args, sampler) -> int:
     if loops < 1:
         raise UsageError(f"--loops {loops}: the loop count must be >= 1")
     model, _ = load_model(args.run, resolve_device(args.device), sampler)
-    tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
+    tokenizer = load_tokenizer(run_data_dir(args.run))
     prompt = tokenizer.encode(args.prompt or "\n")
     new_tokens = 100 if args.max_new_tokens is None else args.max_new_tokens
     try:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .. import data as data_lib
+from ..data.storage import load_meta, load_tokenizer, load_tokens
+from ..data.windows import eval_windows
 from ..readouts.scoring import bits_per_byte
 from ..runs.folder import load_model, run_data_dir
 
@@ -52,9 +53,9 @@ def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: 
     if config.train.task:
         return _task_scores(run, model, config, loops, samples, max_windows, seed, device, readout, split)
     data_dir = run_data_dir(run)
-    tokens = data_lib.load_tokens(data_dir, split)
-    token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
-    windows = data_lib.eval_windows(tokens, config.model.context, max_windows)
+    tokens = load_tokens(data_dir, split)
+    token_bytes = torch.as_tensor(load_tokenizer(data_dir).token_bytes)
+    windows = eval_windows(tokens, config.model.context, max_windows)
     counts = loop_counts(model, loops, readout)
     if readout == "block_elbo":  # one pass per K over the L-token blocks of a drafting run
         from ..readouts.drafting import block_elbo_bits_per_byte
@@ -127,8 +128,8 @@ def run_compare(preset: str, out, data_dir, budget_minutes: float | None = None,
         summary = train_member(out / objective, preset, Path(data_dir), budget_minutes, steps,
                                [*overrides, f"--objective={objective}"])
         models[objective] = {**summary, "bpb": score_member(out / objective, loops, samples, max_windows, seed)}
-    meta = data_lib.load_meta(data_dir)
-    windows = len(data_lib.eval_windows(data_lib.load_tokens(data_dir, "test"),
+    meta = load_meta(data_dir)
+    windows = len(eval_windows(load_tokens(data_dir, "test"),
                                         load_model(out / COMPARED[0])[1].model.context, max_windows))
     results = {
         "models": models,

@@ -114,7 +114,7 @@ class LoopDBLM(TemplateLM):
 
     Either ``run`` (a run folder: the model comes from ``loopdb.runs.folder.load_model``, the
     tokenizer from the run's data folder) or, from Python, an already built ``model`` and
-    ``tokenizer`` (a ``loopdb.data.Tokenizer``).
+    ``tokenizer`` (a ``loopdb.data.tokenizers.Tokenizer``).
     """
 
     MODEL_ARGS = ("run", "num_loops", "samples", "readout", "seed", "batch_size", "device", "exit")
@@ -141,11 +141,11 @@ class LoopDBLM(TemplateLM):
         if model is None:
             if run is None:
                 raise EvalError("the loopdb model needs run=PATH (a run folder made by `loopdb train`)")
-            from .. import data as data_lib
+            from ..data.storage import load_tokenizer
             from ..runs.folder import load_model, run_data_dir
 
             model, _ = load_model(run, self._device)
-            tokenizer = data_lib.load_tokenizer(run_data_dir(run))
+            tokenizer = load_tokenizer(run_data_dir(run))
         elif tokenizer is None:
             raise ValueError("pass the tokenizer along with an in-memory model")
         self.run = None if run is None else str(run)

@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .. import data as data_lib
+from ..data.storage import load_tokenizer
 from ..config import preset
 from ..errors import ConfigError
 from ..readouts.quality import sample_quality
@@ -77,7 +77,7 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
     if judge and Path(run_data_dir(judge)).resolve() != Path(data_dir).resolve():
         raise ConfigError(f"the judge {judge} was trained on other data ({run_data_dir(judge)}); "
                           "it must share the study's tokenizer")
-    newline = data_lib.load_tokenizer(data_dir).encode("\n")
+    newline = load_tokenizer(data_dir).encode("\n")
     results = {"preset": preset_name, "budget": {"minutes": budget_minutes, "steps": steps}, "split": split,
                "samples": samples, "max_windows": max_windows, "judge": judge, "generations": generations,
                "generation_length": generation_length, "variants": {}}

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .. import data as data_lib
+from ..data.preparation import resolve_data_dir
+from ..data.storage import load_meta, load_tokenizer, load_tokens, task_data_dir
+from ..data.windows import eval_windows, sample_windows
 from ..config import Config
 from ..models.looped import LoopedLM
 from ..models.recurrent import RecurrentDepthLM
@@ -29,22 +31,22 @@ class TextTask:
 
     def __init__(self, config: Config, data_dir):
         self.config = config
-        meta = data_lib.load_meta(Path(data_dir))
+        meta = load_meta(Path(data_dir))
         config.model.vocab_size = meta["vocab_size"]
-        self.train_tokens = data_lib.load_tokens(data_dir, "train")
-        self.val_tokens = data_lib.load_tokens(data_dir, "val")
-        self.tokenizer = data_lib.load_tokenizer(data_dir)
+        self.train_tokens = load_tokens(data_dir, "train")
+        self.val_tokens = load_tokens(data_dir, "val")
+        self.tokenizer = load_tokenizer(data_dir)
         self.token_bytes = torch.as_tensor(self.tokenizer.token_bytes)
 
     def batch(self, generator: torch.Generator, device) -> torch.Tensor:
         train = self.config.train
-        return data_lib.sample_windows(self.train_tokens, train.batch_size, self.config.model.context + 1,
+        return sample_windows(self.train_tokens, train.batch_size, self.config.model.context + 1,
                                        generator).to(device)
 
     def evaluate(self, model, device, autocast) -> dict:
         """Validation bits per byte at each of ``eval_loops`` (dense models: K = 1 only)."""
         train = self.config.train
-        windows = data_lib.eval_windows(self.val_tokens, self.config.model.context, train.eval_windows)
+        windows = eval_windows(self.val_tokens, self.config.model.context, train.eval_windows)
         results = {}
         with autocast():
             for loops in train.eval_loops if model.objective.has_loops else (1,):
@@ -64,13 +66,13 @@ class MaskedTextTask(TextTask):
     windows hold ``context`` tokens and validation windows tile the split."""
 
     def batch(self, generator: torch.Generator, device) -> torch.Tensor:
-        return data_lib.sample_windows(self.train_tokens, self.config.train.batch_size, self.config.model.context,
+        return sample_windows(self.train_tokens, self.config.train.batch_size, self.config.model.context,
                                        generator).to(device)
 
     def evaluate(self, model, device, autocast) -> dict:
         """Validation ELBO bits per byte (ELBO_T_SAMPLES draws per window, seeded)."""
         train = self.config.train
-        windows = data_lib.eval_windows(self.val_tokens, self.config.model.context, train.eval_windows, overlap=0)
+        windows = eval_windows(self.val_tokens, self.config.model.context, train.eval_windows, overlap=0)
         with autocast():
             result = masked_readouts.elbo_bits_per_byte(model, windows, self.token_bytes, seed=train.seed,
                                                         device=device)
@@ -83,7 +85,7 @@ class MaskedTextTask(TextTask):
 
 
 def text_data_dir(data: str | None, config: Config) -> Path:
-    return data_lib.resolve_data_dir(data, config.train.data_vocab_size)
+    return resolve_data_dir(data, config.train.data_vocab_size)
 
 
 # -- looped ------------------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def _looped_task(config: Config, data_dir):
 
 
 def _looped_data_dir(data: str | None, config: Config) -> Path:
-    return data_lib.task_data_dir(config.train.task) if config.train.task else text_data_dir(data, config)
+    return task_data_dir(config.train.task) if config.train.task else text_data_dir(data, config)
 
 
 def _looped_rules(config: Config) -> list:
