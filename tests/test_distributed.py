@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SMALL_RUN, torchrun
-from loopdb.cli import parse_overrides
+from loopdb.cli.args import parse_overrides
 from loopdb.config import preset
 from loopdb.families import check_config, family_of
 from loopdb.runs.checkpoint import DISTRIBUTED, WEIGHTS, checkpoint_name, load_trainer_state

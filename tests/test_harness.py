@@ -1,4 +1,5 @@
-"""loopdb as an lm-evaluation-harness model (loopdb.harness) and `loopdb eval`.
+"""loopdb as an lm-evaluation-harness model (loopdb.evaluation.lm_eval_model) and `loopdb eval`
+(loopdb.evaluation.lm_eval_sweep).
 
 Everything runs offline: the Hugging Face caches point into a temporary folder, the hub is
 switched off, and every task is local (eval/tasks or a folder made here).
@@ -42,7 +43,7 @@ def tokenizer(data_dir):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tokenizer):
-    from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.evaluation.lm_eval_model import LoopDBLM
 
     return LoopDBLM(model=tiny_model(vocab_size=tokenizer.vocab_size), tokenizer=tokenizer, num_loops=2, samples=3,
                     seed=7, batch_size=4)
@@ -79,7 +80,7 @@ def test_batched_and_unbatched_loglikelihood_agree(tiny_lm, tokenizer, data_dir,
     """Also for a sampler that draws along the way (ancestral steps), where rows must not share draws."""
     if solver != "euler":
         from loopdb.config import ConfigError, preset
-        from loopdb.evaluation.harness import LoopDBLM
+        from loopdb.evaluation.lm_eval_model import LoopDBLM
 
         try:
             preset("tiny").apply_overrides({"solver": solver}).validate()
@@ -113,7 +114,7 @@ def test_batched_and_unbatched_loglikelihood_agree(tiny_lm, tokenizer, data_dir,
 
 def test_is_greedy_and_left_truncation(tiny_lm):
     from loopdb.readouts import scoring as engine
-    from loopdb.evaluation.harness import window_seed
+    from loopdb.evaluation.lm_eval_model import window_seed
 
     context = list(range(10, 60))  # 50 tokens, longer than the 16-token window
     # the argmax continuation of the predictive distribution is greedy, another token is not
@@ -132,7 +133,7 @@ def test_is_greedy_and_left_truncation(tiny_lm):
 
 def test_rolling_loglikelihood_is_the_sum_over_its_windows(tiny_lm, data_dir):
     from loopdb.readouts import scoring as engine
-    from loopdb.evaluation.harness import window_seed
+    from loopdb.evaluation.lm_eval_model import window_seed
 
     text = play_text(data_dir, chars=600)
     tokens = tiny_lm.tok_encode(text)
@@ -180,7 +181,7 @@ def test_batched_generate_until_equals_one_request_at_a_time(tiny_lm):
 
 def test_readout_model_arg_scores_under_that_readout(tokenizer):
     from loopdb.readouts import scoring as engine
-    from loopdb.evaluation.harness import LoopDBLM, window_seed
+    from loopdb.evaluation.lm_eval_model import LoopDBLM, window_seed
 
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     context, continuation = [5, 9, 17, 3, 40], [11, 12, 13]
@@ -196,7 +197,7 @@ def test_readout_model_arg_scores_under_that_readout(tokenizer):
 
 
 def test_bad_model_args_are_clear(tokenizer):
-    from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.evaluation.lm_eval_model import LoopDBLM
 
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     with pytest.raises(ValueError, match="readout='median' is not available; choose one of predictive, last"):
@@ -213,7 +214,7 @@ def test_every_objective_runs_through_the_same_adapter(tokenizer):
     if not hasattr(objectives, "make_objective"):
         pytest.skip("this loopdb has a single model family")
     from loopdb.config import DiffusionConfig, ModelConfig, preset
-    from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.evaluation.lm_eval_model import LoopDBLM
     from loopdb.models.looped import LoopedLM
 
     for name in objectives.OBJECTIVES:
@@ -250,7 +251,7 @@ def test_harness_bits_per_byte_equals_loopdb_score(tiny_lm, data_dir, tmp_path, 
     from loopdb.data.storage import load_tokens
     from loopdb.data.windows import eval_windows
     from loopdb.readouts import scoring as engine
-    from loopdb.evaluation.harness import window_seed
+    from loopdb.evaluation.lm_eval_model import window_seed
 
     tokenizer = tiny_lm.tok
     test_tokens = [int(t) for t in load_tokens(data_dir, "test")[:3000]]
@@ -286,7 +287,7 @@ def test_simple_evaluate_on_the_shipped_tasks_from_another_cwd(tiny_run, tmp_pat
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    import loopdb.evaluation.harness  # noqa: F401  (registers "loopdb")
+    import loopdb.evaluation.lm_eval_model  # noqa: F401  (registers "loopdb")
 
     monkeypatch.chdir(tmp_path)
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)
@@ -398,8 +399,9 @@ def test_cli_eval_user_errors_are_one_line_exit_2(tiny_run, tmp_path, capsys, mo
     # lm-eval not installed: say how to get it
     for name in [name for name in sys.modules if name == "lm_eval" or name.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "loopdb.evaluation.harness", raising=False)
-    monkeypatch.delattr(sys.modules["loopdb.evaluation"], "harness", raising=False)
+    for module in ("lm_eval_model", "lm_eval_sweep"):
+        monkeypatch.delitem(sys.modules, f"loopdb.evaluation.{module}", raising=False)
+        monkeypatch.delattr(sys.modules["loopdb.evaluation"], module, raising=False)
     code, _, err = run_cli(capsys, "eval", tiny_run, "--tasks", "shakespeare_bpb", "--output", output)
     assert code == 2 and 'pip install -e ".[eval]"' in err and len(err.strip().splitlines()) == 1
     assert not output.exists()

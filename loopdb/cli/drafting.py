@@ -1,11 +1,11 @@
-"""CLI bodies for drafting runs (draft width L > 1, anchor head; issue 15):
-`loopdb score --readout block_elbo`, `loopdb sample --speculative | --parallel` and `loopdb bench decode`."""
+"""CLI bodies for drafting runs (draft width L > 1, anchor head):
+`loopdb score --readout block_elbo` and `loopdb sample --speculative | --parallel`
+(`loopdb bench decode` is loopdb.cli.bench.decode)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -71,30 +71,4 @@ def sample_drafts(args, sampler) -> int:
         raise UsageError(str(error)) from None
     print(args.prompt + tokenizer.decode(ids))
     print(f"[loopdb] {'speculative' if args.speculative else 'parallel'} K={loops}: {note}", file=sys.stderr)
-    return 0
-
-
-def bench_decode(args) -> int:
-    from ..evaluation.decoding import format_decode_table, run_decode_bench
-
-    if not args.run:
-        raise UsageError("loopdb bench decode RUN: name the run folder of a drafting run (e.g. --preset demo-draft)")
-    for flag, value in (("--prompts", args.prompts), ("--tokens", args.tokens)):
-        if value < 1:
-            raise UsageError(f"{flag} {value}: must be >= 1")
-    try:
-        report = run_decode_bench(args.run, parse_loops(args.loops), args.prompts, args.prompt_tokens, args.tokens,
-                                  args.judge, args.seed, resolve_device(args.device))
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    print(json.dumps(report) if args.json else format_decode_table(report))
-    if args.plot:
-        from ..evaluation.decoding import plot_decode_reports
-        from ..evaluation.plots import PlotUnavailable
-
-        try:
-            for path in plot_decode_reports({Path(args.run).name: report}, args.plot):
-                print(f"[loopdb] wrote {path}", file=sys.stderr)
-        except PlotUnavailable as error:
-            raise UsageError(str(error)) from None
     return 0

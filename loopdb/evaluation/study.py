@@ -29,10 +29,9 @@ from ..config import preset
 from ..errors import ConfigError
 from ..readouts.quality import sample_quality
 from ..runs.folder import load_model, run_data_dir
-from .compare import LOOP_FREE_READOUTS, score_member, train_member
+from ..names import LOOP_FREE_READOUTS, STUDY_DEFAULT_READOUTS
+from .members import score_member, train_member
 
-STUDY_READOUTS = ("predictive", "last", "elbo")
-DRAFT_READOUTS = ("anchor", "block_elbo")  # drafting runs (issue 15); skipped for members without drafts or anchor
 INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last")  # change the sampler, not the trained weights
 
 
@@ -67,7 +66,7 @@ def _spread(values: list[float]) -> tuple[float, float]:
 
 
 def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: float | None = None,
-              steps: int | None = None, loops=(1, 2, 4, 8, 16), readouts=STUDY_READOUTS, samples: int = 2,
+              steps: int | None = None, loops=(1, 2, 4, 8, 16), readouts=STUDY_DEFAULT_READOUTS, samples: int = 2,
               max_windows: int | None = 32, split: str = "val", judge: str | None = None,
               generations: int = 8, generation_length: int = 48) -> dict:
     out = Path(out)

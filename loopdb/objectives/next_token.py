@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from ..maths.edm import initial_state as edm_initial_state
 from ..maths.edm import loss_weight, sigma_grid
 from ..maths.sampler import run_sampler
-
-
-IGNORE_INDEX = -100  # a target that is not scored (reasoning tasks score answer tokens only)
+from ..names import IGNORE_INDEX, OBJECTIVES
 
 
 def split_batch(batch):
@@ -304,9 +302,6 @@ class DenseObjective:
 
     def final_logits(self, model, context, z, num_loops: int, generator=None):
         return model.dense_logits(context)[:, -(context.length if z is None else z.shape[1]):]
-
-
-OBJECTIVES = ("diffusion", "bptt", "ouro", "dense")
 
 
 def make_objective(train_config) -> "DiffusionObjective | BPTTObjective | OuroObjective | DenseObjective":

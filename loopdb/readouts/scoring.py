@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ..names import READOUTS
 from ..objectives.next_token import DenseObjective
 
 
@@ -82,7 +83,6 @@ def anchor_head(model):
     return view
 
 
-READOUTS = ("predictive", "last", "elbo", "elbo_continuous", "anchor")
 ELBO_CONTINUOUS_SIGMAS = 32  # stratified ln-sigma draws per continuous-ELBO estimate (fixed: numbers compare)
 
 
@@ -164,7 +164,7 @@ def same_length_batches(windows: list[torch.Tensor], batch_size: int, device="cp
             progress.update(len(chunk))
 
 
-# -- per-row noise and whole distributions (used by loopdb.harness, the lm-eval adapter) --------------
+# -- per-row noise and whole distributions (used by the lm-eval adapter, evaluation.lm_eval_model) --
 @torch.no_grad()
 def predictive_distribution(model, inputs: torch.Tensor, num_loops: int, samples: int,
                             generators: list, lengths: list | None = None) -> torch.Tensor:
