@@ -1,4 +1,4 @@
-"""The masked diffusion LM (loopdb.masked, METHOD 3.3): ELBO, partition, block locality, sampler, CLI."""
+"""The masked diffusion LM (loopdb.models.masked, objectives.masked, readouts.masked; METHOD 3.3): ELBO, partition, block locality, sampler, CLI."""
 
 import json
 import math
@@ -208,7 +208,7 @@ def test_char_tokenizer_round_trips_and_counts_bytes(tmp_path):
     for name, text in texts.items():
         (tmp_path / name).write_text(text)
     meta = prepare(tmp_path / "out", corpus=[tmp_path / n for n in texts], tokenizer="char",
-                        show_progress=False)
+                   show_progress=False)
     tokenizer = load_tokenizer(tmp_path / "out")
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert written == {META_FILE, CHAR_TOKENIZER_FILE} | {f"{split}-00000.bin" for split in SPLITS}

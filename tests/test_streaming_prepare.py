@@ -18,7 +18,7 @@ from loopdb.data.storage import SPLITS, load_meta, load_tokenizer, load_tokens, 
 from loopdb.data.windows import eval_windows, sample_windows
 from loopdb.cli import main
 from loopdb.errors import DataError
-from loopdb.families.text import TextTask
+from loopdb.families.text import TextFeed
 from loopdb.shards import ShardedTokens
 from test_data import VOCAB, _document
 
@@ -126,7 +126,7 @@ def test_readers_see_the_shards_as_one_split(prepared):
     assert torch.equal(*seeded)
     assert [w.tolist() for w in eval_windows(sharded, 300)] == [w.tolist() for w in eval_windows(single, 300)]
     # the trainer's batches: the same windows from either folder
-    tasks = [TextTask(small_config(), root / name) for name in ("streamed", "whole")]
+    tasks = [TextFeed(small_config(), root / name) for name in ("streamed", "whole")]
     batches = [task.batch(torch.Generator().manual_seed(3), "cpu") for task in tasks]
     assert torch.equal(*batches)
     # the seeded windows above: some of them ran across a shard boundary
@@ -154,7 +154,7 @@ def test_tokenizer_trains_on_a_bounded_sample_spread_over_the_split(prepared, tm
     corpus, root, whole, _ = prepared
     cap_mb = 0.1
     meta = prepare(tmp_path / "sampled", corpus=[corpus], vocab_size=VOCAB, show_progress=False,
-                        tokenizer_sample_mb=cap_mb, **STREAMED)
+                   tokenizer_sample_mb=cap_mb, **STREAMED)
     sample = meta["tokenizer_sample"]
     assert not sample["whole_train_split"] and sample["cap_mb"] == cap_mb and sample["pieces"] == 6
     assert 0.8 * cap_mb * 1e6 < sample["bytes"] <= cap_mb * 1e6 < whole["splits"]["train"]["bytes"]
@@ -194,7 +194,7 @@ def test_vocabularies_above_65535_are_stored_as_uint32(tmp_path, tokenizer, voca
     corpus, text = _many_characters(tmp_path / "corpus", 67_000)
     kwargs = {"vocab_size": vocab_size} if vocab_size else {}
     meta = prepare(tmp_path / "out", corpus=[corpus], tokenizer=tokenizer, show_progress=False,
-                        shard_mb=0.1, chunk_mb=0.05, **kwargs)
+                   shard_mb=0.1, chunk_mb=0.05, **kwargs)
     assert meta["vocab_size"] == (67_001 if tokenizer == "char" else 67_300) and meta["dtype"] == "uint32"  # + "\n"
     tok = load_tokenizer(tmp_path / "out")
     for split in SPLITS:
@@ -232,7 +232,7 @@ def test_format_1_folders_still_load(prepared, tmp_path):
         tokens = load_tokens(old, split)
         assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
         assert np.array_equal(tokens, np.asarray(load_tokens(root / "streamed", split)))
-    batches = [TextTask(small_config(), folder).batch(torch.Generator().manual_seed(1), "cpu")
+    batches = [TextFeed(small_config(), folder).batch(torch.Generator().manual_seed(1), "cpu")
                for folder in (old, root / "whole")]
     assert torch.equal(*batches)
     # re-preparing into an old folder replaces it (its files count as a prepared dataset)
@@ -298,7 +298,7 @@ def test_vocabulary_too_large_for_the_sample_names_the_cap(prepared, tmp_path):
     with pytest.raises(DataError, match=r"too large for the tokenizer's sample of this corpus \(or raise "
                                         r"--tokenizer-sample-mb\); use at most \d+$"):
         prepare(tmp_path / "out", corpus=[corpus], vocab_size=3000, show_progress=False,
-                     tokenizer_sample_mb=0.02)
+                tokenizer_sample_mb=0.02)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -306,7 +306,7 @@ def test_one_file_without_final_newline_splits_by_paragraph_in_chunks(tmp_path):
     text = "\n\n".join(_document(seed, paragraphs=3) for seed in range(30)).rstrip("\n")
     (tmp_path / "one.txt").write_text(text, encoding="utf-8")
     meta = prepare(tmp_path / "out", corpus=[tmp_path / "one.txt"], vocab_size=VOCAB, show_progress=False,
-                        **STREAMED)
+                   **STREAMED)
     tok = load_tokenizer(tmp_path / "out")
     paragraphs = {}
     for split in SPLITS:

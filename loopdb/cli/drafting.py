@@ -27,7 +27,7 @@ def score_block_elbo(args, sampler) -> int:
     model, config = load_model(args.run, device, sampler)
     data_dir = run_data_dir(args.run)
     windows = eval_windows(load_tokens(data_dir, args.split), config.model.context,
-                                    args.max_windows)
+                           args.max_windows)
     token_bytes = torch.as_tensor(load_tokenizer(data_dir).token_bytes)
     try:
         result = drafting.block_elbo_bits_per_byte(model, windows, token_bytes, loops, samples=args.samples,

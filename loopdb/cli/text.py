@@ -64,7 +64,7 @@ def score(args, sampler) -> int:
 
 def _score_task(args, model, config, loops, device) -> int:
     """A reasoning-task run: final-answer accuracy per K, per difficulty, and the loops used."""
-    from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
+    from ..readouts.reasoning import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
     from ..tasks import get_task
 
     task = get_task(config.train.task)

@@ -54,7 +54,7 @@ def run_compare(preset: str, out, data_dir, budget_minutes: float | None = None,
         models[objective] = {**summary, "bpb": score_member(out / objective, loops, samples, max_windows, seed)}
     meta = load_meta(data_dir)
     windows = len(eval_windows(load_tokens(data_dir, "test"),
-                                        load_model(out / COMPARED[0])[1].model.context, max_windows))
+                               load_model(out / COMPARED[0])[1].model.context, max_windows))
     results = {
         "models": models,
         "preset": preset,

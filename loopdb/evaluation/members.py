@@ -72,7 +72,7 @@ def loop_counts(model, loops, readout: str) -> tuple:
 
 
 def _task_scores(run, model, config, loops, samples, max_windows, seed, device, readout, split) -> dict:
-    from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
+    from ..readouts.reasoning import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
     from ..tasks import get_task
 
     if readout not in TASK_READOUTS:

@@ -73,7 +73,7 @@ def measure(corpus: str, out: str, workers: int, vocab_size: int) -> dict:
     timings: dict = {}
     started = time.perf_counter()
     meta = prepare(out, corpus=[corpus], vocab_size=vocab_size, show_progress=False, workers=workers,
-                        timings=timings)
+                   timings=timings)
     seconds = time.perf_counter() - started
     corpus_bytes = sum(meta["splits"][s]["bytes"] for s in SPLITS)
     main_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

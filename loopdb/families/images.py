@@ -17,7 +17,7 @@ from ..readouts.vision import QualityJudge, classification_accuracy, sample_qual
 from .spec import Family, dense_trains_every_parameter
 
 
-class ImageTask:
+class ImageFeed:
     """Batches of labelled images for the trainer; evaluation by test accuracy (vit) or sample quality (dit)."""
 
     def __init__(self, config: Config, data_dir, classifies: bool):
@@ -77,7 +77,7 @@ def _build_dit(config: Config) -> DiTDenoiser:
     return DiTDenoiser(config, DiTObjective(config.train.objective))
 
 
-VIT = Family(build=_build_vit, task=functools.partial(ImageTask, classifies=True), data_dir=image_data_dir,
+VIT = Family(build=_build_vit, feed=functools.partial(ImageFeed, classifies=True), data_dir=image_data_dir,
              rules=_vision_rules, commands="images")
-DIT = Family(build=_build_dit, task=functools.partial(ImageTask, classifies=False), data_dir=image_data_dir,
+DIT = Family(build=_build_dit, feed=functools.partial(ImageFeed, classifies=False), data_dir=image_data_dir,
              rules=_vision_rules, commands="images", trains_every_parameter=dense_trains_every_parameter)

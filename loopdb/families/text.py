@@ -22,11 +22,11 @@ from ..objectives.next_token import DenseObjective, StackedDiffusionObjective, m
 from ..readouts import masked as masked_readouts
 from ..readouts.generation import generate
 from ..readouts.scoring import bits_per_byte
-from .reasoning import ReasoningTask
+from .reasoning import ReasoningFeed
 from .spec import BLOCK_PARALLEL_HELP, Family, dense_trains_every_parameter
 
 
-class TextTask:
+class TextFeed:
     """Token windows of a prepared corpus (loopdb.data) for next-token language models."""
 
     def __init__(self, config: Config, data_dir):
@@ -41,7 +41,7 @@ class TextTask:
     def batch(self, generator: torch.Generator, device) -> torch.Tensor:
         train = self.config.train
         return sample_windows(self.train_tokens, train.batch_size, self.config.model.context + 1,
-                                       generator).to(device)
+                              generator).to(device)
 
     def evaluate(self, model, device, autocast) -> dict:
         """Validation bits per byte at each of ``eval_loops`` (dense models: K = 1 only)."""
@@ -61,13 +61,13 @@ class TextTask:
         return self.tokenizer.decode(ids)
 
 
-class MaskedTextTask(TextTask):
+class MaskedTextFeed(TextFeed):
     """Token windows for the masked diffusion LM: every token of a window is a target, so
     windows hold ``context`` tokens and validation windows tile the split."""
 
     def batch(self, generator: torch.Generator, device) -> torch.Tensor:
         return sample_windows(self.train_tokens, self.config.train.batch_size, self.config.model.context,
-                                       generator).to(device)
+                              generator).to(device)
 
     def evaluate(self, model, device, autocast) -> dict:
         """Validation ELBO bits per byte (ELBO_T_SAMPLES draws per window, seeded)."""
@@ -106,8 +106,8 @@ def _looped_objective(config: Config):
     return make_objective(train)
 
 
-def _looped_task(config: Config, data_dir):
-    return ReasoningTask(config, data_dir) if config.train.task else TextTask(config, data_dir)
+def _looped_feed(config: Config, data_dir):
+    return ReasoningFeed(config, data_dir) if config.train.task else TextFeed(config, data_dir)
 
 
 def _looped_data_dir(data: str | None, config: Config) -> Path:
@@ -184,9 +184,9 @@ def _build_masked(config: Config) -> MaskedDiffusionLM:
     return MaskedDiffusionLM(config.model, config.diffusion, make_masked_objective(config.train.objective))
 
 
-LOOPED = Family(build=_build_looped, task=_looped_task, data_dir=_looped_data_dir, rules=_looped_rules,
+LOOPED = Family(build=_build_looped, feed=_looped_feed, data_dir=_looped_data_dir, rules=_looped_rules,
                 trains_every_parameter=lambda config: config.train.objective != "dense")  # dense skips the denoiser
-STACKED = Family(build=build_stacked, task=TextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
+STACKED = Family(build=build_stacked, feed=TextFeed, data_dir=text_data_dir, rules=_diffusion_or_dense,
                  block_parallel_refusal=_stacked_refusal, build_for_blocks=_stacked_blocks, after_optimizer=_stacked_after_optimizer)
-MASKED = Family(build=_build_masked, task=MaskedTextTask, data_dir=text_data_dir, rules=_diffusion_or_dense,
+MASKED = Family(build=_build_masked, feed=MaskedTextFeed, data_dir=text_data_dir, rules=_diffusion_or_dense,
                 commands="masked", trains_every_parameter=dense_trains_every_parameter)

@@ -22,7 +22,7 @@ Design (METHOD 3.1; [ours] where the paper is silent):
   token at small sigma from the start: a bare network reads z through c_skip but has to
   learn logits of scale 1/sigma^2 behind the final norm (the block ELBO exploded there).
 - ``num_loops`` is an argument of every inference call; the sigma grid is computed
-  from it on the fly (loopdb.edm.sigma_grid), never stored.
+  from it on the fly (loopdb.maths.edm.sigma_grid), never stored.
 - Draft width L (``draft_width``, issue 15) [ours]: position t holds L noisy slots, the
   embeddings of tokens t+1..t+L, denoised jointly at one sigma. A slot attends to the
   clean keys at positions <= t and to the L slots of its own position, never to other
