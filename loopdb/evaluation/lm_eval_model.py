@@ -77,9 +77,9 @@ import torch
 from ..device import resolve_device
 from ..errors import EvalError, UsageError
 from ..maths.exit import parse_exit
+from ..names import READOUTS
 from ..readouts import generation, scoring
 
-READOUTS = scoring.READOUTS
 GEN_CHUNK = 16
 DEFAULT_MAX_GEN_TOKS = 256
 
