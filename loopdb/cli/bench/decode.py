@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from ...device import resolve_device
 from ...errors import UsageError
 from ..args import parse_loops
 
@@ -30,6 +29,7 @@ def add_parser(benchmarks) -> None:
 
 
 def run(args) -> int:
+    from ...device import resolve_device
     from ...evaluation.decoding import format_decode_table, run_decode_bench
 
     if not args.run:
