@@ -41,6 +41,8 @@ class ModelConfig:
     #                                 position: a state attends to the clean stream only (DiffusionBlocks; ablation)
     #                                 auto: sequence for bptt and ouro, position for diffusion and dense
     sandwich_norm: bool = False     # sequence recurrence: Huginn's norms after each residual add, as well as before
+    state_std: float = 1.0          # bptt, ouro: std of the random initial state (Huginn's)
+    init: str = "small"             # sequence recurrence: small (N(0, 0.02) linears and embeddings) | torch (PyTorch's defaults)
     attention: str = "auto"         # auto (xformers on CUDA when its probe passes, else SDPA) | sdpa | xformers
     n_layers: int = 8               # stacked / mdm / vit / dit: distinct layers in all
     num_blocks: int = 4             # DiffusionBlocks of n_layers/num_blocks contiguous layers each
@@ -60,7 +62,7 @@ class DiffusionConfig:
     sigma_max: float = 80.0
     loss_weight: str = "unit"       # unit (METHOD 5: sane gradients, slightly better) | edm (paper)
     loss_weight_clamp: float = 0.0  # cap on the edm weight; 0 = none
-    grid: str = "equiprob"          # sampler grid: equiprob | karras
+    grid: str = "equiprob"          # sampler grid: equiprob | karras | geometric (even in log sigma)
     solver: str = "euler"           # euler | heun
     grid_sigma_last: float = 0.0    # last sigma of the sampler grid; 0 = sigma_min (the LM presets use 1.0: README study)
     # -- remedies for loops that do not pay (METHOD 5); every default is "off" --
@@ -72,6 +74,10 @@ class DiffusionConfig:
     rollout_fraction: float = 0.0   # share of steps trained on the sampler's own (detached) states
     rollout_loops: int = 8          # grid used for those rollouts
     rollout_max_steps: int = 0      # most sampler steps per rollout; 0 = the whole grid
+    # -- sequence-joint DiffusionBlocks (objective=diffusion, recurrence=sequence) --
+    sigma_sampling: str = "lognormal"  # training sigmas: lognormal (p_mean, p_std) | loguniform (even in log sigma)
+    position_sigma_fraction: float = 0.0  # share of training sequences whose positions draw their own sigma
+    wavefront: float = 0.0          # sampler: width W of the wavefront across positions (0 = one sigma for all)
     # -- stacked DiffusionBlocks (METHOD 2, 3.2) --
     partition: str = "equiprob"     # noise ranges of the blocks: equiprob (paper) | uniform (in log sigma; ablation)
     block_overlap: float = 0.1      # widen each block's training range by this x its log-width per side
@@ -94,6 +100,7 @@ class TrainConfig:
     test_difficulties: tuple = ()   # task: difficulties scored on val/test; () = the trained ones and twice the largest
     eval_examples: int = 64         # task: examples per difficulty in evaluation
     time_budget_minutes: float = 0.0  # > 0: train for this much training time (max_steps is then estimated)
+    time_budget_clock: str = "wall"  # wall: elapsed time | cpu: the process's CPU time (equal compute on a shared machine)
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int = 1000
@@ -191,17 +198,24 @@ class Config:
             (m.n_prelude >= 0 and m.n_coda >= 0, "n_prelude and n_coda must be >= 0"),
             (m.context >= 2, "context must be >= 2"),
             (m.injection in ("concat", "add"), f"injection must be concat or add, got {m.injection!r}"),
+            (m.state_std >= 0, "state_std must be >= 0"),
+            (m.init in ("small", "torch"), f"init must be small or torch, got {m.init!r}"),
             (m.attention in ("auto", "sdpa", "xformers"), f"attention must be auto, sdpa or xformers, got {m.attention!r}"),
             (d.sigma_data >= 0, "sigma_data must be >= 0 (0 = 1/sqrt(d_model))"),
             (0 < d.sigma_min < d.sigma_max, "need 0 < sigma_min < sigma_max"),
             (d.loss_weight in ("unit", "edm"), f"loss_weight must be unit or edm, got {d.loss_weight!r}"),
-            (d.grid in ("equiprob", "karras"), f"grid must be equiprob or karras, got {d.grid!r}"),
+            (d.grid in ("equiprob", "karras", "geometric"), f"grid must be equiprob, karras or geometric, got {d.grid!r}"),
             (d.solver in ("euler", "heun", "ancestral"), f"solver must be euler, heun or ancestral, got {d.solver!r}"),
             (d.estimate in ("soft", "argmax", "sample"), f"estimate must be soft, argmax or sample, got {d.estimate!r}"),
             (d.target_norm >= 0, "target_norm must be >= 0 (0 = sigma_data * sqrt(d_model))"),
             (0 <= d.train_grid_fraction <= 1 and 0 <= d.rollout_fraction <= 1,
              "train_grid_fraction and rollout_fraction must be in [0, 1]"),
             (d.rollout_loops >= 2 and d.rollout_max_steps >= 0, "rollout_loops must be >= 2, rollout_max_steps >= 0"),
+            (t.time_budget_clock in ("wall", "cpu"), f"time_budget_clock must be wall or cpu, got {t.time_budget_clock!r}"),
+            (d.sigma_sampling in ("lognormal", "loguniform"),
+             f"sigma_sampling must be lognormal or loguniform, got {d.sigma_sampling!r}"),
+            (0 <= d.position_sigma_fraction <= 1, "position_sigma_fraction must be in [0, 1]"),
+            (d.wavefront >= 0, f"wavefront must be >= 0 (0 = one sigma for all positions), got {d.wavefront}"),
             (t.objective in OBJECTIVES, f"objective must be {_one_of(OBJECTIVES)}, got {t.objective!r}"),
             (m.recurrence in ("auto", "sequence", "position"),
              f"recurrence must be auto, sequence or position, got {m.recurrence!r}"),
@@ -411,9 +425,23 @@ def _depth_tiny() -> Config:
     return config
 
 
+def _depth_db_tiny() -> Config:
+    """Sequence-joint DiffusionBlocks on depth-tiny's task and model: every position's noisy target
+    state attends to earlier positions' states; one forward/backward pass per step at a sigma per
+    position (log-uniform over [0.02, 80]); sampled with the wavefront (docs/method.md)."""
+    config = _depth_tiny()
+    config.model.recurrence = "sequence"
+    config.diffusion = DiffusionConfig(sigma_min=0.02, sigma_max=80.0, sigma_sampling="loguniform", grid="geometric",
+                                       position_sigma_fraction=1.0, wavefront=1.0)
+    config.train.objective = "diffusion"
+    config.train.batch_size, config.train.lr = 128, 2e-3
+    return config
+
+
 PRESETS = {"tiny": _tiny, "tiny-draft": _tiny_draft, "demo-draft": _demo_draft, "demo": _demo, "small": _small, "tiny-stacked": _tiny_stacked,
            "small-stacked": _small_stacked, "tiny-vit": _tiny_vit, "tiny-dit": _tiny_dit,
-           "tiny-mdm": _tiny_mdm, "depth-tiny": _depth_tiny}
+           "tiny-mdm": _tiny_mdm, "depth-tiny": _depth_tiny,
+           "depth-db-tiny": _depth_db_tiny}
 
 
 def preset(name: str) -> Config:

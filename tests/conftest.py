@@ -3,7 +3,6 @@ import torch
 
 from loopdb.config import DiffusionConfig, ModelConfig
 from loopdb.models.looped import LoopedLM
-from loopdb.objectives.next_token import DiffusionObjective
 
 VOCAB = 97
 
@@ -16,7 +15,7 @@ def tiny_model(seed: int = 0, **overrides) -> LoopedLM:
     diffusion = DiffusionConfig()
     for key, value in overrides.items():
         setattr(model_config if hasattr(model_config, key) else diffusion, key, value)
-    model = LoopedLM(model_config, diffusion, DiffusionObjective())
+    model = LoopedLM(model_config, diffusion)
     with torch.no_grad():  # break the zero init so every path carries signal
         for name, parameter in model.named_parameters():
             if "modulation" in name or "denoiser_out" in name:

@@ -5,7 +5,6 @@ import torch
 
 from loopdb.config import DiffusionConfig, ModelConfig
 from loopdb.models.stacked import StackedLM
-from loopdb.objectives.next_token import BPTTObjective, DenseObjective, StackedDiffusionObjective
 from loopdb.readouts import generation
 
 from conftest import VOCAB, tiny_model
@@ -34,10 +33,10 @@ def test_left_padding_leaves_a_rows_logits_unchanged(model):
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("objective", [BPTTObjective(mean_depth=2, backprop_depth=1), DenseObjective()])
-def test_batched_generation_for_the_other_objectives(objective):
+@pytest.mark.parametrize("loop", ["recurrent", "dense"])  # objective bptt, dense
+def test_batched_generation_for_the_other_objectives(loop):
     model = tiny_model()
-    model.objective = objective
+    model.loop = loop
     batched = generation.generate_batch(model, PROMPTS, 4, 2, temperature=0.0)
     assert batched == [generation.generate(model, prompt, 4, 2, temperature=0.0) for prompt in PROMPTS]
 
@@ -46,7 +45,7 @@ def test_batched_generation_of_the_stacked_model():
     torch.manual_seed(0)
     config = ModelConfig(family="stacked", vocab_size=VOCAB, context=16, d_model=32, n_heads=4, n_layers=4,
                          num_blocks=2)
-    model = StackedLM(config, DiffusionConfig(), StackedDiffusionObjective()).eval()
+    model = StackedLM(config, DiffusionConfig()).eval()
     batched = generation.generate_batch(model, PROMPTS, 4, 2, temperature=0.0)
     assert batched == [generation.generate(model, prompt, 4, 2, temperature=0.0) for prompt in PROMPTS]
 

@@ -173,7 +173,7 @@ def test_a_family_that_says_it_trains_every_parameter_does(name, objective, data
     model = family.build(config)
     for step in range(4):
         generator = step_generator(0, step)
-        loss, _ = model.objective.loss(model, feed.batch(generator, torch.device("cpu")), generator, step)
+        loss, _ = family.objective(config).loss(model, feed.batch(generator, torch.device("cpu")), generator, step)
         loss.backward()
         idle = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not idle, idle

@@ -1,16 +1,16 @@
-"""Draft width L, the dense anchor head and their readouts (issue 15)."""
+"""Draft width L, the dense anchor head and their readouts."""
 
 import pytest
 import torch
 
 from conftest import VOCAB, tiny_model
 from loopdb.config import preset
-from loopdb.families import build_model
+from loopdb.families import family_of
 from loopdb.maths.elbo import prior_kl
 from loopdb.objectives.drafting import DraftDiffusionObjective, draft_targets
 from loopdb.objectives.next_token import DenseObjective, DiffusionObjective
 from loopdb.readouts import drafting, generation
-from loopdb.readouts.scoring import anchor_head
+from loopdb.sampling import DENSE, DIFFUSION, anchor_sampler
 
 
 def tokens(batch=2, length=13, seed=0):
@@ -19,7 +19,7 @@ def tokens(batch=2, length=13, seed=0):
 
 def drafting_model(width=4, anchor_weight=1.0, seed=0):
     model = tiny_model(seed, draft_width=width)
-    model.objective = DraftDiffusionObjective(anchor_weight)
+    model.anchor_head = anchor_weight > 0  # trained with DraftDiffusionObjective(anchor_weight)
     with torch.no_grad():
         model.slot_embedding.normal_(0, 0.5)
     return model
@@ -43,9 +43,9 @@ def test_draft_width_one_is_todays_model():
 def test_the_family_builds_todays_objective_unless_drafts_or_anchor_are_asked_for():
     config = preset("tiny")
     config.model.vocab_size = VOCAB
-    assert type(build_model(config).objective) is DiffusionObjective
+    assert type(family_of(config).objective(config)) is DiffusionObjective
     config.train.anchor_weight = 0.5
-    assert isinstance(build_model(config).objective, DraftDiffusionObjective)
+    assert isinstance(family_of(config).objective(config), DraftDiffusionObjective)
 
 
 def test_anchor_weight_zero_is_todays_loss_and_the_anchor_adds_dense_ce():
@@ -101,7 +101,7 @@ def test_block_elbo_at_one_loop_is_prior_plus_joint_reconstruction_from_pure_noi
     positions = torch.arange(4) * 2
     block = draft_targets(windows, 2)[:, positions]
     y = model.targets(block)
-    sigma = model.objective.grid(model, 1)[0]
+    sigma = DIFFUSION.grid(model, 1)[0]
     z = y + sigma * torch.randn(y.shape, generator=generator)
     logits = model.denoise_draft(z, sigma, context, positions)
     nll = -torch.log_softmax(logits, -1).gather(-1, block[..., None]).squeeze(-1)
@@ -130,7 +130,7 @@ def test_speculative_decoding_is_exactly_anchor_greedy_decoding(drafter, accepte
     """50 tokens from a 16-token window: the window slides several times along the way."""
     model = drafting_model(width=4)
     prompt = tokens(1, 5, seed=3)[0].tolist()
-    greedy = generation.generate(anchor_head(model), prompt, 50, 1, temperature=0)
+    greedy = generation.generate(model, prompt, 50, 1, temperature=0, sampler=anchor_sampler(model))
     speculative, stats = drafting.speculative_generate(model, prompt, 50, 2, drafter=drafter)
     assert speculative == greedy
     if accepted is not None:  # every full-width verification accepts exactly the drafts before the corruption
@@ -151,9 +151,9 @@ def test_parallel_decoding_emits_L_tokens_per_draft(monkeypatch):
 
 def test_anchor_head_needs_a_trained_anchor():
     with pytest.raises(ValueError, match="anchor"):
-        anchor_head(tiny_model())
-    view = anchor_head(drafting_model())
-    assert view.objective.name == "dense" and not view.objective.has_loops
+        anchor_sampler(tiny_model())
+    view = anchor_sampler(drafting_model())
+    assert view is DENSE and not view.has_loops
 
 
 @pytest.fixture(scope="module")
@@ -226,10 +226,10 @@ def test_next_token_readouts_of_a_drafting_model_read_slot_0_of_the_joint_draft(
     generator = torch.Generator().manual_seed(2)
     logprobs = scoring.predictive_logprobs(model, windows, 2, 1, generator)
     context = model.encode(windows[:, :-1])
-    z = model.objective.initial_state(model, (1, 8, 32), 2, torch.Generator().manual_seed(2), "cpu")
+    z = DIFFUSION.initial_state(model, (1, 8, 32), 2, torch.Generator().manual_seed(2), "cpu")
     assert z.shape == (1, 8, 3, 32)
     state = z
-    grid = model.objective.grid(model, 2)
+    grid = DIFFUSION.grid(model, 2)
     logits = model.denoise_draft(state, grid[0], context)
     state = state + (grid[1] - grid[0]) * (state - model.soft_denoised(logits)) / grid[0]  # one Euler step
     last = torch.log_softmax(model.denoise_draft(state, grid[1], context)[:, :, 0], -1)

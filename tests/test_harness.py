@@ -208,13 +208,13 @@ def test_every_objective_runs_through_the_same_adapter(tokenizer):
     from loopdb.evaluation.lm_eval_model import LoopDBLM
     from loopdb.models.looped import LoopedLM
     from loopdb.names import OBJECTIVES
-    from loopdb.objectives.next_token import make_objective
+    from loopdb.sampling import OBJECTIVE_LOOPS
 
     for name in OBJECTIVES:
         train = preset("tiny").apply_overrides({"objective": name, "mean_depth": "3"}).train
         config = ModelConfig(vocab_size=tokenizer.vocab_size, context=CONTEXT, d_model=32, n_heads=4, n_prelude=1,
                              n_core=1, n_coda=1)
-        lm = LoopDBLM(model=LoopedLM(config, DiffusionConfig(), make_objective(train)),
+        lm = LoopDBLM(model=LoopedLM(config, DiffusionConfig(), OBJECTIVE_LOOPS[train.objective]),
                       tokenizer=tokenizer, num_loops=2, samples=2)
         (logprob, _), = lm.loglikelihood([instance("loglikelihood", ("To be", " or not to be"))], disable_tqdm=True)
         assert math.isfinite(logprob), name

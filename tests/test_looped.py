@@ -124,10 +124,10 @@ def test_cache_size_does_not_depend_on_the_loop_count(model, monkeypatch):
     lengths = {}
     original = engine.loop_logits
 
-    def spy(model_, context, z, num_loops, generator=None):
+    def spy(model_, context, z, num_loops, generator=None, sampler=None):
         lengths.setdefault(num_loops, []).append(
             sum(k.numel() for k, _ in context.prelude_kv + context.core_kv + context.coda_kv))
-        return original(model_, context, z, num_loops, generator)
+        return original(model_, context, z, num_loops, generator, sampler)
 
     monkeypatch.setattr(engine, "loop_logits", spy)
     for loops in (1, 8):

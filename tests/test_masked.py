@@ -21,6 +21,7 @@ from loopdb.config import ConfigError, DiffusionConfig, ModelConfig, preset
 from loopdb.families import check_config
 from loopdb.models.masked import MaskedDiffusionLM
 from loopdb.objectives.masked import make_masked_objective
+from loopdb.sampling.masked import sample_masked
 
 VOCAB = 23
 
@@ -30,7 +31,7 @@ def tiny_mdm(objective="diffusion", seed=0, n_layers=3, num_blocks=3, **model_ke
     torch.manual_seed(seed)
     config = ModelConfig(family="mdm", vocab_size=VOCAB, context=12, d_model=32, n_heads=4, n_layers=n_layers,
                          num_blocks=num_blocks, **model_keys)
-    model = MaskedDiffusionLM(config, DiffusionConfig(), make_masked_objective(objective))
+    model = MaskedDiffusionLM(config, DiffusionConfig(), blockwise=objective == "diffusion")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "modulation" in name:
@@ -63,7 +64,7 @@ class _CountingModel(torch.nn.Module):
         super().__init__()
         self.mask_id, self.length = VOCAB, length
         self.table = torch.randn(length, VOCAB, generator=torch.Generator().manual_seed(3))
-        self.objective = make_masked_objective("dense")
+        self.blockwise = False  # every layer at every t (the dense baseline's wiring)
 
     def forward(self, tokens, t, block_index=None):
         share = (tokens == self.mask_id).float().mean(1)  # (B,)
@@ -123,7 +124,7 @@ def test_only_the_sampled_block_gets_gradients_and_reads_the_masked_embedding():
     seen = set()
     for seed in range(12):
         model.zero_grad(set_to_none=True)
-        loss, stats = model.objective.loss(model, tokens, torch.Generator().manual_seed(seed))
+        loss, stats = make_masked_objective("diffusion").loss(model, tokens, torch.Generator().manual_seed(seed))
         loss.backward()
         block = int(stats["block"])
         seen.add(block)
@@ -135,7 +136,7 @@ def test_only_the_sampled_block_gets_gradients_and_reads_the_masked_embedding():
         with torch.no_grad():
             saved = other.mlp.fc.weight.clone()
             other.mlp.fc.weight.add_(1.0)
-            again, _ = model.objective.loss(model, tokens, torch.Generator().manual_seed(seed))
+            again, _ = make_masked_objective("diffusion").loss(model, tokens, torch.Generator().manual_seed(seed))
             other.mlp.fc.weight.copy_(saved)
         assert torch.equal(again, loss.detach())
     assert seen == {0, 1, 2}
@@ -147,12 +148,13 @@ def test_training_times_fall_in_the_sampled_blocks_range(monkeypatch):
     monkeypatch.setattr(model, "forward", lambda tokens, t, block: calls.append((block, t)) or
                         torch.zeros(*tokens.shape, VOCAB, requires_grad=True))
     for seed in range(10):
-        model.objective.loss(model, torch.zeros(8, 12, dtype=torch.long), torch.Generator().manual_seed(seed))
+        make_masked_objective("diffusion").loss(model, torch.zeros(8, 12, dtype=torch.long),
+                                                torch.Generator().manual_seed(seed))
     for block, t in calls:
         lo, hi = model.partition.training_range(block)
         assert lo < t.min() and t.max() <= hi
     dense = tiny_mdm("dense")
-    loss, _ = dense.objective.loss(dense.train(), torch.zeros(8, 12, dtype=torch.long), torch.Generator())
+    loss, _ = make_masked_objective("dense").loss(dense.train(), torch.zeros(8, 12, dtype=torch.long), torch.Generator())
     loss.backward()
     assert all(p.grad is not None for p in dense.parameters())  # end to end: every layer, every t
 
@@ -172,7 +174,7 @@ def test_md4_loss_weights_masked_cross_entropy_by_one_over_t():
 @pytest.mark.parametrize("steps", [1, 3, 40])
 def test_sampler_unmasks_everything_and_keeps_the_prompt(steps):
     model = tiny_mdm(n_layers=6, num_blocks=3)
-    ids = masked_readouts.sample_masked(model, 12, steps, prompt=[5, 6, 7], num_samples=3, generator=torch.Generator().manual_seed(0))
+    ids = sample_masked(model, 12, steps, prompt=[5, 6, 7], num_samples=3, generator=torch.Generator().manual_seed(0))
     assert ids.shape == (3, 12)
     assert not (ids == model.mask_id).any()
     assert (ids[:, :3] == torch.tensor([5, 6, 7])).all()
@@ -188,7 +190,7 @@ def test_each_sampler_step_runs_the_block_that_owns_its_t(monkeypatch):
         return original(tokens, t, block_index)
 
     monkeypatch.setattr(model, "forward", spy)
-    masked_readouts.sample_masked(model, 12, 6, num_samples=16)  # a position stays masked to the last step with chance 1/6
+    sample_masked(model, 12, 6, num_samples=16)  # a position stays masked to the last step with chance 1/6
     assert [t for t, _ in calls] == pytest.approx([1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
     assert [block for _, block in calls] == [0, 0, 1, 1, 2, 2]  # a boundary t = b/B goes to the lower block
 

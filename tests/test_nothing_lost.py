@@ -326,4 +326,166 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(data_dir, tmp_path
     straight = load_file(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
     resumed = load_file(latest_checkpoint(run) / "model.safetensors")
     assert latest_checkpoint(run).name == "step-0000120"
+    assert metrics_steps(run) == [50, 100, 120]  # one row per evaluated step, however often it was killed
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# -- one training per run folder; stop signals; what a resume keeps ---------------------------------------------
+def wait_for(condition, process, timeout=120.0):
+    """Poll ``condition()`` until true; fail if ``process`` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the training ended early (exit {process.returncode})"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def sigterm_once(process, ready, settle: float = 0.0):
+    """SIGTERM ``process`` ``settle`` seconds after ``ready()``; (stdout, stderr, seconds it took to exit)."""
+    try:
+        wait_for(ready, process)
+        time.sleep(settle)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        out, err = process.communicate(timeout=120)
+        return out, err, time.monotonic() - signalled
+    finally:
+        process.kill()
+
+
+def metrics_steps(run) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_folder_trains_in_one_process_and_kill_9_frees_it_at_once(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    first = loopdb_train(run, data_dir, "--max_steps=100000", "--checkpoint_every=5", "--eval_every=100000",
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: latest_checkpoint(run) is not None, first)
+        others = [loopdb_train(run, data_dir, "--max_steps=100000", *resume, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+                  for resume in ([], ["--resume"])]  # a second training, and a resume, of the folder being trained
+        for second in others:
+            out, err = second.communicate(timeout=120)
+            lines = err.strip().splitlines()
+            assert second.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
+            assert lines[0].startswith("loopdb train: error: ") and "is being trained by" in lines[0]
+            assert f"pid {first.pid} on host {socket.gethostname()}" in lines[0]
+        assert first.poll() is None  # the first went on undisturbed
+        code, out, err = run_cli(capsys, "score", run, "--loops", "1", "--max-windows", "1", "--samples", "1")
+        assert code == 0, err  # readers do not take the lock
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (run / "train.lock").exists()  # left behind by the killed process, and no obstacle
+    resumed_from = int(latest_checkpoint(run).name.removeprefix("step-"))
+    code, out, err = run_cli(capsys, "train", "--preset", "tiny", "--data", data_dir, "--out", run, "--quiet",
+                             *SMALL_RUN, f"--max_steps={resumed_from + 1}", "--resume")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["step"] == resumed_from + 1 and f"max_steps 100000 -> {resumed_from + 1}" in err
+
+
+def test_sigterm_in_the_closing_evaluation_stops_within_seconds_with_a_checkpoint(data_dir, tmp_path, capsys):
+    """The closing evaluation (tens of minutes at these settings) is abandoned; the final step is saved,
+    and a resume (which may make the evaluation cheaper) runs the evaluation it still owes."""
+    run = tmp_path / "run"
+    slow_evaluation = ["--eval_loops=1,2,4,8,16,32,64", "--eval_samples=64", "--eval_windows=64"]
+    process = loopdb_train(run, data_dir, "--max_steps=3", "--checkpoint_every=2", "--eval_every=100000",
+                           *slow_evaluation, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # step 2 saved; step 3 takes milliseconds, then the closing evaluation starts
+    out, err, waited = sigterm_once(process, lambda: latest_checkpoint(run) is not None, settle=2.0)
+    assert process.returncode == 130 and "evaluation abandoned" in err and "Traceback" not in err, err
+    assert waited < 10, f"{waited:.1f}s from SIGTERM to exit"
+    assert "stopped; newest checkpoint step-0000003; continue with: loopdb train --preset tiny" in err
+    assert latest_checkpoint(run).name == "step-0000003" and verify_checkpoint(latest_checkpoint(run))
+    assert not (run / "metrics.jsonl").exists()  # nothing evaluated yet
+    code, out, err = run_cli(capsys, "train", "--preset", "tiny", "--data", data_dir, "--out", run, "--quiet",
+                             *SMALL_RUN, "--max_steps=3", "--eval_loops=1", "--resume")
+    assert code == 0 and "eval_loops 1,2,4,8,16,32,64 -> 1" in err and "eval_samples 64 -> 1" in err, err
+    assert metrics_steps(run) == [3] and "val/bpb@1" in json.loads(out.splitlines()[-1])
+
+
+def test_sigterm_in_data_preparation_stops_within_seconds_and_leaves_nothing(tmp_path):
+    """The default corpus, prepared on first use into $LOOPDB_DATA: stopped while it is written, the
+    staging folder goes, no run folder is made, and the line says how to start again."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "loopdb", "train", "--preset", "tiny", "--out", str(run),
+                                "--quiet"], env={**os.environ, "OMP_NUM_THREADS": "1", "LOOPDB_DATA": str(data)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out, err, waited = sigterm_once(process, lambda: data.is_dir() and any(data.iterdir()))  # the staging folder
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"stopped before the first checkpoint; start again with: loopdb train " \
+                                           f"--preset tiny --out {run}"
+    assert waited < 30, f"{waited:.1f}s from SIGTERM to exit"  # a tokenizer being trained finishes first
+    assert list(data.iterdir()) == [] and not run.exists()
+
+
+def test_a_second_stop_signal_exits_at_once(tmp_path):
+    """While a step or a checkpoint finishes, the first signal only asks; a second one ends the process."""
+    script = ("import os, signal, time\n"
+              "from loopdb.training.trainer import StopSignals\n"
+              "with StopSignals(abandon=False) as stop:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(0.1)\n"
+              "    assert stop.asked\n"
+              "    print('asked', flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(30)\n"
+              "print('not reached')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 128 + signal.SIGTERM and result.stdout == "asked\n", result
+    assert "second SIGTERM: stopped at once" in result.stderr
+
+
+@pytest.fixture
+def cli_run(data_dir, tmp_path, capsys):
+    """A 2-step run made by `loopdb train --preset tiny` (so it records its preset), and its argv."""
+    argv = ["train", "--preset", "tiny", "--data", data_dir, "--out", tmp_path / "run", "--quiet", *SMALL_RUN]
+    code, out, err = run_cli(capsys, *argv, "--max_steps=2")
+    assert code == 0, err
+    return tmp_path / "run", argv
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--preset", "tiny-draft"], "was trained from --preset tiny, not tiny-draft; resume it with --preset tiny"),
+    (["--d_model=64"], "d_model 32 -> 64"),
+    (["--seed=1", "--batch_size=8"], "batch_size 4 -> 8, seed 0 -> 1"),
+    (["--max_steps=1"], "max_steps=1 is below step 2"),
+])
+def test_a_resume_that_would_change_the_model_or_data_is_refused_in_one_line(cli_run, capsys, change, named):
+    run, argv = cli_run
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    argv = argv[:1] + change + argv[3:] if change[0] == "--preset" else argv + change
+    code, out, err = run_cli(capsys, *argv, "--resume")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("loopdb train: error: --resume: "), err
+    assert named in lines[0]
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+def test_metrics_keep_one_row_per_step_after_two_interrupted_resumes(data_dir, tmp_path):
+    """Crashes between checkpoints (as kill -9 would: nothing saved) in steps 6 and 9, each after a row
+    newer than the checkpoint (rows 4 and 8, checkpoints 3 and 6); each resume drops those rows, and the file ends as an
+    uninterrupted run's."""
+    settings = dict(max_steps=9, checkpoint_every=3, eval_every=4)
+    trainer(data_dir, tmp_path / "straight", **settings).train()
+    expected = metrics_steps(tmp_path / "straight")
+    assert expected == [4, 8, 9]
+    run = tmp_path / "run"
+    for crash_at, resume in ((6, False), (9, True)):
+        crashing = trainer(data_dir, run, resume=resume, **settings)
+        original = crashing.objective.loss
+
+        def loss(model, batch, generator, step, original=original, crash_at=crash_at):
+            if step + 1 == crash_at:
+                raise RuntimeError("crash")
+            return original(model, batch, generator, step)
+
+        crashing.objective.loss = loss
+        with pytest.raises(RuntimeError, match="crash"):
+            crashing.train()
+        assert metrics_steps(run) == [step for step in expected if step < crash_at]
+    trainer(data_dir, run, resume=True, **settings).train()
+    assert metrics_steps(run) == expected
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()

@@ -40,7 +40,7 @@ def test_depth_is_deterministic_per_step():
 def test_bptt_differentiates_exactly_the_last_k_iterations(monkeypatch):
     model = tiny_model(seed=1).train()
     objective = BPTTObjective(mean_depth=10, backprop_depth=3, depth_sampler="fixed")
-    model.objective = objective
+    model.loop = "recurrent"
     calls = []
     original = model.recur
 
@@ -64,9 +64,10 @@ def test_bptt_differentiates_exactly_the_last_k_iterations(monkeypatch):
 
 def test_the_objectives_share_one_model_class_and_one_scoring_path():
     x = tokens(2, 9)
-    for objective in (DiffusionObjective(), BPTTObjective(4, 2), DenseObjective()):
+    for objective, loop in ((DiffusionObjective(), "diffusion"), (BPTTObjective(4, 2), "recurrent"),
+                            (DenseObjective(), "dense")):
         model = tiny_model()
-        model.objective = objective
+        model.loop = loop
         assert type(model) is LoopedLM
         loss, _ = objective.loss(model.train(), tokens(2, 9), torch.Generator().manual_seed(0))
         loss.backward()
@@ -80,7 +81,7 @@ def test_the_objectives_share_one_model_class_and_one_scoring_path():
 
 def test_dense_ignores_the_loop_count_and_noise():
     model = tiny_model()
-    model.objective = DenseObjective()
+    model.loop = "dense"
     x = tokens(2, 9)
     one = engine.next_token_logprobs(model, x, 1, torch.Generator().manual_seed(0))
     many = engine.next_token_logprobs(model, x, 7, torch.Generator().manual_seed(5))
@@ -89,7 +90,7 @@ def test_dense_ignores_the_loop_count_and_noise():
 
 def test_bptt_loops_change_the_prediction():
     model = tiny_model()
-    model.objective = BPTTObjective(4, 2)
+    model.loop = "recurrent"
     x = tokens(2, 9)
     one = engine.next_token_logprobs(model, x, 1, torch.Generator().manual_seed(0))
     eight = engine.next_token_logprobs(model, x, 8, torch.Generator().manual_seed(0))

@@ -8,7 +8,6 @@ from conftest import VOCAB, tiny_model
 from loopdb.readouts import scoring as engine
 from loopdb.maths.edm import NoiseSchedule, sigma_grid
 from loopdb.maths.elbo import continuous_elbo, discrete_elbo, exact_denoiser, prior_kl
-from loopdb.objectives.next_token import DenseObjective
 
 SCHEDULE = NoiseSchedule()
 
@@ -88,7 +87,7 @@ def test_elbo_readouts_run_on_a_model_and_refuse_other_objectives():
     elbo_one = engine.token_logprobs(model, x, 1, "elbo", 1, torch.Generator().manual_seed(0))
     predictive_one = engine.token_logprobs(model, x, 1, "predictive", 1, torch.Generator().manual_seed(0))
     assert torch.allclose(elbo_one, predictive_one, atol=0.05)
-    model.objective = DenseObjective()
+    model.loop = "dense"
     with pytest.raises(ValueError, match="need a diffusion model"):
         engine.token_logprobs(model, x, 2, "elbo", 1, torch.Generator())
     with pytest.raises(ValueError, match="unknown readout"):

@@ -9,7 +9,7 @@ import torch
 
 from loopdb.cli import main
 from loopdb.config import Config, preset
-from loopdb.families import build_model, check_config
+from loopdb.families import build_model, check_config, family_of
 from loopdb.maths.exit import ExitRule, parse_exit
 from loopdb.models.looped import LoopedLM
 from loopdb.models.recurrent import RecurrentDepthLM
@@ -71,20 +71,22 @@ def test_per_position_mode_is_todays_model():
     torch.manual_seed(3)
     built = build_model(config)
     torch.manual_seed(3)
-    direct = LoopedLM(config.model, config.diffusion, BPTTObjective(config.train.mean_depth, config.train.backprop_depth))
+    direct = LoopedLM(config.model, config.diffusion, "recurrent")
+    objective = BPTTObjective(config.train.mean_depth, config.train.backprop_depth)
     tokens = torch.randint(VOCAB, (2, 9))
     generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    assert torch.equal(built.objective.loss(built, tokens, generator())[0], direct.objective.loss(direct, tokens, generator())[0])
+    assert torch.equal(family_of(config).objective(config).loss(built, tokens, generator())[0],
+                       objective.loss(direct, tokens, generator())[0])
 
 
 def test_bptt_gradients_reach_only_the_last_k_loops(monkeypatch):
     model = recurrent_model().train()
-    model.objective = BPTTObjective(mean_depth=7, backprop_depth=3, depth_sampler="fixed")
+    objective = BPTTObjective(mean_depth=7, backprop_depth=3, depth_sampler="fixed")
     grad_enabled = []
     original = model.recur
     monkeypatch.setattr(model, "recur", lambda state, context: grad_enabled.append(torch.is_grad_enabled())
                         or original(state, context))
-    loss, stats = model.objective.loss(model, torch.randint(VOCAB, (2, 9)), torch.Generator().manual_seed(0))
+    loss, stats = objective.loss(model, torch.randint(VOCAB, (2, 9)), torch.Generator().manual_seed(0))
     assert grad_enabled == [False] * 4 + [True] * 3 and float(stats["depth"]) == 7
     loss.backward()
     assert model.core[0].attn.qkv.weight.grad.abs().sum() > 0
@@ -114,8 +116,8 @@ def test_a_task_batch_scores_answer_tokens_only():
     targets = torch.full((2, 6), IGNORE_INDEX)
     targets[:, 2], targets[0, 5] = 3, 7
     batch = {"inputs": inputs, "targets": targets}
-    model.objective = BPTTObjective(mean_depth=2, backprop_depth=2, depth_sampler="fixed")
-    loss, _ = model.objective.loss(model, batch, torch.Generator().manual_seed(0))
+    loss, _ = BPTTObjective(mean_depth=2, backprop_depth=2, depth_sampler="fixed").loss(
+        model, batch, torch.Generator().manual_seed(0))
     context = model.encode(inputs)
     state = torch.randn((2, 6, 32), generator=torch.Generator().manual_seed(0))
     logits = model.readout(model.recur(model.recur(state, context), context), context)
@@ -127,13 +129,15 @@ def test_a_task_batch_scores_answer_tokens_only():
 class Converging(torch.nn.Module):
     """A recurrence whose state moves by 2^-k at loop k, with a constant exit gate."""
 
+    loop = "recurrent"  # what one loop is (loopdb.sampling)
+
     def __init__(self, gate: float):
         super().__init__()
-        self.gate, self.loop = gate, 0
+        self.gate, self.count = gate, 0
 
     def recur(self, state, context):
-        self.loop += 1
-        return state + 2.0 ** -self.loop
+        self.count += 1
+        return state + 2.0 ** -self.count
 
     def readout(self, state, context):
         return torch.cat([state[..., :1], -state[..., :1]], -1) * 10

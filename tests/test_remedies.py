@@ -9,6 +9,7 @@ import torch
 from conftest import VOCAB, record_denoise_calls, tiny_model
 from loopdb.readouts import scoring as engine
 from loopdb.objectives.next_token import GRID_SIZES, DiffusionObjective
+from loopdb.sampling import DIFFUSION
 
 OFF = {"target_norm": 1.0, "estimate": "soft", "train_grid_fraction": 0.0, "self_condition": False,
        "rollout_fraction": 0.0, "solver": "euler", "loss_weight": "unit"}
@@ -22,7 +23,7 @@ def batch(seed=0):
 
 def loss_and_rng(model, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    loss, _ = model.objective.loss(model, batch(), generator)
+    loss, _ = DiffusionObjective().loss(model, batch(), generator)
     return loss.item(), torch.rand(1, generator=generator).item()  # what the run draws next
 
 
@@ -68,7 +69,7 @@ def test_grid_fraction_one_trains_only_at_inference_grid_sigmas():
     model = tiny_model(train_grid_fraction=1.0)
     objective = DiffusionObjective()
     sigmas = objective.training_sigmas(model, 400, torch.Generator().manual_seed(0)).tolist()
-    allowed = {round(s, 6) for k in GRID_SIZES for s in objective.grid(model, k)}
+    allowed = {round(s, 6) for k in GRID_SIZES for s in DIFFUSION.grid(model, k)}
     assert {round(s, 6) for s in sigmas} <= allowed
     assert max(sigmas) == pytest.approx(80.0)  # sigma_max, where K = 1 reads out, is trained
 
@@ -78,7 +79,7 @@ def test_rollout_returns_a_detached_sampler_state_at_a_grid_sigma():
     objective = DiffusionObjective()
     inputs = batch()[:, :-1]
     state, sigma = objective.rollout(model, inputs, torch.Generator().manual_seed(0))
-    grid = objective.grid(model, 6)
+    grid = DIFFUSION.grid(model, 6)
     assert not state.requires_grad and state.shape == (3, 10, model.config.d_model)
     assert sigma[0].item() in [pytest.approx(s) for s in grid[1:]] and (sigma == sigma[0]).all()
     loss, stats = objective.loss(model.train(), batch(), torch.Generator().manual_seed(0))

@@ -139,3 +139,27 @@ def test_cli_train_score_sample(capsys, data_dir, tmp_path):
     assert plain["1"] == stopped["1"] and plain["2"] != stopped["2"]
     code, _, err = run_cli(capsys, "score", run, "--d_model=64")
     assert code == 2 and "cannot change after training" in err
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+@pytest.mark.parametrize("fast", ["wall", "cpu"])
+def test_a_time_budget_counts_on_its_clock(data_dir, tmp_path, monkeypatch, clock, fast):
+    """A 0.6 s budget: the clock that runs fast (a second per read) ends the run after its first step
+    when it is the budget's clock; the slow one (a microsecond per read) never does (max_steps does)."""
+    from loopdb.training import trainer as trainer_module
+
+    ticks = {"wall": 0.0, "cpu": 0.0}
+
+    def reader(name):
+        def read():
+            ticks[name] += 1.0 if name == fast else 1e-6
+            return ticks[name]
+        return read
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", reader("wall"))
+    monkeypatch.setattr(trainer_module.time, "process_time", reader("cpu"))
+    config = small_config(max_steps=8, eval_every=1000, checkpoint_every=1000, time_budget_minutes=0.01,
+                          time_budget_clock=clock)
+    trainer = Trainer(config, data_dir, tmp_path / "run", progress=False, log_tensorboard=False)
+    trainer.train()
+    assert trainer.step == (1 if clock == fast else 8)

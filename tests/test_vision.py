@@ -13,8 +13,9 @@ from conftest import assert_only_block_has_gradients
 from loopdb import images as images_lib  # noqa: E402
 from loopdb.cli import main  # noqa: E402
 from loopdb.config import Config, ConfigError  # noqa: E402
-from loopdb.families import build_model, check_config  # noqa: E402
+from loopdb.families import build_model, check_config, family_of  # noqa: E402
 from loopdb.readouts import vision as vision_readouts  # noqa: E402
+from loopdb.sampling.vision import classify, generate_images  # noqa: E402
 from loopdb.training.trainer import step_generator  # noqa: E402
 from loopdb.models.vit import ViTClassifier  # noqa: E402
 
@@ -40,6 +41,12 @@ def build(family: str, objective: str = "diffusion", seed: int = 0, **diffusion)
             if "modulation" in name or "final_linear" in name:
                 parameter.normal_(0, 0.05)
     return model.eval()
+
+
+def objective_for(family: str, objective: str = "diffusion"):
+    """The loss the family trains its model with (the model holds none)."""
+    config = small_config(family, objective)
+    return family_of(config).objective(config)
 
 
 def digit_batch(count: int = 8) -> dict:
@@ -126,10 +133,10 @@ def test_sampler_runs_the_block_that_training_assigns_to_each_sigma(monkeypatch)
         assert {partition.owner(float(s)) for s in sigmas} == {block_index}
     calls = record_blocks(monkeypatch, model)
     batch = digit_batch(2)
-    model.classify(batch["images"], 4, torch.Generator().manual_seed(0))
+    classify(model, batch["images"], 4, torch.Generator().manual_seed(0))
     assert [block for _, block in calls] == [0, 1, 2, 3]  # T = B: every block once, input side first
     calls.clear()
-    model.classify(batch["images"], 9, torch.Generator().manual_seed(0))
+    classify(model, batch["images"], 9, torch.Generator().manual_seed(0))
     for sigma, block in calls:
         lo, hi = partition.training_range(block)
         assert lo * (1 - 1e-6) <= float(sigma[0]) <= hi * (1 + 1e-6)
@@ -142,14 +149,14 @@ def test_only_the_sampled_block_gets_gradients(family):
     seen = set()
     for step in range(12):
         model.zero_grad(set_to_none=True)
-        loss, stats = model.objective.loss(model, digit_batch(), step_generator(0, step), step)
+        loss, stats = objective_for(family).loss(model, digit_batch(), step_generator(0, step), step)
         loss.backward()
         chosen = int(stats["block"])
         seen.add(chosen)
         assert_only_block_has_gradients([list(b.parameters()) for b in model.blocks], chosen)
     assert len(seen) > 1
     dense = build(family, objective="dense").train()
-    loss, _ = dense.objective.loss(dense, digit_batch(), step_generator(0, 0))
+    loss, _ = objective_for(family, "dense").loss(dense, digit_batch(), step_generator(0, 0))
     loss.backward()
     assert all(p.grad is not None for p in dense.blocks.parameters())  # end to end: every layer
 
@@ -157,12 +164,12 @@ def test_only_the_sampled_block_gets_gradients(family):
 def test_vit_dense_ignores_steps_and_diffusion_is_seeded_by_its_noise():
     batch = digit_batch(4)
     dense = build("vit", objective="dense")
-    assert torch.equal(dense.classify(batch["images"], 1, torch.Generator().manual_seed(0)),
-                       dense.classify(batch["images"], 7, torch.Generator().manual_seed(1)))
+    assert torch.equal(classify(dense, batch["images"], 1, torch.Generator().manual_seed(0)),
+                       classify(dense, batch["images"], 7, torch.Generator().manual_seed(1)))
     model = build("vit")
-    first = model.classify(batch["images"], 4, torch.Generator().manual_seed(0))
-    assert torch.equal(first, model.classify(batch["images"], 4, torch.Generator().manual_seed(0)))
-    assert not torch.equal(first, model.classify(batch["images"], 4, torch.Generator().manual_seed(1)))
+    first = classify(model, batch["images"], 4, torch.Generator().manual_seed(0))
+    assert torch.equal(first, classify(model, batch["images"], 4, torch.Generator().manual_seed(0)))
+    assert not torch.equal(first, classify(model, batch["images"], 4, torch.Generator().manual_seed(1)))
 
 
 # -- DiT ------------------------------------------------------------------------------------------
@@ -175,15 +182,15 @@ def test_cfg_scale_one_is_the_conditional_model(monkeypatch):
     assert torch.allclose(model.guided(z, sigma, labels, 1.0, 1), conditional, atol=1e-5)
     assert not torch.allclose(model.guided(z, sigma, labels, 3.0, 1), conditional, atol=1e-3)  # the null class matters
     # whole sampler: guidance 1 walks the same trajectory as the purely conditional denoiser
-    guided = model.generate(labels, 6, 1.0, torch.Generator().manual_seed(0))
+    guided = generate_images(model, labels, 6, 1.0, torch.Generator().manual_seed(0))
     monkeypatch.setattr(model, "guided", lambda z, s, y, scale, block: model(z, s, y, block))
-    assert torch.allclose(guided, model.generate(labels, 6, 1.0, torch.Generator().manual_seed(0)), atol=1e-4)
+    assert torch.allclose(guided, generate_images(model, labels, 6, 1.0, torch.Generator().manual_seed(0)), atol=1e-4)
 
 
 def test_dit_sampler_steps_run_their_owning_block_only(monkeypatch):
     model = build("dit", block_overlap=0.0)
     calls = record_blocks(monkeypatch, model)
-    model.generate(torch.tensor([0, 1]), 8, 2.0, torch.Generator().manual_seed(0))
+    generate_images(model, torch.tensor([0, 1]), 8, 2.0, torch.Generator().manual_seed(0))
     assert len(calls) == 8
     for sigma, block in calls:
         assert block == model.partition.owner(float(sigma[0]))
@@ -192,7 +199,7 @@ def test_dit_sampler_steps_run_their_owning_block_only(monkeypatch):
     assert [block for _, block in calls] == sorted(block for _, block in calls)  # input-side block first
     dense = build("dit", objective="dense")
     calls = record_blocks(monkeypatch, dense)
-    dense.generate(torch.tensor([0]), 3, 2.0, torch.Generator().manual_seed(0))
+    generate_images(dense, torch.tensor([0]), 3, 2.0, torch.Generator().manual_seed(0))
     assert [block for _, block in calls] == [None] * 3  # every layer at every step
 
 
@@ -201,7 +208,7 @@ def test_dit_label_dropout_uses_the_null_class(monkeypatch):
     seen = []
     original = model.forward
     monkeypatch.setattr(model, "forward", lambda z, s, y, b: seen.append(y) or original(z, s, y, b))
-    model.objective.loss(model, digit_batch(64), step_generator(0, 0))
+    objective_for("dit").loss(model, digit_batch(64), step_generator(0, 0))
     labels = seen[0]
     assert 10 < int((labels == model.null_class).sum()) < 54
 

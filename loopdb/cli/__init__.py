@@ -11,11 +11,11 @@ import argparse
 import sys
 
 from ..errors import LoopdbError, UsageError
-from . import bench, compare, evaluate, prepare, sample, score, study, train
+from . import bench, compare, evaluate, export, prepare, sample, score, study, train
 from .args import parse_overrides
 
 USER_ERROR = 2
-COMMANDS = (prepare, train, compare, study, score, sample, evaluate, bench)
+COMMANDS = (prepare, train, compare, study, score, sample, evaluate, export, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

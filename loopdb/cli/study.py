@@ -18,6 +18,8 @@ def add_parser(commands) -> None:
     p.add_argument("--variants", required=True, help='JSON: {"name": {"key": value, ..., "seeds": [0, 1]}, ...}')
     p.add_argument("--data", default=None)
     add_budget_arguments(p, "member")
+    p.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall",
+                   help="what --budget-minutes counts: elapsed time, or the member's CPU time (fair on shared cores)")
     p.add_argument("--loops", default="1,2,4,8,16")
     p.add_argument("--readouts", default=",".join(STUDY_DEFAULT_READOUTS),
                    help="comma-separated, from: " + ", ".join(STUDY_READOUTS))
@@ -49,6 +51,6 @@ def run(args, overrides) -> int:
     data_dir = family_of(config).data_dir(args.data, config)
     run_study(args.preset, args.out, data_dir, args.variants, args.budget_minutes, args.steps, parse_loops(args.loops),
               readouts, args.samples, args.max_windows, args.split, args.judge, args.generations,
-              args.generation_length)
+              args.generation_length, args.budget_clock)
     print((Path(args.out) / "results.md").read_text())
     return 0

@@ -22,21 +22,29 @@ def add_parser(commands) -> None:
 def run(args, overrides) -> int:
     from ..config import preset
     from ..families import check_config, family_of
-    from ..training.trainer import Trainer
+    from ..runs.checkpoint import latest_checkpoint
+    from ..training.trainer import StopSignals, Trainer
 
     config = check_config(preset(args.preset).apply_overrides(overrides))  # before any data preparation
-    data_dir = family_of(config).data_dir(args.data, config)
-    trainer = Trainer(config, data_dir, args.out, resume=args.resume, progress=not args.quiet,
-                      block_parallel=args.block_parallel)
-    main_rank = trainer.group.is_main
-    if main_rank:
-        print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {trainer.device}; "
-              f"run folder {args.out}", file=sys.stderr)
+    trainer = None
     try:
-        results = trainer.train()
+        with StopSignals(abandon=True):  # Ctrl-C / SIGTERM: data preparation stops at once; training: Trainer.train
+            data_dir = family_of(config).data_dir(args.data, config)
+            trainer = Trainer(config, data_dir, args.out, resume=args.resume, progress=not args.quiet,
+                              block_parallel=args.block_parallel, preset=args.preset)
+            main_rank = trainer.group.is_main
+            if main_rank:
+                print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {trainer.device}; "
+                      f"run folder {args.out}", file=sys.stderr)
+            results = trainer.train()
     except KeyboardInterrupt:
-        print(f"stopped at step {trainer.step}; continue with: loopdb train --preset {args.preset} --out {args.out} "
-              "--resume", file=sys.stderr)
+        again = " ".join(["loopdb train --preset", args.preset, *(["--data", args.data] if args.data else []),
+                          "--out", args.out, *(f"--{key}={value}" for key, value in overrides.items())])
+        if latest_checkpoint(args.out) is None:
+            print(f"stopped before the first checkpoint; start again with: {again}", file=sys.stderr)
+        else:
+            print(f"stopped; newest checkpoint {latest_checkpoint(args.out).name}; continue with: {again} --resume",
+                  file=sys.stderr)
         return 130
     if main_rank:
         print(json.dumps({"step": trainer.step, **results}))

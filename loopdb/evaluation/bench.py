@@ -46,7 +46,7 @@ def measure(name: str, device: str = "cpu", model_keys: dict | None = None) -> d
     import torch
 
     from ..config import Config, ModelConfig
-    from ..families.text import build_stacked
+    from ..families.text import STACKED, build_stacked
     from ..training.trainer import make_optimizer, step_generator
 
     baseline = _rss_mb()
@@ -60,6 +60,7 @@ def measure(name: str, device: str = "cpu", model_keys: dict | None = None) -> d
     config.validate()
     torch.manual_seed(0)
     model = build_stacked(config, held_blocks=trained_blocks).to(device).train()
+    objective = STACKED.objective(config)
     optimizer = make_optimizer(model, config)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -67,7 +68,7 @@ def measure(name: str, device: str = "cpu", model_keys: dict | None = None) -> d
     for step in range(BENCH_STEPS):
         generator = step_generator(0, step)
         batch = torch.randint(config.model.vocab_size, (BENCH_BATCH, config.model.context + 1), generator=generator)
-        loss, _ = model.objective.loss(model, batch.to(device), generator, step)
+        loss, _ = objective.loss(model, batch.to(device), generator, step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         optimizer.step()

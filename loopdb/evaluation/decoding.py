@@ -23,8 +23,8 @@ from ..data.storage import load_tokens
 from ..readouts import drafting
 from ..readouts.generation import generate
 from ..readouts.quality import distinct_n, judge_perplexity
-from ..readouts.scoring import anchor_head
 from ..runs.folder import load_model, run_data_dir
+from ..sampling import anchor_sampler
 
 
 def bench_prompts(run, count: int, length: int) -> list[list[int]]:
@@ -43,10 +43,12 @@ def _timed(function):
 def run_decode_bench(run, loops, prompts: int = 4, prompt_tokens: int = 16, tokens: int = 64, judge=None,
                      seed: int = 0, device="cpu") -> dict:
     model, _ = load_model(run, device)
-    anchor = anchor_head(model)  # refuses a run without an anchor head
-    judge_model = load_model(judge, device)[0] if judge else anchor
+    anchor = anchor_sampler(model)  # refuses a run without an anchor head
+    # the judge: another run read by its own sampler, or this model's anchor head
+    judge_model, judge_sampler = (load_model(judge, device)[0], None) if judge else (model, anchor)
     prompt_list = bench_prompts(run, prompts, prompt_tokens)
-    greedy, greedy_seconds = _timed(lambda: [generate(anchor, p, tokens, 1, temperature=0) for p in prompt_list])
+    greedy, greedy_seconds = _timed(lambda: [generate(model, p, tokens, 1, temperature=0, sampler=anchor)
+                                             for p in prompt_list])
     total = prompts * tokens
     report = {"accepted": {}, "tokens_per_verification": {}, "tokens_per_s": {},
               "greedy_tokens_per_s": total / greedy_seconds, "identical": True,
@@ -63,10 +65,11 @@ def run_decode_bench(run, loops, prompts: int = 4, prompt_tokens: int = 16, toke
         samples, seconds = _timed(lambda: [drafting.parallel_generate(model, p, tokens, num_loops, seed=seed + i)
                                            for i, p in enumerate(prompt_list)])
         report["parallel"]["tokens_per_s"][key] = total / seconds
-        report["parallel"]["gen_ppl"][key] = _judged(judge_model, prompt_list, samples, seed)
+        report["parallel"]["gen_ppl"][key] = _judged(judge_model, judge_sampler, prompt_list, samples, seed)
         report["parallel"]["distinct2"][key] = distinct_n(samples, 2)
-    sampled = [generate(anchor, p, tokens, 1, temperature=1.0, seed=seed + i) for i, p in enumerate(prompt_list)]
-    report["anchor_sampled"] = {"gen_ppl": _judged(judge_model, prompt_list, sampled, seed),
+    sampled = [generate(model, p, tokens, 1, temperature=1.0, seed=seed + i, sampler=anchor)
+               for i, p in enumerate(prompt_list)]
+    report["anchor_sampled"] = {"gen_ppl": _judged(judge_model, judge_sampler, prompt_list, sampled, seed),
                                 "distinct2": distinct_n(sampled, 2)}
     report["speedup"] = {k: v / report["greedy_tokens_per_s"] for k, v in report["tokens_per_s"].items()}
     report.update(draft_width=model.draft_width, prompts=prompts, prompt_tokens=prompt_tokens, tokens=tokens,
@@ -74,11 +77,11 @@ def run_decode_bench(run, loops, prompts: int = 4, prompt_tokens: int = 16, toke
     return report
 
 
-def _judged(judge, prompts, samples, seed) -> float:
+def _judged(judge, sampler, prompts, samples, seed) -> float:
     """Generative perplexity of all samples together (token-weighted over the prompts)."""
     import math
 
-    nats = sum(math.log(judge_perplexity(judge, p, [s], seed)) * len(s) for p, s in zip(prompts, samples))
+    nats = sum(math.log(judge_perplexity(judge, p, [s], seed, sampler)) * len(s) for p, s in zip(prompts, samples))
     return math.exp(nats / max(1, sum(len(s) for s in samples)))
 
 

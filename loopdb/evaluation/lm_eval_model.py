@@ -79,6 +79,7 @@ from ..errors import EvalError, UsageError
 from ..maths.exit import parse_exit
 from ..names import READOUTS
 from ..readouts import generation, scoring
+from ..sampling import anchor_sampler
 
 GEN_CHUNK = 16
 DEFAULT_MAX_GEN_TOKS = 256
@@ -142,8 +143,8 @@ class LoopDBLM(TemplateLM):
         elif tokenizer is None:
             raise ValueError("pass the tokenizer along with an in-memory model")
         self.run = None if run is None else str(run)
-        if readout == "anchor":  # the dense anchor head answers everything: scores, greediness, generation
-            model = scoring.anchor_head(model)
+        # anchor: the dense anchor head answers everything (scores, greediness, generation); else the model's sampler
+        self.sampler = anchor_sampler(model) if readout == "anchor" else None
         self.model = model.to(self._device).eval()
         self.tok = tokenizer
         vocab = getattr(model.config, "vocab_size", tokenizer.vocab_size)
@@ -228,13 +229,13 @@ class LoopDBLM(TemplateLM):
                 inputs[row, :len(tokens) - 1] = torch.tensor(tokens[:-1], dtype=torch.long)
             generators = [torch.Generator().manual_seed(window_seed(self.seed, tokens[:-1])) for tokens, _ in batch]
             logprobs = scoring.predictive_distribution(self.model, inputs.to(self._device), self.num_loops,
-                                                      self.samples, generators, lengths).cpu()
+                                                      self.samples, generators, lengths, self.sampler).cpu()
             for row, (tokens, count) in enumerate(batch):
                 length = len(tokens) - 1
                 targets = torch.tensor(tokens[-count:], dtype=torch.long)
                 scored = logprobs[row, length - count:length]
                 picked = scored.gather(-1, targets[:, None]).squeeze(-1)
-                if self.readout not in ("predictive", "anchor"):  # anchor: the model above is already the anchor
+                if self.readout not in ("predictive", "anchor"):  # anchor: self.sampler above is the anchor head
                     picked = self.readout_logprobs(tokens)[-count:]
                 results.append((float(picked.double().sum()), bool((scored.argmax(-1) == targets).all())))
             progress.update(len(batch))
@@ -331,14 +332,15 @@ class LoopDBLM(TemplateLM):
             seeds = [window_seed(self.seed, tokens) for tokens in so_far]
             if self.exit_rule is None:
                 generated = generation.generate_batch(self.model, so_far, max(counts), self.num_loops,
-                                                      temperature=temperature, top_k=top_k, seeds=seeds)
+                                                      temperature=temperature, top_k=top_k, seeds=seeds,
+                                                      sampler=self.sampler)
             else:  # adaptive exit (sequence-recurrent runs): row by row, each reporting the loops it used
                 generated = []
                 for tokens, seed in zip(so_far, seeds):
                     stats = {}
                     generated.append(generation.generate(self.model, tokens, max(counts), self.num_loops,
                                                          temperature=temperature, top_k=top_k, seed=seed,
-                                                         exit_rule=self.exit_rule, stats=stats))
+                                                         exit_rule=self.exit_rule, stats=stats, sampler=self.sampler))
                     self.generation_loops.append(stats["mean_loops"])
             still = []
             for row, count, tokens in zip(active, counts, generated):

@@ -17,17 +17,19 @@ from ..data.windows import eval_windows
 from ..names import LOOP_FREE_READOUTS, TASK_READOUTS
 from ..readouts.scoring import bits_per_byte
 from ..runs.folder import load_model, run_data_dir
+from ..sampling import sampler_of
 
 def train_member(run: Path, preset: str, data_dir: Path, budget_minutes: float | None, steps: int | None,
-                 overrides: list[str]) -> dict:
+                 overrides: list[str], budget_clock: str = "wall") -> dict:
     """Train one run in its own process (so its peak memory is its own) unless it already finished;
     an interrupted member resumes from its last checkpoint. Returns its train_summary.json."""
     summary_path = run / "train_summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
-    limit = f"--max_steps={steps}" if steps else f"--time_budget_minutes={budget_minutes}"
+    limit = [f"--max_steps={steps}"] if steps else [f"--time_budget_minutes={budget_minutes}",
+                                                    f"--time_budget_clock={budget_clock}"]
     command = [sys.executable, "-m", "loopdb", "train", "--preset", preset, "--data", str(data_dir),
-               "--out", str(run), "--quiet", limit, "--eval_every=1000000000", "--eval_loops=1", *overrides]
+               "--out", str(run), "--quiet", *limit, "--eval_every=1000000000", "--eval_loops=1", *overrides]
     if (run / "latest").exists():
         command.append("--resume")
     print(f"[loopdb] training {run.name}: {' '.join(command[3:])}", file=sys.stderr)
@@ -68,7 +70,7 @@ def score_member(run: Path, loops, samples: int, max_windows: int | None, seed: 
 
 def loop_counts(model, loops, readout: str) -> tuple:
     """The loop counts a readout of ``model`` is scored at: K = 1 only where K changes nothing."""
-    return tuple(loops) if model.objective.has_loops and readout not in LOOP_FREE_READOUTS else (1,)
+    return tuple(loops) if sampler_of(model).has_loops and readout not in LOOP_FREE_READOUTS else (1,)
 
 
 def _task_scores(run, model, config, loops, samples, max_windows, seed, device, readout, split) -> dict:
@@ -82,7 +84,7 @@ def _task_scores(run, model, config, loops, samples, max_windows, seed, device, 
               if within_training(d, config.train) == (readout == "accuracy")]
     examples = evaluation_examples(task, split, wanted, max_windows or config.train.eval_examples)
     results = {}
-    for num_loops in loops if model.objective.has_loops else (1,):
+    for num_loops in loops if sampler_of(model).has_loops else (1,):
         results[str(num_loops)] = task_accuracy(model, task, examples, num_loops, samples, seed, device=device)["accuracy"]
         print(f"[loopdb] {run.name} {readout} K={num_loops}: {results[str(num_loops)]:.3f}", file=sys.stderr)
     return results

@@ -102,7 +102,7 @@ def _looped_config(dims: SpeedDims, objective: str, context: int | None = None):
 
 def build_member(member: str, dims: SpeedDims, compile: bool = False):
     """(module, step_loss(batch, generator) -> loss) for one member; batch (B, T+1)."""
-    from ..families import build_model
+    from ..families import build_model, family_of
     from ..models.reference_gpt import ReferenceGPT
 
     torch.manual_seed(0)
@@ -110,11 +110,12 @@ def build_member(member: str, dims: SpeedDims, compile: bool = False):
         model = ReferenceGPT(dims.vocab_size, dims.d_model, dims.n_layers, dims.d_model // dims.head_dim, dims.context)
         forward = torch.compile(model) if compile else model
         return model, lambda batch, generator: forward(batch[:, :-1], batch[:, 1:])
-    model = build_model(_looped_config(dims, member))
+    config = _looped_config(dims, member)
+    model, objective = build_model(config), family_of(config).objective(config)
     if not compile:
-        return model, lambda batch, generator: model.objective.loss(model, batch, generator)[0]
+        return model, lambda batch, generator: objective.loss(model, batch, generator)[0]
     # compile the whole loss of the objective (as the trainer's compiled model would see it)
-    compiled = torch.compile(lambda batch, generator: model.objective.loss(model, batch, generator)[0])
+    compiled = torch.compile(lambda batch, generator: objective.loss(model, batch, generator)[0])
     return model, compiled
 
 

@@ -30,9 +30,10 @@ from ..errors import ConfigError
 from ..readouts.quality import sample_quality
 from ..runs.folder import load_model, run_data_dir
 from ..names import LOOP_FREE_READOUTS, STUDY_DEFAULT_READOUTS
+from ..sampling import sampler_of
 from .members import score_member, train_member
 
-INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last")  # change the sampler, not the trained weights
+INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last", "wavefront")  # change the sampler, not the trained weights
 
 
 def load_variants(path) -> dict[str, dict]:
@@ -68,7 +69,7 @@ def _spread(values: list[float]) -> tuple[float, float]:
 def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: float | None = None,
               steps: int | None = None, loops=(1, 2, 4, 8, 16), readouts=STUDY_DEFAULT_READOUTS, samples: int = 2,
               max_windows: int | None = 32, split: str = "val", judge: str | None = None,
-              generations: int = 8, generation_length: int = 48) -> dict:
+              generations: int = 8, generation_length: int = 48, budget_clock: str = "wall") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     variants = load_variants(variants_file)
@@ -77,7 +78,8 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
         raise ConfigError(f"the judge {judge} was trained on other data ({run_data_dir(judge)}); "
                           "it must share the study's tokenizer")
     newline = load_tokenizer(data_dir).encode("\n")
-    results = {"preset": preset_name, "budget": {"minutes": budget_minutes, "steps": steps}, "split": split,
+    results = {"preset": preset_name, "budget": {"minutes": budget_minutes, "steps": steps, "clock": budget_clock},
+               "split": split,
                "samples": samples, "max_windows": max_windows, "judge": judge, "generations": generations,
                "generation_length": generation_length, "variants": {}}
     previous = _previous_members(out / "results.json", results)
@@ -88,7 +90,7 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
         for seed in variant["seeds"]:
             run = trained_runs.setdefault((tuple(sorted(variant["overrides"].items())), seed), out / f"{name}-s{seed}")
             overrides = [f"--{k}={v}" for k, v in variant["overrides"].items()] + [f"--seed={seed}"]
-            summary = train_member(run, preset_name, Path(data_dir), budget_minutes, steps, overrides)
+            summary = train_member(run, preset_name, Path(data_dir), budget_minutes, steps, overrides, budget_clock)
             earlier = previous.get((name, str(seed)))
             if earlier is not None and (earlier["train"] != summary or earlier["overrides"] != settings):
                 earlier = None  # retrained, or the variant's settings changed: nothing of it holds
@@ -106,7 +108,7 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
                     print(f"[study] {name}: {readout} skipped: {error}", file=sys.stderr)
             if "samples" in missing:
                 model = load_model(run, sampler=variant["sampler"])[0]
-                counts = loops if model.objective.has_loops else (1,)
+                counts = loops if sampler_of(model).has_loops else (1,)
                 member["samples"] = {str(k): sample_quality(model, judge_model, newline, k, generations,
                                                                    generation_length) for k in counts}
             if missing:
@@ -204,8 +206,9 @@ def _metrics(results: dict) -> dict[str, callable]:
 
 def markdown_tables(results: dict, loops) -> str:
     budget = results["budget"]
+    clock = " of CPU time" if budget.get("clock") == "cpu" else ""
     lines = [f"Preset {results['preset']}, " + (f"{budget['steps']} steps" if budget["steps"] else
-                                                  f"{budget['minutes']} training minutes") + " per member; "
+                                                  f"{budget['minutes']} training minutes{clock}") + " per member; "
              f"{results['split']} split, {results['max_windows']} windows, {results['samples']} noise draws. "
              "Cells: mean over seeds (+- half the range when there are several)."]
     for title, metric in _metrics(results).items():

@@ -3,9 +3,10 @@ about a model family, declared by the family (torchtitan's ModelSpec), so that n
 them names one.
 
 ``config.model.family`` names one entry of FAMILIES. A Family gives
-  build(config) -> the model, an nn.Module whose ``objective`` attribute says how to train
-      it (``objective.loss(model, batch, generator, step) -> (loss, stats)``) and what an
-      inference step is;
+  build(config) -> the model, an nn.Module whose settings (e.g. ``loop``, ``blockwise``) say which
+      sampler of loopdb.sampling reads it at inference;
+  objective(config) -> the loss that trains it
+      (``objective.loss(model, batch, generator, step) -> (loss, stats)``);
   feed(config, data_dir) -> its data side for the trainer (a "feed", not to be confused with a
       reasoning task or an lm-eval task): ``batch(generator, device)``, ``evaluate(model, device,
       autocast)`` and ``sample_text(model, step)``. Building the feed may fill config fields taken
@@ -19,6 +20,7 @@ them names one.
   hooks the trainer calls without naming the family:
       build_for_blocks(config, blocks) -> the model holding only ``blocks`` (one process of
           a block-parallel run), or None when the family has no block-parallel training;
+      objective_for_blocks(config, blocks) -> the loss of that process (it trains ``blocks`` only);
       after_optimizer(model, optimizer, device, distributed): e.g. host offload (``distributed``:
           several processes hold the parameters, through DDP, FSDP or block-parallel);
       trains_every_parameter(config) -> True if every trainable parameter gets a gradient at

@@ -34,7 +34,7 @@ class ImageFeed:
 
     def evaluate(self, model, device, autocast) -> dict:
         train, data = self.config.train, self.data
-        loops = train.eval_loops if model.objective.has_loops else (1,)
+        loops = train.eval_loops if model.blockwise or not self.classifies else (1,)  # the dense ViT ignores T
         results = {}
         with autocast():
             for num_steps in loops:
@@ -70,14 +70,23 @@ def _vision_rules(config: Config) -> list:
 
 
 def _build_vit(config: Config) -> ViTClassifier:
-    return ViTClassifier(config, ViTObjective(config.train.objective))
+    return ViTClassifier(config, blockwise=config.train.objective == "diffusion")
 
 
 def _build_dit(config: Config) -> DiTDenoiser:
-    return DiTDenoiser(config, DiTObjective(config.train.objective))
+    return DiTDenoiser(config, blockwise=config.train.objective == "diffusion")
 
 
-VIT = Family(build=_build_vit, feed=functools.partial(ImageFeed, classifies=True), data_dir=image_data_dir,
-             rules=_vision_rules, commands="images")
-DIT = Family(build=_build_dit, feed=functools.partial(ImageFeed, classifies=False), data_dir=image_data_dir,
-             rules=_vision_rules, commands="images", trains_every_parameter=dense_trains_every_parameter)
+def _vit_objective(config: Config) -> ViTObjective:
+    return ViTObjective(dense=config.train.objective == "dense")
+
+
+def _dit_objective(config: Config) -> DiTObjective:
+    return DiTObjective(dense=config.train.objective == "dense")
+
+
+VIT = Family(build=_build_vit, objective=_vit_objective, feed=functools.partial(ImageFeed, classifies=True),
+             data_dir=image_data_dir, rules=_vision_rules, commands="images")
+DIT = Family(build=_build_dit, objective=_dit_objective, feed=functools.partial(ImageFeed, classifies=False),
+             data_dir=image_data_dir, rules=_vision_rules, commands="images",
+             trains_every_parameter=dense_trains_every_parameter)

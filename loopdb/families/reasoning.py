@@ -9,6 +9,7 @@ import torch
 from ..config import Config
 from ..errors import ConfigError
 from ..readouts.reasoning import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
+from ..sampling import sampler_of
 from ..tasks import get_task, training_arrays
 
 
@@ -46,7 +47,7 @@ class ReasoningFeed:
         beyond = [e for e in self.val_examples if not within_training(e.difficulty, train)]
         results = {}
         with autocast():
-            for loops in train.eval_loops if model.objective.has_loops else (1,):
+            for loops in train.eval_loops if sampler_of(model).has_loops else (1,):
                 results[f"val/accuracy@{loops}"] = task_accuracy(model, self.task, trained, loops, seed=train.seed,
                                                                  device=device)["accuracy"]
                 if beyond:

@@ -38,11 +38,13 @@ def dense_trains_every_parameter(config: Config) -> bool:
 @dataclass(frozen=True)
 class Family:
     build: Callable[[Config], torch.nn.Module]
+    objective: Callable[[Config], object]
     feed: Callable[[Config, Path | None], object]
     data_dir: Callable[[str | None, Config], Path | None]
     rules: Callable[[Config], list] = _no_rules
     commands: str = "text"
     block_parallel_refusal: Callable[[Config], str | None] = _no_block_parallel  # None: the run can
     build_for_blocks: Callable | None = None
+    objective_for_blocks: Callable | None = None
     after_optimizer: Callable = _nothing_after_optimizer
     trains_every_parameter: Callable[[Config], bool] = _some_parameters_idle

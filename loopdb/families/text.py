@@ -12,16 +12,19 @@ from ..data.preparation import resolve_data_dir
 from ..data.storage import load_meta, load_tokenizer, load_tokens, task_data_dir
 from ..data.windows import eval_windows, sample_windows
 from ..config import Config
+from ..models.joint import JointDiffusionLM
 from ..models.looped import LoopedLM
 from ..models.recurrent import RecurrentDepthLM
 from ..models.masked import MaskedDiffusionLM
 from ..models.stacked import HostOffload, StackedLM
 from ..objectives.drafting import DraftDiffusionObjective
+from ..objectives.joint import JointDiffusionObjective
 from ..objectives.masked import make_masked_objective
 from ..objectives.next_token import DenseObjective, StackedDiffusionObjective, make_objective
 from ..readouts import masked as masked_readouts
 from ..readouts.generation import generate
 from ..readouts.scoring import bits_per_byte
+from ..sampling import OBJECTIVE_LOOPS, sampler_of
 from .reasoning import ReasoningFeed
 from .spec import BLOCK_PARALLEL_HELP, Family, dense_trains_every_parameter
 
@@ -49,7 +52,7 @@ class TextFeed:
         windows = eval_windows(self.val_tokens, self.config.model.context, train.eval_windows)
         results = {}
         with autocast():
-            for loops in train.eval_loops if model.objective.has_loops else (1,):
+            for loops in train.eval_loops if sampler_of(model).has_loops else (1,):
                 results[f"val/bpb@{loops}"] = bits_per_byte(
                     model, windows, self.token_bytes, loops, samples=train.eval_samples,
                     seed=train.seed, device=device)
@@ -92,15 +95,26 @@ def text_data_dir(data: str | None, config: Config) -> Path:
 def _build_looped(config: Config):
     """Sequence recurrence (Huginn's wiring: loopdb.models.recurrent) or the per-position loop
     of the DiffusionBlocks LM (loopdb.models.looped), as ``config.recurrence`` says."""
-    objective = _looped_objective(config)
+    train = config.train
+    if _joint(config):
+        return JointDiffusionLM(config.model, config.diffusion, targets_are_next_tokens=not train.task)
+    loop = OBJECTIVE_LOOPS[train.objective]
     if config.recurrence == "sequence":
-        return RecurrentDepthLM(config.model, objective, exit_gate=config.train.objective == "ouro")
-    return LoopedLM(config.model, config.diffusion, objective)
+        return RecurrentDepthLM(config.model, loop, exit_gate=train.objective == "ouro")
+    return LoopedLM(config.model, config.diffusion, loop, anchor_head=train.anchor_weight > 0)
+
+
+def _joint(config: Config) -> bool:
+    """Sequence-joint DiffusionBlocks (loopdb.models.joint): diffusion with sequence recurrence."""
+    return config.train.objective == "diffusion" and config.recurrence == "sequence"
 
 
 def _looped_objective(config: Config):
-    """DiffusionBlocks with drafts or the anchor head (issue 15) when asked for, else the plain objectives."""
+    """DiffusionBlocks with drafts or the anchor head when asked for, sequence-joint DiffusionBlocks
+    with sequence recurrence, else the plain objectives."""
     train = config.train
+    if _joint(config):
+        return JointDiffusionObjective()
     if train.objective == "diffusion" and (config.model.draft_width > 1 or train.anchor_weight > 0):
         return DraftDiffusionObjective(train.anchor_weight, train.draft_fraction)
     return make_objective(train)
@@ -119,8 +133,15 @@ def _looped_rules(config: Config) -> list:
     objective = t.objective
     drafting = m.draft_width > 1 or t.anchor_weight > 0
     return [
-        (objective != "diffusion" or config.recurrence == "position",
-         "objective=diffusion loops over one position's denoised target; it needs recurrence=position (or auto)"),
+        (objective != "diffusion" or config.recurrence == "position"
+         or not (drafting or d.self_condition or d.rollout_fraction or d.train_grid_fraction or d.likelihood_logits),
+         "draft_width, anchor_weight, self_condition, rollout_fraction, train_grid_fraction and likelihood_logits "
+         "are per-position remedies; recurrence=sequence (sequence-joint DiffusionBlocks) does not support them"),
+        (not _joint(config) or d.solver in ("euler", "ancestral"),
+         f"sequence-joint DiffusionBlocks samples with solver euler or ancestral, not {d.solver!r}"),
+        (_joint(config) or not (d.position_sigma_fraction or d.wavefront),
+         "position_sigma_fraction and wavefront belong to sequence-joint DiffusionBlocks "
+         "(objective=diffusion with recurrence=sequence)"),
         (objective != "ouro" or config.recurrence == "sequence",
          "objective=ouro trains the exit gate of the sequence-recurrent model; use recurrence=sequence (or auto)"),
         (not drafting or objective == "diffusion",
@@ -136,9 +157,8 @@ def build_stacked(config: Config, held_blocks=None) -> StackedLM:
     (requires_grad False), so the optimizer holds no state for them. ``held_blocks``:
     see StackedLM (the others are not even allocated)."""
     train = config.train
-    objective = DenseObjective() if train.objective == "dense" else StackedDiffusionObjective(train.train_blocks)
-    model = StackedLM(config.model, config.diffusion, objective, checkpointing=train.checkpointing,
-                      held_blocks=held_blocks)
+    model = StackedLM(config.model, config.diffusion, chained=train.objective == "dense",
+                      checkpointing=train.checkpointing, held_blocks=held_blocks)
     if train.objective == "diffusion" and train.train_blocks:
         for index in set(range(config.model.num_blocks)) - set(train.train_blocks):
             model.blocks[index].requires_grad_(False)
@@ -148,20 +168,34 @@ def build_stacked(config: Config, held_blocks=None) -> StackedLM:
     return model
 
 
+def _stacked_objective(config: Config):
+    train = config.train
+    return DenseObjective() if train.objective == "dense" else StackedDiffusionObjective(train.train_blocks)
+
+
 def _stacked_refusal(config: Config) -> str | None:
     return None if config.train.objective == "diffusion" else BLOCK_PARALLEL_HELP
 
 
-def _stacked_blocks(config: Config, blocks: tuple[int, ...]) -> StackedLM:
-    """Block-parallel: this process allocates and trains its own blocks only."""
+def _own_blocks(config: Config, blocks: tuple[int, ...]) -> Config:
+    """Block-parallel: the config of a process that trains its own blocks only."""
     own = copy.deepcopy(config)
     own.train.train_blocks = blocks
-    return build_stacked(own, held_blocks=blocks)
+    return own
+
+
+def _stacked_blocks(config: Config, blocks: tuple[int, ...]) -> StackedLM:
+    """Block-parallel: this process allocates (and trains) its own blocks only."""
+    return build_stacked(_own_blocks(config, blocks), held_blocks=blocks)
+
+
+def _stacked_blocks_objective(config: Config, blocks: tuple[int, ...]):
+    return _stacked_objective(_own_blocks(config, blocks))
 
 
 def _stacked_after_optimizer(model, optimizer, device, distributed: bool) -> None:
     # one process training every block on a GPU: inactive blocks' weights and AdamW state wait in host memory
-    if device.type == "cuda" and model.objective.name == "diffusion" and not distributed:
+    if device.type == "cuda" and not model.chained and not distributed:
         model.offload = HostOffload(model, optimizer, device)
 
 
@@ -181,12 +215,18 @@ def _diffusion_or_dense(config: Config) -> list:
 
 # -- masked diffusion ---------------------------------------------------------------------------------
 def _build_masked(config: Config) -> MaskedDiffusionLM:
-    return MaskedDiffusionLM(config.model, config.diffusion, make_masked_objective(config.train.objective))
+    return MaskedDiffusionLM(config.model, config.diffusion, blockwise=config.train.objective == "diffusion")
 
 
-LOOPED = Family(build=_build_looped, feed=_looped_feed, data_dir=_looped_data_dir, rules=_looped_rules,
+def _masked_objective(config: Config):
+    return make_masked_objective(config.train.objective)
+
+
+LOOPED = Family(build=_build_looped, objective=_looped_objective, feed=_looped_feed, data_dir=_looped_data_dir,
+                rules=_looped_rules,
                 trains_every_parameter=lambda config: config.train.objective != "dense")  # dense skips the denoiser
-STACKED = Family(build=build_stacked, feed=TextFeed, data_dir=text_data_dir, rules=_diffusion_or_dense,
-                 block_parallel_refusal=_stacked_refusal, build_for_blocks=_stacked_blocks, after_optimizer=_stacked_after_optimizer)
-MASKED = Family(build=_build_masked, feed=MaskedTextFeed, data_dir=text_data_dir, rules=_diffusion_or_dense,
-                commands="masked", trains_every_parameter=dense_trains_every_parameter)
+STACKED = Family(build=build_stacked, objective=_stacked_objective, feed=TextFeed, data_dir=text_data_dir,
+                 rules=_diffusion_or_dense, block_parallel_refusal=_stacked_refusal, build_for_blocks=_stacked_blocks,
+                 objective_for_blocks=_stacked_blocks_objective, after_optimizer=_stacked_after_optimizer)
+MASKED = Family(build=_build_masked, objective=_masked_objective, feed=MaskedTextFeed, data_dir=text_data_dir,
+                rules=_diffusion_or_dense, commands="masked", trains_every_parameter=dense_trains_every_parameter)

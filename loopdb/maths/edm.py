@@ -125,17 +125,33 @@ def sigma_grid(num_steps: int, schedule: NoiseSchedule, kind: str = "equiprob",
         raise ValueError(f"grid's last sigma must be in (0, sigma_max], got {lo}")
     if num_steps == 1:
         return [hi]
-    fractions = [i / (num_steps - 1) for i in range(num_steps)]
-    if kind == "equiprob":
-        q_hi, q_lo = schedule.cdf(hi), schedule.cdf(lo)
-        grid = [schedule.sigma_at(q_hi + f * (q_lo - q_hi)) for f in fractions]
-    elif kind == "karras":
-        a, b = hi ** (1 / rho), lo ** (1 / rho)
-        grid = [(a + f * (b - a)) ** rho for f in fractions]
-    else:
-        raise ValueError(f"unknown grid {kind!r}; choose 'equiprob' or 'karras'")
+    to_sigma = grid_curve(schedule, kind, lo, rho)
+    grid = [to_sigma(i / (num_steps - 1)) for i in range(num_steps)]
     grid[0], grid[-1] = hi, lo  # exact end points despite float round trips
     return grid
+
+
+GRID_KINDS = ("equiprob", "karras", "geometric")
+
+
+def grid_curve(schedule: NoiseSchedule, kind: str, sigma_last: float, rho: float = 7.0) -> Callable[[float], float]:
+    """The sigma a grid of kind ``kind`` reaches at progress f in [0, 1] (f=0: sigma_max, 1: sigma_last).
+
+        equiprob:  equally spaced in the training distribution's quantiles (log-normal);
+        karras:    Karras et al.'s rho-spaced curve;
+        geometric: equally spaced in log sigma (equiprob for a log-uniform training distribution).
+    """
+    hi, lo = schedule.sigma_max, sigma_last
+    if kind == "equiprob":
+        q_hi, q_lo = schedule.cdf(hi), schedule.cdf(lo)
+        return lambda f: schedule.sigma_at(q_hi + f * (q_lo - q_hi))
+    if kind == "karras":
+        a, b = hi ** (1 / rho), lo ** (1 / rho)
+        return lambda f: (a + f * (b - a)) ** rho
+    if kind == "geometric":
+        log_hi, log_lo = math.log(hi), math.log(lo)
+        return lambda f: math.exp(log_hi + f * (log_lo - log_hi))
+    raise ValueError(f"unknown grid {kind!r}; choose one of {', '.join(GRID_KINDS)}")
 
 
 # -- sampler steps ------------------------------------------------------------------
@@ -154,16 +170,19 @@ def euler_step(z: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
 def heun_step(denoise: Denoiser, z: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """Heun's 2nd-order correction (EDM Algorithm 1): average the slopes at sigma and sigma_next."""
     z_euler = euler_step(z, denoised, sigma, sigma_next)
-    if sigma_next <= 0:
+    if bool((torch.as_tensor(sigma_next) <= 0).all()):  # a grid entry may be a tensor of per-position sigmas
         return z_euler
     denoised_next = denoise(z_euler, sigma_next)
     slope = 0.5 * ((z - denoised) / sigma + (z_euler - denoised_next) / sigma_next)
     return z + (sigma_next - sigma) * slope
 
 
-def initial_state(shape, sigma_max: float, sigma_data: float, generator: torch.Generator | None = None,
+def initial_state(shape, sigma_max, sigma_data: float, generator: torch.Generator | None = None,
                   device=None) -> torch.Tensor:
-    """z at the top of the grid: the marginal of y + sigma_max * eps, variance sd^2 + s_max^2."""
+    """z at the top of the grid: the marginal of y + sigma_max * eps, variance sd^2 + s_max^2.
+    ``sigma_max``: a float, or a tensor of per-position sigmas that broadcasts against ``shape``."""
     # draw on the generator's device so a CPU generator seeds CUDA runs identically
     noise = torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
+    if torch.is_tensor(sigma_max):
+        return noise.to(device) * (sigma_data**2 + sigma_max.to(device)**2).sqrt()
     return noise.to(device) * math.sqrt(sigma_data**2 + sigma_max**2)

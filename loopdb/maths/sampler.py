@@ -19,7 +19,9 @@ StepFn = Callable[[torch.Tensor, float], "tuple[torch.Tensor, Any]"]
 
 def run_sampler(denoise: StepFn, z: torch.Tensor, grid: list[float], solver: str = "euler",
                 noise: Callable[[torch.Size], torch.Tensor] | None = None, final_evaluation: bool = True) -> Any:
-    """Walk the descending ``grid``; return the output of the evaluation at its last sigma.
+    """Walk the descending ``grid``; return the output of the evaluation at its last sigma. Each entry
+    is handed to ``denoise`` and to the step as it is: a float, or a tensor of per-position sigmas
+    that broadcasts against z (e.g. (T, 1) for z of shape (B, T, C)).
 
     euler: one evaluation per grid point; heun: one extra evaluation per step except
     the last; ancestral: z <- Dhat + sigma_next * fresh noise (needs ``noise(shape)``).

@@ -29,8 +29,8 @@ from .vision import VisionModel, unpatchify
 
 
 class DiTDenoiser(VisionModel):
-    def __init__(self, config: Config, objective):
-        super().__init__(config, objective)
+    def __init__(self, config: Config, blockwise: bool = True):
+        super().__init__(config, blockwise)
         m, dim = config.model, config.model.d_model
         self.null_class = m.num_classes
         self.positions = nn.Parameter(torch.randn(1, self.num_patches, dim) * 0.02)
@@ -59,15 +59,3 @@ class DiTDenoiser(VisionModel):
         both = self(torch.cat([noisy, noisy]), torch.cat([sigma, sigma]), torch.cat([labels, null]), block_index)
         conditional, unconditional = both.chunk(2)
         return unconditional + cfg_scale * (conditional - unconditional)
-
-    @torch.no_grad()
-    def generate(self, labels: torch.Tensor, num_steps: int, cfg_scale: float, generator: torch.Generator):
-        """Class-conditional images in [-1, 1] after T Euler steps from pure noise."""
-        m = self.config
-
-        def denoise(z, sigma, block_index):
-            denoised = self.guided(z, torch.full((len(z),), sigma, device=z.device), labels, cfg_scale, block_index)
-            return denoised, denoised
-
-        shape = (len(labels), m.channels, m.image_size, m.image_size)
-        return self.run_grid(denoise, shape, num_steps, generator, labels.device).clamp(-1, 1)

@@ -67,6 +67,10 @@ class NextTokenDenoiser:
     the target table, Dhat, the head, and the noisy stream's positions and mask. Needs
     ``embedding``, ``rotary``, ``final_norm``, ``head`` and ``target_norm``."""
 
+    draft_width = 1            # noisy slots per position (the looped model's draft_width)
+    anchor_head = False        # whether the clean stream's next-token logits were trained (anchor_weight > 0)
+    sequence_recurrence = False  # loops update one position's state at a time (loopdb.models.recurrent: all)
+
     # -- tables -----------------------------------------------------------------------
     def target_table(self) -> torch.Tensor:
         """Normalised embedding rows (norm ``target_norm``): the training targets AND the table of Dhat.
@@ -123,11 +127,14 @@ class NextTokenDenoiser:
 
 
 class LoopedLM(NextTokenDenoiser, nn.Module):
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, objective=None):
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, loop: str = "diffusion",
+                 anchor_head: bool = False):
+        """``loop``: what one loop is at inference, the name of its sampler (loopdb.sampling): diffusion
+        (a denoiser step), recurrent (``recur``) or dense (none: ``dense_logits``); ``anchor_head``: the
+        dense next-token logits of the clean stream were trained beside the denoiser."""
         super().__init__()
         self.config, self.diffusion = model, diffusion
-        # how to train it and what a loop means at inference (loopdb.objectives); a plain object, not a module
-        self.objective = objective
+        self.loop, self.anchor_head = loop, anchor_head
         dim = model.d_model
         self.sigma_data = diffusion.sigma_data or dim**-0.5
         self.schedule = NoiseSchedule(diffusion.p_mean, diffusion.p_std, diffusion.sigma_min, diffusion.sigma_max)

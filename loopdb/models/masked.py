@@ -53,10 +53,12 @@ def alpha(t):
 
 # -- the network -----------------------------------------------------------------------------------
 class MaskedDiffusionLM(nn.Module):
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, objective):
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, blockwise: bool = True):
+        """``blockwise``: each time t is run by the block that owns it (DiffusionBlocks); False: by
+        every layer (the dense baseline)."""
         super().__init__()
         self.config, self.diffusion = model, diffusion
-        self.objective = objective  # MaskedDiffusionObjective or MaskedDenseObjective; a plain object
+        self.blockwise = blockwise
         self.vocab_size, self.mask_id = model.vocab_size, model.vocab_size
         self.num_blocks, self.layers_per_block = model.num_blocks, model.n_layers // model.num_blocks
         dim = model.d_model

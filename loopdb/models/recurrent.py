@@ -11,7 +11,7 @@ Design (the looped family with ``recurrence=sequence``, the default for bptt and
 - Input injection: Huginn's adapter Linear([s ; e]) (``injection=concat``) or s + e;
   ``sandwich_norm``: Huginn's norm after every residual add, as well as before;
 - coda C and head read the last state: logits = head(norm(C(s_K)));
-- the state starts random (the objective draws it: Huginn's random initial state);
+- the state starts random (the sampler draws it, loopdb.sampling: Huginn's random initial state);
 - ``exit_gate`` (Ouro): lambda = sigmoid(gate(s)) per position, the learned exit probability.
 Generation keeps one KV cache per loop (memory grows with K; ``RecurrentCache.nbytes``), or with
 ``last_only`` Ouro's shortcut: a single cache holding each position's LAST loop, attended by
@@ -58,11 +58,12 @@ class RecurrentCache:
 
 class RecurrentDepthLM(nn.Module):
     sequence_recurrence = True  # every loop attends over all positions' states (loopdb.readouts.generation)
+    draft_width, anchor_head = 1, False  # no drafts, no anchor head (loopdb.models.looped.NextTokenDenoiser)
 
-    def __init__(self, model: ModelConfig, objective=None, exit_gate: bool = False):
+    def __init__(self, model: ModelConfig, loop: str = "recurrent", exit_gate: bool = False):
+        """``loop``: the sampler of one loop (loopdb.sampling), recurrent, or dense for the baseline."""
         super().__init__()
-        self.config = model
-        self.objective = objective  # how to train it and what a loop is (loopdb.objectives)
+        self.config, self.loop = model, loop
         dim = model.d_model
 
         def blocks(count, sandwich=False):
@@ -79,8 +80,9 @@ class RecurrentDepthLM(nn.Module):
         self.final_norm = RMSNorm(dim)
         self.head = None if model.tie_head else nn.Linear(dim, model.vocab_size, bias=False)
         self.exit_gate = nn.Linear(dim, 1) if exit_gate else None
-        init_linears(self)
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        if model.init == "small":
+            init_linears(self)
+            nn.init.normal_(self.embedding.weight, std=0.02)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -23,8 +23,8 @@ Design choices ([ours] where the paper is silent; each is a config key or docume
   logits = head(final_norm(D / target_scale)); Dhat = softmax(logits) @ normalize(E).
 - Cache: one per block of per-layer clean keys/values (they depend on neither sigma nor
   the step), so generation keeps L layers of cache whatever T is.
-- ``objective=dense`` (the baseline) chains the SAME layers end to end on the clean
-  stream (block 0's output feeds block 1, ...) with each block's clean conditioning, and
+- ``chained`` (the dense baseline, objective=dense) chains the SAME layers end to end on the
+  clean stream (block 0's output feeds block 1, ...) with each block's clean conditioning, and
   trains with next-token CE; its logits come from the last layer.
 - ``checkpointing``: activation checkpointing of each layer while training (both
   objectives), for the memory benchmark's baselines.
@@ -94,13 +94,14 @@ class DiffusionBlock(nn.Module):
 
 
 class StackedLM(NextTokenDenoiser, nn.Module):
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, objective=None, checkpointing: bool = False,
-                 held_blocks=None):
-        """``held_blocks``: the blocks whose weights this process holds (default all); the
-        others stay on the meta device and take no memory (a process that trains one block)."""
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, chained: bool = False,
+                 checkpointing: bool = False, held_blocks=None):
+        """``chained``: the dense baseline's wiring (module docstring); ``held_blocks``: the blocks whose
+        weights this process holds (default all); the others stay on the meta device and take no
+        memory (a process that trains one block)."""
         super().__init__()
         self.config, self.diffusion = model, diffusion
-        self.objective = objective  # how to train it and what a loop is (loopdb.objectives); a plain object
+        self.chained = chained
         self.checkpointing = checkpointing
         self.offload = None  # a HostOffload on GPU: only the block in use on the device
         dim = model.d_model
@@ -167,8 +168,9 @@ class StackedLM(NextTokenDenoiser, nn.Module):
         return self.blocks[block_index]
 
     @property
-    def chained(self) -> bool:
-        return self.objective is not None and self.objective.name == "dense"
+    def loop(self) -> str:
+        """The sampler of one loop (loopdb.sampling): a denoiser step, or none for the chained stack."""
+        return "dense" if self.chained else "diffusion"
 
     def _layer_call(self, layer, hidden, cos, sin, cond, kv_prefix, mask):
         if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -225,7 +227,7 @@ class StackedLM(NextTokenDenoiser, nn.Module):
     def dense_logits(self, context: StackedContext) -> torch.Tensor:
         """Dense baseline: the chained stack's logits for every encoded position."""
         if context.final_hidden is None:
-            raise ValueError("dense logits need the chained clean stream (objective=dense)")
+            raise ValueError("dense logits need the chained clean stream (chained=True: objective=dense)")
         return self.logits_from(context.final_hidden)
 
     def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor, block_index: int):

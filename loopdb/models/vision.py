@@ -8,8 +8,8 @@ Design (METHOD 2 and 3.4; [ours] where the paper is silent):
 - DiffusionBlocks training: one block per step, uniformly, for the whole batch; sigma
   from that block's range widened by ``block_overlap``; only that block's layers run,
   on the noisy target and the clean image tokens (never an earlier block's output).
-- Sampling: each grid sigma is run by the block that owns it (``partition.owner``, no
-  overlap), so with T = B equi-probability steps every block runs once.
+- Sampling (loopdb.sampling.vision): each grid sigma is run by the block that owns it
+  (``partition.owner``, no overlap), so with T = B equi-probability steps every block runs once.
 - The end-to-end (``dense``) baseline runs all layers as one network.
 - Images are bidirectional token sets: no rotary rotation (learned absolute
   positions [ours]) and an all-True attention mask.
@@ -21,10 +21,9 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
-from ..maths.edm import NoiseSchedule, initial_state, sigma_grid
+from ..maths.edm import NoiseSchedule
 from ..maths.partition import sigma_partition
 from ..layers import Block
-from ..maths.sampler import run_sampler
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -44,12 +43,13 @@ def unpatchify(patches: torch.Tensor, patch: int, channels: int, size: int) -> t
 class VisionModel(nn.Module):
     """Base of ViTClassifier and DiTDenoiser: the schedule, the partition and the layer stack."""
 
-    def __init__(self, config: Config, objective):
+    def __init__(self, config: Config, blockwise: bool = True):
+        """``blockwise``: DiffusionBlocks (a step runs the block owning its sigma); False: the end-to-end
+        baseline (every layer)."""
         super().__init__()
         m, d = config.model, config.diffusion
         self.config, self.diffusion = m, d
-        self.objective = objective  # how to train it and what a sampler step is; a plain object
-        self.blockwise = objective.name == "diffusion"
+        self.blockwise = blockwise
         self.sigma_data = config.sigma_data
         self.schedule = NoiseSchedule(d.p_mean, d.p_std, d.sigma_min, d.sigma_max)
         self.partition = sigma_partition(self.schedule, m.num_blocks, overlap=d.block_overlap)  # from the config, never stored
@@ -81,17 +81,3 @@ class VisionModel(nn.Module):
             for layer in block:
                 x, _ = layer(x, cos, sin, cond, mask=mask)
         return x
-
-    def step_block(self, sigma: float) -> int | None:
-        """The block a sampler step at ``sigma`` runs (None: all layers, the dense baseline)."""
-        return self.partition.owner(sigma) if self.blockwise else None
-
-    def grid(self, num_steps: int) -> list[float]:
-        return sigma_grid(num_steps, self.schedule, self.diffusion.grid, self.diffusion.grid_sigma_last or None)
-
-    def run_grid(self, denoise, shape, num_steps: int, generator: torch.Generator, device):
-        """The sampler from pure noise; ``denoise(z, sigma, block_index) -> (Dhat, output)`` runs one step."""
-        grid = self.grid(num_steps)
-        z = initial_state(shape, grid[0], self.sigma_data, generator, device)
-        return run_sampler(lambda state, sigma: denoise(state, sigma, self.step_block(sigma)), z, grid,
-                           self.diffusion.solver, noise=lambda size: torch.randn(size, generator=generator))

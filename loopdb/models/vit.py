@@ -27,8 +27,8 @@ from .vision import VisionModel
 
 
 class ViTClassifier(VisionModel):
-    def __init__(self, config: Config, objective):
-        super().__init__(config, objective)
+    def __init__(self, config: Config, blockwise: bool = True):
+        super().__init__(config, blockwise)
         m, dim = config.model, config.model.d_model
         self.target_norm = config.diffusion.target_norm or self.sigma_data * dim**0.5
         self.target_scale = self.target_norm / dim**0.5  # per-dimension scale of the targets
@@ -64,15 +64,3 @@ class ViTClassifier(VisionModel):
         x = torch.cat([self.cls_token.expand(len(images), -1, -1), self.patch_tokens(images)], 1) + self.positions
         cond = self.dense_condition.expand(len(images), -1)
         return self.head(self.out(self.norm(self.run_layers(x, cond, None)[:, 0])))
-
-    @torch.no_grad()
-    def classify(self, images, num_steps: int, generator: torch.Generator) -> torch.Tensor:
-        """Logits after T sampler steps (each run by the block owning its sigma); dense: one pass."""
-        if not self.blockwise:
-            return self.dense_logits(images)
-
-        def denoise(z, sigma, block_index):
-            logits = self(images, z, torch.full((len(z),), sigma, device=z.device), block_index)
-            return self.soft_denoised(logits).to(z.dtype), logits
-
-        return self.run_grid(denoise, (len(images), self.config.d_model), num_steps, generator, images.device)

@@ -14,7 +14,7 @@ loops can pay (METHOD 3.1, last point). Training is still ONE forward/backward p
   step computes anyway (prelude, core with the clean conditioning, coda): one head matmul.
 
 With L = 1, draft_fraction = 1 and anchor_weight = 0 this is DiffusionObjective's loss,
-bit for bit (a test checks it). Inference (grid, sampler, estimate) is DiffusionObjective's; with
+bit for bit (a test checks it). Inference is the diffusion sampler's (loopdb.sampling): with
 L > 1 every loop denoises the L slots of each position together and the next-token readouts
 (predictive, generation) read slot 0.
 """
@@ -24,14 +24,10 @@ from __future__ import annotations
 import torch
 
 from ..maths.edm import loss_weight
-from ..maths.sampler import run_sampler
 from .next_token import DiffusionObjective, _cross_entropy, mean_cross_entropy
 
 
 class DraftDiffusionObjective(DiffusionObjective):
-    name = "diffusion"
-    has_loops = True
-
     def __init__(self, anchor_weight: float = 0.0, draft_fraction: float = 1.0):
         self.anchor_weight, self.draft_fraction = anchor_weight, draft_fraction
 
@@ -63,26 +59,6 @@ class DraftDiffusionObjective(DiffusionObjective):
             loss = loss + self.anchor_weight * anchor
             stats["anchor_ce"] = anchor.detach()
         return loss, stats
-
-
-    # -- inference: with L > 1 a loop denoises all L slots of every position; the next-token readouts read slot 0
-    def initial_state(self, model, shape, num_loops, generator, device):
-        if model.draft_width > 1:
-            shape = (*shape[:-1], model.draft_width, shape[-1])  # (B, T, C) -> (B, T, L, C)
-        return super().initial_state(model, shape, num_loops, generator, device)
-
-    def final_logits(self, model, context, z, num_loops: int, generator=None):
-        if model.draft_width == 1:
-            return super().final_logits(model, context, z, num_loops, generator)
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
-
-        def step(state, sigma):
-            logits = model.denoise_draft(state, sigma, context)
-            return self.estimate(model, logits, generator).to(state.dtype), logits
-
-        logits = run_sampler(step, z, self.grid(model, num_loops), model.diffusion.solver,
-                             noise=lambda shape: torch.randn(shape, generator=generator))
-        return logits[:, :, 0]  # slot 0: the next token, denoised jointly with the L-1 after it
 
 
 def draft_targets(tokens: torch.Tensor, width: int) -> torch.Tensor:

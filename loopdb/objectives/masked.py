@@ -27,15 +27,9 @@ def md4_loss(model, tokens: torch.Tensor, t: torch.Tensor, block_index: int | No
 class MaskedDiffusionObjective:
     """DiffusionBlocks: each step trains one block, uniformly drawn, on t inside its range."""
 
-    name = "diffusion"
-    has_loops = False
-
     def training_block(self, model, generator) -> tuple[int | None, float, float]:
         block_index = int(torch.randint(model.num_blocks, (1,), generator=generator))
         return (block_index, *model.partition.training_range(block_index))
-
-    def block_for(self, model, t: float) -> int | None:
-        return model.partition.owner(t)
 
     def loss(self, model, tokens: torch.Tensor, generator: torch.Generator, step: int = 0):
         """tokens: (B, L) clean windows. All randomness comes from ``generator``."""
@@ -51,13 +45,8 @@ class MaskedDiffusionObjective:
 class MaskedDenseObjective(MaskedDiffusionObjective):
     """The end-to-end baseline: every layer stacked, trained at every t in (0, 1]."""
 
-    name = "dense"
-
     def training_block(self, model, generator):
         return None, 0.0, 1.0
-
-    def block_for(self, model, t: float) -> None:
-        return None
 
 
 def make_masked_objective(objective: str):

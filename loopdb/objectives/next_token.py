@@ -1,15 +1,14 @@
-"""Training objectives of the looped LM, and what each means at inference.
-
-Each objective says how to train the shared LoopedLM (``loss``) and how K loops
-turn a starting state into logits (``initial_state`` and ``final_logits``), so
-scoring, sampling and the lm-eval adapter run every objective through one path.
+"""Training objectives of the next-token LMs: each is only a loss,
+``loss(model, batch, generator, step) -> (loss, stats)``, with its settings given at construction.
+What K loops mean at inference is the sampler's (loopdb.sampling), which the diffusion rollout and
+the recurrent objectives call for their grids and initial states.
 
 - diffusion (DiffusionBlocks, METHOD 3.1): one sigma per sequence, ONE
-  forward/backward pass, w(sigma) * CE(head(C(D)), x_{t+1}); K loops = K Euler steps.
+  forward/backward pass, w(sigma) * CE(head(C(D)), x_{t+1}).
 - bptt (Huginn, baseline 1): random initial state, r iterations of the core with a
   Poisson-log-normal r (mean r_bar), gradients through the last k only, CE at the
-  final state; K loops = K iterations.
-- dense (baseline 2): the same layers applied once, next-token CE; K is ignored.
+  final state.
+- dense (baseline 2): the same layers applied once, next-token CE.
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..maths.edm import initial_state as edm_initial_state
-from ..maths.edm import loss_weight, sigma_grid
-from ..maths.sampler import run_sampler
+from ..maths.edm import loss_weight
 from ..names import IGNORE_INDEX, OBJECTIVES
+from ..sampling import DIFFUSION, RECURRENT
 
 
 def split_batch(batch):
@@ -78,10 +76,6 @@ class DiffusionObjective:
     """DiffusionBlocks for the looped LM, with the remedies of METHOD 5 as config keys
     (``model.diffusion``); with every remedy off it is exactly the plain method."""
 
-    name = "diffusion"
-    has_loops = True
-
-    # -- training ------------------------------------------------------------------------------
     def loss(self, model, tokens: torch.Tensor, generator: torch.Generator, step: int = 0):
         """tokens: (B, T+1). All randomness comes from ``generator`` (CPU), so a step is reproducible."""
         diffusion = model.diffusion
@@ -107,60 +101,21 @@ class DiffusionObjective:
         if fraction > 0:
             on_grid = torch.rand(batch, generator=generator) < fraction
             for row in torch.nonzero(on_grid).flatten().tolist():
-                grid = self.grid(model, GRID_SIZES[int(torch.randint(len(GRID_SIZES), (1,), generator=generator))])
+                grid = DIFFUSION.grid(model, GRID_SIZES[int(torch.randint(len(GRID_SIZES), (1,), generator=generator))])
                 sigma[row] = grid[int(torch.randint(len(grid), (1,), generator=generator))]
         return sigma
 
     @torch.no_grad()
     def rollout(self, model, inputs, generator):
-        """Run k sampler steps (no gradient) from pure noise on the rollout grid and return the
-        state reached and its sigma: the graded pass then sees what inference feeds it."""
+        """Run k sampler steps (no gradient) from pure noise on the rollout grid, k drawn here, and return
+        the state reached and its sigma: the graded pass then sees what inference feeds it."""
         diffusion = model.diffusion
-        grid = self.grid(model, diffusion.rollout_loops)
-        most = len(grid) - 1 if diffusion.rollout_max_steps == 0 else min(diffusion.rollout_max_steps, len(grid) - 1)
+        last = diffusion.rollout_loops - 1  # a K-step grid has K sigmas
+        most = last if diffusion.rollout_max_steps == 0 else min(diffusion.rollout_max_steps, last)
         steps = 1 + int(torch.randint(most, (1,), generator=generator))
-        shape = (*inputs.shape, model.config.d_model)
-        z = self.initial_state(model, shape, diffusion.rollout_loops, generator, inputs.device)
-        state = self.run_grid(model, model.encode(inputs), z, grid[:steps + 1], generator, final_evaluation=False)
-        return state, torch.full((inputs.shape[0],), grid[steps], device=inputs.device)
-
-    # -- inference -------------------------------------------------------------------------------
-    def grid(self, model, num_loops: int) -> list[float]:
-        diffusion = model.diffusion
-        return sigma_grid(num_loops, model.schedule, diffusion.grid, diffusion.grid_sigma_last or None)
-
-    def initial_state(self, model, shape, num_loops, generator, device):
-        return edm_initial_state(shape, self.grid(model, num_loops)[0], model.sigma_data, generator, device)
-
-    def estimate(self, model, logits, generator) -> torch.Tensor:
-        """Dhat from logits: the mean of the target table under softmax (soft), or one row of it."""
-        kind = model.diffusion.estimate
-        if kind == "soft":
-            return model.soft_denoised(logits)
-        if kind == "argmax":
-            choice = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits.float(), -1)
-            choice = torch.multinomial(probs.flatten(0, -2).cpu(), 1, generator=generator).view(probs.shape[:-1])
-        return model.target_table()[choice.to(logits.device)]
-
-    def run_grid(self, model, context, z, grid, generator=None, final_evaluation=True):
-        """The sampler on ``grid``; returns the last logits (or the state, for a rollout)."""
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        carried = {"previous": None}  # self-conditioning: the previous step's Dhat
-
-        def step(state, sigma):
-            logits = model.denoise(state, sigma, context, carried["previous"])
-            denoised = self.estimate(model, logits, generator).to(state.dtype)
-            carried["previous"] = denoised
-            return denoised, logits
-
-        return run_sampler(step, z, grid, model.diffusion.solver,
-                           noise=lambda shape: torch.randn(shape, generator=generator),
-                           final_evaluation=final_evaluation)
-
-    def final_logits(self, model, context, z, num_loops: int, generator=None):
-        return self.run_grid(model, context, z, self.grid(model, num_loops), generator)
+        state, sigma = DIFFUSION.rollout(model, model.encode(inputs), (*inputs.shape, model.config.d_model),
+                                         diffusion.rollout_loops, steps, generator, inputs.device)
+        return state, torch.full((inputs.shape[0],), sigma, device=inputs.device)
 
 
 def _chance(generator) -> float:
@@ -170,7 +125,7 @@ def _chance(generator) -> float:
 class StackedDiffusionObjective(DiffusionObjective):
     """DiffusionBlocks for the stacked LM: each step trains one block, drawn uniformly from
     ``train_blocks`` (default all) with the step's generator; sigma per sequence from that
-    block's range. Inference (grid, sampler, estimate) is the looped model's."""
+    block's range. Inference is the looped model's sampler (loopdb.sampling.DiffusionSampler)."""
 
     def __init__(self, train_blocks: tuple = ()):
         self.train_blocks = tuple(train_blocks)
@@ -209,9 +164,6 @@ def sample_depth(kind: str, mean_depth: int, generator: torch.Generator) -> int:
 
 
 class BPTTObjective:
-    name = "bptt"
-    has_loops = True
-
     def __init__(self, mean_depth: int = 32, backprop_depth: int = 8, depth_sampler: str = "poisson_lognormal"):
         self.mean_depth, self.backprop_depth, self.depth_sampler = mean_depth, backprop_depth, depth_sampler
 
@@ -219,7 +171,8 @@ class BPTTObjective:
         inputs, next_tokens = split_batch(tokens)
         depth = sample_depth(self.depth_sampler, self.mean_depth, generator)
         context = model.encode(inputs)
-        state = self.initial_state(model, (*inputs.shape, model.config.d_model), depth, generator, inputs.device)
+        state = RECURRENT.initial_state(model, (*inputs.shape, model.config.d_model), depth, generator,
+                                        inputs.device)
         state = self.iterate(model, context, state, depth)
         cross_entropy = mean_cross_entropy(model.readout(state, context), next_tokens)
         return cross_entropy, {"ce": cross_entropy.detach(), "depth": torch.tensor(float(depth))}
@@ -233,15 +186,6 @@ class BPTTObjective:
         for _ in range(depth - no_grad_steps):
             state = model.recur(state, context)
         return state
-
-    def initial_state(self, model, shape, num_loops, generator, device):
-        # Huginn starts from a random state; the recurrence normalises it to unit RMS after one step
-        return torch.randn(shape, generator=generator).to(device)
-
-    def final_logits(self, model, context, z, num_loops: int, generator=None):
-        for _ in range(num_loops):
-            z = model.recur(z, context)
-        return model.readout(z, context)
 
 
 def exit_distribution(exit_probabilities: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -260,10 +204,7 @@ class OuroObjective(BPTTObjective):
     """Ouro (Stage I): unroll ``max_loops`` loops with gradients through all of them; the LM loss after
     every loop, weighted by the learned exit distribution p(t) (``exit_distribution`` of the model's
     gate), minus ``exit_entropy`` x its entropy, which keeps the gate from collapsing on one depth.
-    K loops at inference = K iterations from a random state, as for BPTT (inherited)."""
-
-    name = "ouro"
-    has_loops = True
+    K loops at inference = K iterations from a random state, as for BPTT (loopdb.sampling)."""
 
     def __init__(self, max_loops: int = 8, exit_entropy: float = 0.05):
         self.max_loops, self.exit_entropy = max_loops, exit_entropy
@@ -271,8 +212,8 @@ class OuroObjective(BPTTObjective):
     def loss(self, model, tokens, generator, step: int = 0):
         inputs, targets = split_batch(tokens)
         context = model.encode(inputs)
-        state = self.initial_state(model, (*inputs.shape, model.config.d_model), self.max_loops, generator,
-                                   inputs.device)
+        state = RECURRENT.initial_state(model, (*inputs.shape, model.config.d_model), self.max_loops, generator,
+                                        inputs.device)
         losses, gates = [], []
         for _ in range(self.max_loops):
             state = model.recur(state, context)
@@ -289,19 +230,10 @@ class OuroObjective(BPTTObjective):
 
 
 class DenseObjective:
-    name = "dense"
-    has_loops = False  # every loop count gives the same logits: score it at K = 1
-
     def loss(self, model, tokens, generator, step: int = 0):
         inputs, next_tokens = split_batch(tokens)
         cross_entropy = mean_cross_entropy(model.dense_logits(model.encode(inputs)), next_tokens)
         return cross_entropy, {"ce": cross_entropy.detach()}
-
-    def initial_state(self, model, shape, num_loops, generator, device):
-        return None  # no state and no noise: K is ignored
-
-    def final_logits(self, model, context, z, num_loops: int, generator=None):
-        return model.dense_logits(context)[:, -(context.length if z is None else z.shape[1]):]
 
 
 def make_objective(train_config) -> "DiffusionObjective | BPTTObjective | OuroObjective | DenseObjective":

@@ -17,15 +17,14 @@ def block_and_sigmas(model, batch: int, generator: torch.Generator) -> tuple[int
 
 
 class ViTObjective:
-    """diffusion (DiffusionBlocks) or dense (plain CE through every layer)."""
+    """diffusion (DiffusionBlocks) or, with ``dense``, plain CE through every layer."""
 
-    def __init__(self, name: str):
-        self.name = name
-        self.has_loops = name == "diffusion"
+    def __init__(self, dense: bool = False):
+        self.dense = dense
 
     def loss(self, model, batch: dict, generator: torch.Generator, step: int = 0):
         images, labels = batch["images"], batch["labels"]
-        if self.name == "dense":
+        if self.dense:
             cross_entropy = F.cross_entropy(model.dense_logits(images).float(), labels)
             return cross_entropy, {"ce": cross_entropy.detach()}
         block_index, sigma = block_and_sigmas(model, len(labels), generator)
@@ -41,16 +40,14 @@ class ViTObjective:
 
 
 class DiTObjective:
-    """diffusion (DiffusionBlocks) or dense (one network for every sigma)."""
+    """diffusion (DiffusionBlocks) or, with ``dense``, one network for every sigma."""
 
-    has_loops = True  # both sample with T steps
-
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, dense: bool = False):
+        self.dense = dense
 
     def loss(self, model, batch: dict, generator: torch.Generator, step: int = 0):
         images, labels = batch["images"], batch["labels"]
-        if self.name == "dense":
+        if self.dense:
             block_index, sigma = None, model.schedule.sample_sigmas(len(labels), generator)
         else:
             block_index, sigma = block_and_sigmas(model, len(labels), generator)

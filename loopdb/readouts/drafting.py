@@ -1,4 +1,4 @@
-"""Readouts of a drafting looped LM (draft width L > 1, issue 15): the block ELBO, parallel
+"""Readouts of a drafting looped LM (draft width L > 1): the block ELBO, parallel
 decoding and self-speculative decoding with the dense anchor head.
 
 - Block ELBO: the K-step discrete diffusion bound (loopdb.maths.elbo) on -log p of the
@@ -17,8 +17,8 @@ decoding and self-speculative decoding with the dense anchor head.
   the anchor's greedy choice after every prefix; the longest prefix of drafts equal to
   those choices is accepted, and the anchor's choice after it is the next round's a_0. Every
   emitted token is the anchor's greedy token given the tokens before it, so the output is
-  exactly greedy decoding with the anchor head (``generate(anchor_head(model), ...)`` at
-  temperature 0), window sliding included (a test checks it).
+  exactly greedy decoding with the anchor head (``generate(model, ..., sampler=anchor_sampler(model))``
+  at temperature 0), window sliding included (a test checks it).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from dataclasses import replace
 import torch
 
 from ..maths.elbo import discrete_elbo
-from ..maths.sampler import run_sampler
 from ..objectives.drafting import draft_targets
+from ..sampling import DIFFUSION, sampler_of
 from .generation import sample_next_token
 from .scoring import same_length_batches
 
 
 def _require_drafts(model) -> int:
-    width = getattr(model, "draft_width", 1)
-    if width < 2 or model.objective.name != "diffusion":
+    width = model.draft_width
+    if width < 2 or sampler_of(model) is not DIFFUSION:
         raise ValueError("this readout needs a looped DiffusionBlocks model trained with draft_width > 1 "
                          "(e.g. `loopdb train --preset demo-draft`)")
     return width
@@ -61,7 +61,7 @@ def block_bounds(model, windows: torch.Tensor, num_loops: int, generator: torch.
         logits = model.denoise_draft(z, sigma, context, positions)
         return model.soft_denoised(logits), logits
 
-    bound = discrete_elbo(denoise, targets, tokens, model.objective.grid(model, num_loops), model.sigma_data,
+    bound = discrete_elbo(denoise, targets, tokens, DIFFUSION.grid(model, num_loops), model.sigma_data,
                           generator).sum(-1)
     anchor_logprobs = torch.log_softmax(model.dense_logits(context).float(), -1)
     anchor_logprobs = anchor_logprobs.gather(-1, windows[:, 1:, None]).squeeze(-1)[:, :count * width]
@@ -100,23 +100,19 @@ def draft_logits(model, context, num_loops: int, generator: torch.Generator, pin
     """K sampler steps on the L slots of the last position of ``context``; returns the last
     step's logits (L, V). ``pinned``: the known token of slot 0, held at y + sigma * eps."""
     _require_drafts(model)
-    objective = model.objective
-    grid = objective.grid(model, num_loops)
     device = context.embedded.device
-    z = objective.initial_state(model, (1, 1, model.config.d_model), num_loops, generator, device)  # (1, 1, L, C)
+    z = DIFFUSION.initial_state(model, (1, 1, model.config.d_model), num_loops, generator, device)  # (1, 1, L, C)
     if pinned is not None:
         known = model.targets(torch.tensor([pinned], device=device))  # (1, C)
         known_noise = torch.randn(known.shape, generator=generator).to(device, known.dtype)
 
-    def step(state, sigma):
+    def denoise(state, sigma, previous):
         if pinned is not None:
             state = state.clone()
             state[:, :, 0] = known + sigma * known_noise
-        logits = model.denoise_draft(state, sigma, context)
-        return objective.estimate(model, logits, generator).to(state.dtype), logits
+        return model.denoise_draft(state, sigma, context)
 
-    logits = run_sampler(step, z, grid, model.diffusion.solver,
-                         noise=lambda size: torch.randn(size, generator=generator))
+    logits = DIFFUSION.run_grid(model, context, z, DIFFUSION.grid(model, num_loops), generator, denoise=denoise)
     return logits[0, 0]
 
 

@@ -1,6 +1,6 @@
 """Cached generation with a next-token model at any loop count.
 
-K loops per new token; the model's objective (loopdb.objectives) says what a loop is.
+K loops per new token; the model's sampler (loopdb.sampling) says what a loop is.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from ..sampling import RECURRENT
 from . import scoring
 
 
@@ -27,21 +28,26 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | Non
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int, num_loops: int, temperature: float = 1.0,
              top_k: int | None = None, seed: int = 0, use_cache: bool = True, exit_rule=None,
-             last_cache_only: bool = False, stats: dict | None = None) -> list[int]:
-    """Sample ``max_new_tokens`` after ``prompt``; returns the new token ids (one prompt of generate_batch).
+             last_cache_only: bool = False, stats: dict | None = None, sampler=None) -> list[int]:
+    """Sample ``max_new_tokens`` after ``prompt``; returns the new token ids (one prompt of generate_batch;
+    ``sampler``: see there).
 
     A sequence-recurrent model (``model.sequence_recurrence``) decodes with one cache per loop
     (``_generate_recurrent``): ``exit_rule`` (loopdb.maths.exit) stops each token's loops early,
     ``last_cache_only`` is Ouro's one-cache shortcut, and ``stats`` receives the mean loops used
     and the cache's size."""
-    if getattr(model, "sequence_recurrence", False):
+    if model.loop == "joint":
+        _check_request([prompt], num_loops)
+        return _generate_joint(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache)
+    if model.sequence_recurrence:
         _check_request([prompt], num_loops)
         return _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
                                    exit_rule, last_cache_only, stats)
     if exit_rule is not None or last_cache_only:
         raise ValueError("adaptive exit and the last-loop cache apply to sequence-recurrent models "
                          "(objective bptt or ouro with recurrence=sequence)")
-    return generate_batch(model, [prompt], max_new_tokens, num_loops, temperature, top_k, [seed], use_cache)[0]
+    return generate_batch(model, [prompt], max_new_tokens, num_loops, temperature, top_k, [seed], use_cache,
+                          sampler=sampler)[0]
 
 
 def _check_request(prompts, num_loops: int) -> None:
@@ -54,7 +60,7 @@ def _check_request(prompts, num_loops: int) -> None:
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loops: int, temperature: float = 1.0,
                    top_k: int | None = None, seeds: list[int] | int = 0, use_cache: bool = True,
-                   stats: dict | None = None) -> list[list[int]]:
+                   stats: dict | None = None, sampler=None) -> list[list[int]]:
     """Sample ``max_new_tokens`` after each of ``prompts`` at once; returns each row's new token ids.
 
     With the cache, each new token costs one clean-stream step plus ``num_loops``
@@ -72,12 +78,17 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loo
     model (per-loop caches) generates its rows one after another. ``stats`` receives
     ``prefill_seconds``, the time of the cache's first pass over the prompts (0 without the cache:
     every token recomputes the context), so decoding speed can be told apart from prompt speed.
+    ``sampler`` (default: the model's, loopdb.sampling) says what a loop is, e.g. the anchor head's
+    dense readout (loopdb.sampling.anchor_sampler).
     """
     _check_request(prompts, num_loops)
     seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
-    if getattr(model, "sequence_recurrence", False):
+    if model.loop == "joint":
+        return [_generate_joint(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache)
+                for prompt, seed in zip(prompts, seeds)]
+    if model.sequence_recurrence:
         return [_generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
                                     None, False, None) for prompt, seed in zip(prompts, seeds)]
     device = next(model.parameters()).device
@@ -100,9 +111,10 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loo
     for _ in range(max_new_tokens):
         if not use_cache:
             context = encode_window()
-        rows = [scoring.initial_noise(model, (1, 1, width), num_loops, generator, device) for generator in generators]
+        rows = [scoring.initial_noise(model, (1, 1, width), num_loops, generator, device, sampler)
+                for generator in generators]
         z = None if rows[0] is None else torch.cat(rows)  # (B, 1, C)
-        logits = scoring.loop_logits(model, context, z, num_loops, generators[0])[:, -1]  # (B, V)
+        logits = scoring.loop_logits(model, context, z, num_loops, generators[0], sampler)[:, -1]  # (B, V)
         column = [sample_next_token(logits[row], temperature, top_k, generator)
                   for row, generator in enumerate(generators)]
         for row, token in enumerate(column):
@@ -119,15 +131,6 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, num_loo
     return new_tokens
 
 
-def initial_states(seed: int, start: int, count: int, width: int, device) -> torch.Tensor:
-    """(1, count, width) random initial states of positions start..start+count-1, each drawn from its
-    own generator seeded by (seed, position): a position starts the same whether it is decoded
-    with a cache or recomputed, so cached and uncached generation agree."""
-    rows = [torch.randn(width, generator=torch.Generator().manual_seed((seed * 1_000_003 + position) % 2**63))
-            for position in range(start, start + count)]
-    return torch.stack(rows)[None].to(device)
-
-
 def _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache,
                         exit_rule, last_cache_only, stats):
     """Sequence recurrence: each new token runs up to ``num_loops`` loops, its state attending at
@@ -135,14 +138,14 @@ def _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, t
     position is recomputed per token. The window slides like ``generate``'s."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    width, window = model.config.d_model, model.config.context
+    window = model.config.context
     tokens, new_tokens, loops, cache = list(prompt), [], [], None
     start = max(0, len(tokens) - window)
     pending = tokens[start:]  # tokens not yet in the cache
     for _ in range(max_new_tokens):
         if cache is None or not use_cache:
             cache, pending = model.new_cache(last_only=last_cache_only), tokens[start:]
-        state = initial_states(seed, len(tokens) - len(pending) - start, len(pending), width, device)
+        state = RECURRENT.position_states(model, seed, len(tokens) - len(pending) - start, len(pending), device)
         logits, used = model.decode(torch.tensor([pending], device=device), cache, state, num_loops, exit_rule)
         loops.append(float(used[0, -1]))
         token = sample_next_token(logits[0, -1], temperature, top_k, generator)
@@ -154,4 +157,35 @@ def _generate_recurrent(model, prompt, max_new_tokens, num_loops, temperature, t
     if stats is not None:
         stats.update({"mean_loops": sum(loops) / max(1, len(loops)),
                       "cache_bytes": 0 if cache is None else cache.nbytes()})
+    return new_tokens
+
+
+def _generate_joint(model, prompt, max_new_tokens, num_loops, temperature, top_k, seed, use_cache):
+    """Sequence-joint DiffusionBlocks. A model whose targets are the next tokens (text) knows the target
+    of every position but the newest: those sit at their clean targets in the context's cache
+    (loopdb.models.joint) and each new token is one row sampled with ``num_loops`` loops against it;
+    without the cache the context is rebuilt every token (same tokens, slower). A model trained on
+    other targets (a reasoning task's running answers) denoises every position of the window jointly
+    for each new token, as scoring does. The window slides like ``generate``'s."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    width, window = model.config.d_model, model.config.context
+    known = model.targets_are_next_tokens
+    tokens, new_tokens = list(prompt), []
+    start = max(0, len(tokens) - window)
+    context = model.encode(torch.tensor([tokens[start:]], device=device), known=known)
+    for _ in range(max_new_tokens):
+        rows = 1 if known else context.length
+        z = scoring.initial_noise(model, (1, rows, width), num_loops, generator, device)
+        logits = scoring.loop_logits(model, context, z, num_loops, generator)[0, -1]
+        token = sample_next_token(logits, temperature, top_k, generator)
+        tokens.append(token)
+        new_tokens.append(token)
+        slide = len(tokens) - start > window
+        if slide:  # keep the last half of the window
+            start = len(tokens) - window // 2
+        if known and use_cache and not slide:
+            context = model.encode(torch.tensor([[token]], device=device), cache=context)
+        else:
+            context = model.encode(torch.tensor([tokens[start:]], device=device), known=known)
     return new_tokens

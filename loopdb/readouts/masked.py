@@ -1,5 +1,5 @@
 """Readouts of the masked diffusion LM (loopdb.models.masked): the ELBO in bits per byte, each t
-scored by the block that owns it, and MD4's ancestral unmasking sampler."""
+scored by the block that owns it; MD4's ancestral unmasking sampler is loopdb.sampling.masked."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..sampling.masked import SAMPLE_STEPS, block_for, sample_masked  # noqa: F401 (the CLI's sampler)
 from .scoring import same_length_batches
 
 ELBO_T_SAMPLES = 16  # draws per window in the ELBO (fixed, so numbers compare across runs)
-SAMPLE_STEPS = 64    # default sampler steps
 
 
 def owned_logits(model, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Logits (B, L, V) with each row run by the block that owns its t."""
-    owners = [model.objective.block_for(model, float(value)) for value in t]
+    owners = [block_for(model, float(value)) for value in t]
     logits = None
     for block_index in dict.fromkeys(owners):
         rows = torch.tensor([i for i, owner in enumerate(owners) if owner == block_index], device=tokens.device)
@@ -65,42 +65,3 @@ def elbo_bits_per_byte(model, windows: list[torch.Tensor], token_bytes: torch.Te
         total_tokens += batch.numel()
     return {"bpb": total_nats / math.log(2) / max(total_bytes, 1), "nats": total_nats, "tokens": total_tokens,
             "bytes": total_bytes}
-
-
-# -- the sampler ---------------------------------------------------------------------------------------
-def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> torch.Tensor:
-    """One token per position from logits (B, L, V); temperature 0 = argmax."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).flatten(0, 1).cpu()
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1]).to(logits.device)
-
-
-@torch.no_grad()
-def sample_masked(model, length: int, num_steps: int = SAMPLE_STEPS, prompt: list[int] = (), num_samples: int = 1,
-           temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(num_samples, length) token ids: ``num_steps`` ancestral unmasking steps from an all-mask
-    sequence whose first tokens are fixed to ``prompt``; each step runs the block that owns its t."""
-    if num_steps < 1:
-        raise ValueError(f"the number of sampler steps must be >= 1, got {num_steps}")
-    if not len(prompt) <= length <= model.config.context:
-        raise ValueError(f"cannot sample {length} tokens after a {len(prompt)}-token prompt with a "
-                         f"{model.config.context}-token model")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    device = next(model.parameters()).device
-    tokens = torch.full((num_samples, length), model.mask_id, dtype=torch.long, device=device)
-    tokens[:, :len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
-    for step in range(num_steps):
-        t, s = (num_steps - step) / num_steps, (num_steps - step - 1) / num_steps  # exact on the b/B boundaries
-        masked = tokens == model.mask_id
-        if not masked.any():
-            break
-        times = torch.full((num_samples,), t, device=device)
-        proposal = _draw(model(tokens, times, model.objective.block_for(model, t)), temperature, top_k, generator)
-        reveal = masked & (torch.rand(tokens.shape, generator=generator) < (t - s) / t).to(device)
-        tokens = torch.where(reveal, proposal, tokens)
-    return tokens

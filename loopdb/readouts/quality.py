@@ -28,14 +28,15 @@ def sample_quality(model, judge, prompt: list[int], num_loops: int, num_samples:
 
 
 @torch.no_grad()
-def judge_perplexity(judge, prompt: list[int], samples: list[list[int]], seed: int = 0) -> float:
-    """exp of the ``judge``'s mean NLL per generated token of ``samples``, each after ``prompt``."""
+def judge_perplexity(judge, prompt: list[int], samples: list[list[int]], seed: int = 0, sampler=None) -> float:
+    """exp of the ``judge``'s mean NLL per generated token of ``samples``, each after ``prompt``, read
+    at one loop by ``sampler`` (default: the judge's own, loopdb.sampling)."""
     device = next(judge.parameters()).device
     window = judge.config.context
     total_nats, total_tokens = 0.0, 0
     for sample in samples:
         sequence = torch.tensor([(prompt + sample)[-(window + 1):]], device=device)
-        logprobs = next_token_logprobs(judge, sequence, 1, torch.Generator().manual_seed(seed))
+        logprobs = next_token_logprobs(judge, sequence, 1, torch.Generator().manual_seed(seed), sampler)
         scored = logprobs[0, -len(sample):] if len(sample) <= logprobs.shape[1] else logprobs[0]
         total_nats -= scored.sum().item()
         total_tokens += scored.numel()

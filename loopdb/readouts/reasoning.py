@@ -10,6 +10,7 @@ import torch
 from ..errors import UsageError
 from ..maths.exit import ExitRule, ExitTracker
 from ..tasks import final_answer_positions, training_arrays
+from ..sampling import RECURRENT, sampler_of
 from .scoring import initial_noise, predictive_core
 
 VAL_SEED, TEST_SEED = 999, 1000  # evaluation examples; the shipped lm-eval sets (eval/tasks/reasoning) use 1000
@@ -36,11 +37,11 @@ def evaluation_examples(task, split: str, difficulties, count: int) -> list:
 
 @torch.no_grad()
 def loop_with_exit(model, context, state: torch.Tensor, max_loops: int, rule: ExitRule | None):
-    """Up to ``max_loops`` loops of a recurrent objective (bptt, ouro) with per-position exit; an
-    exited position keeps its state. Returns (logits of the final states, loops used (B, T))."""
-    if not hasattr(model, "recur"):
+    """Up to ``max_loops`` loops of a recurrent model (objective bptt or ouro) with per-position exit;
+    an exited position keeps its state. Returns (logits of the final states, loops used (B, T))."""
+    if sampler_of(model) is not RECURRENT:
         raise UsageError("adaptive exit needs a recurrent model (objective bptt or ouro); "
-                         f"this one was trained with objective={model.objective.name}")
+                         f"this one loops as {model.loop}")
     tracker = ExitTracker(rule, state.shape[:2], state.device)
     for _ in range(max_loops):
         new_state = model.recur(state, context)

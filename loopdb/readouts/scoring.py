@@ -2,7 +2,7 @@
 
 K loops = K sampler steps on a sigma grid computed from K for DiffusionBlocks,
 K recurrent iterations for BPTT, and one plain pass for a dense model: each
-model's objective (loopdb.objectives) says what a loop is, so every family is
+model's sampler (loopdb.sampling) says what a loop is, so every family is
 scored and sampled here through the same functions. The clean stream is encoded
 once per sequence (or once per new token with the cache) and shared by every loop.
 
@@ -14,49 +14,52 @@ step's probability over N noise draws and always report N.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 
+from ..maths.elbo import continuous_elbo, discrete_elbo
 from ..names import READOUTS
-from ..objectives.next_token import DenseObjective
+from ..sampling import DIFFUSION, anchor_sampler, sampler_of
 
 
+def loop_logits(model, context, z: torch.Tensor, num_loops: int, generator: torch.Generator | None = None,
+                sampler=None):
+    """Run ``num_loops`` loops from z; return the logits of the last one. ``sampler`` (default: the
+    model's, loopdb.sampling.sampler_of) says what a loop is; ``generator`` feeds samplers that draw
+    along the way (ancestral steps, sampled estimates)."""
+    return (sampler or sampler_of(model)).final_logits(model, context, z, num_loops, generator)
 
-def loop_logits(model, context, z: torch.Tensor, num_loops: int, generator: torch.Generator | None = None):
-    """Run ``num_loops`` loops from z; return the logits of the last one (the model's objective says how).
-    ``generator`` feeds samplers that draw along the way (ancestral steps, sampled estimates)."""
-    return model.objective.final_logits(model, context, z, num_loops, generator)
 
-
-def initial_noise(model, shape, num_loops: int, generator: torch.Generator, device):
-    return model.objective.initial_state(model, shape, num_loops, generator, device)
+def initial_noise(model, shape, num_loops: int, generator: torch.Generator, device, sampler=None):
+    return (sampler or sampler_of(model)).initial_state(model, shape, num_loops, generator, device)
 
 
 @torch.no_grad()
-def next_token_logprobs(model, windows: torch.Tensor, num_loops: int, generator: torch.Generator) -> torch.Tensor:
+def next_token_logprobs(model, windows: torch.Tensor, num_loops: int, generator: torch.Generator,
+                        sampler=None) -> torch.Tensor:
     """One noise draw: log p(x_{t+1} | x_{<=t}) at the last loop, for windows (B, T+1) -> (B, T)."""
     inputs, next_tokens = windows[:, :-1], windows[:, 1:]
     context = model.encode(inputs)
-    z = initial_noise(model, (*inputs.shape, model.config.d_model), num_loops, generator, windows.device)
-    logits = loop_logits(model, context, z, num_loops, generator)
+    z = initial_noise(model, (*inputs.shape, model.config.d_model), num_loops, generator, windows.device, sampler)
+    logits = loop_logits(model, context, z, num_loops, generator, sampler)
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, next_tokens[..., None]).squeeze(-1)
 
 
 @torch.no_grad()
 def predictive_logprobs(model, windows: torch.Tensor, num_loops: int, samples: int,
-                        generator: torch.Generator) -> torch.Tensor:
+                        generator: torch.Generator, sampler=None) -> torch.Tensor:
     """log of the mean over ``samples`` noise draws of p(x_{t+1}); (B, T). The clean stream is
     encoded once; each draw takes its initial state, then its loop's draws, from ``generator``."""
     inputs, next_tokens = windows[:, :-1], windows[:, 1:]
     shape = (*inputs.shape, model.config.d_model)
-    log_probs = predictive_core(model, model.encode(inputs), num_loops, samples,
-                                lambda: initial_noise(model, shape, num_loops, generator, windows.device), generator)
+    draw = lambda: initial_noise(model, shape, num_loops, generator, windows.device, sampler)  # noqa: E731
+    log_probs = predictive_core(model, model.encode(inputs), num_loops, samples, draw, generator, sampler)
     return log_probs.gather(-1, next_tokens[..., None]).squeeze(-1)
 
 
-def predictive_core(model, context, num_loops: int, samples: int, draw_state, loop_generator) -> torch.Tensor:
+def predictive_core(model, context, num_loops: int, samples: int, draw_state, loop_generator,
+                    sampler=None) -> torch.Tensor:
     """THE predictive readout (METHOD 5), shared by ``loopdb score``, the lm-eval adapter and the
     study: log of the mean over ``samples`` draws of the last loop's next-token distribution,
     (B, T, V), against ONE encoding ``context`` of the clean stream. ``draw_state()`` gives a draw's
@@ -65,22 +68,12 @@ def predictive_core(model, context, num_loops: int, samples: int, draw_state, lo
     total = None
     for _ in range(samples):
         state = draw_state()
-        draw = torch.log_softmax(loop_logits(model, context, state, num_loops, loop_generator).float(), dim=-1)
+        draw = torch.log_softmax(loop_logits(model, context, state, num_loops, loop_generator, sampler).float(),
+                                 dim=-1)
         if state is None:  # deterministic: every draw would be the same
             return draw
         total = draw if total is None else torch.logaddexp(total, draw)
     return total - math.log(samples)
-
-
-def anchor_head(model):
-    """The same model read through its dense anchor head (the clean stream's next-token logits,
-    issue 15): a shallow copy sharing every parameter, with the dense objective (K is ignored)."""
-    if model.objective.name != "dense" and not getattr(model.objective, "anchor_weight", 0) > 0:
-        raise ValueError("this model has no trained anchor head: train it with anchor_weight > 0 "
-                         "(e.g. --preset demo-draft), or score it with readout=predictive")
-    view = copy.copy(model)
-    view.objective = DenseObjective()
-    return view
 
 
 ELBO_CONTINUOUS_SIGMAS = 32  # stratified ln-sigma draws per continuous-ELBO estimate (fixed: numbers compare)
@@ -92,11 +85,9 @@ def elbo_logprobs(model, windows: torch.Tensor, num_loops: int | None, samples: 
     """Minus the diffusion ELBO of each next token (a lower bound on log p), averaged over
     ``samples`` draws; the K-step discrete bound of the ancestral sampler on the model's
     grid, or the continuous-time bound when num_loops is None."""
-    from ..maths.elbo import continuous_elbo, discrete_elbo
-
-    if model.objective.name != "diffusion":
-        raise ValueError(f"the ELBO readouts need a diffusion model; this one was trained with "
-                         f"objective={model.objective.name} (use readout=predictive)")
+    if sampler_of(model) is not DIFFUSION:
+        raise ValueError(f"the ELBO readouts need a diffusion model; this one loops as {model.loop} "
+                         "(use readout=predictive)")
     inputs, next_tokens = windows[:, :-1], windows[:, 1:]
     context = model.encode(inputs)
     targets = model.targets(next_tokens)
@@ -112,7 +103,7 @@ def elbo_logprobs(model, windows: torch.Tensor, num_loops: int | None, samples: 
                                           model.schedule.sigma_max, model.sigma_data, ELBO_CONTINUOUS_SIGMAS,
                                           generator))
         else:
-            bounds.append(discrete_elbo(denoise, targets, next_tokens, model.objective.grid(model, num_loops),
+            bounds.append(discrete_elbo(denoise, targets, next_tokens, DIFFUSION.grid(model, num_loops),
                                         model.sigma_data, generator))
     return -torch.stack(bounds).mean(0)
 
@@ -126,7 +117,7 @@ def token_logprobs(model, windows: torch.Tensor, num_loops: int, readout: str, s
         elbo_continuous  minus the continuous-time ELBO (independent of K);
         anchor           the dense anchor head's next-token log-probability (independent of K)."""
     if readout == "anchor":
-        return next_token_logprobs(anchor_head(model), windows, 1, generator)
+        return next_token_logprobs(model, windows, 1, generator, anchor_sampler(model))
     if readout == "predictive":
         return predictive_logprobs(model, windows, num_loops, samples, generator)
     if readout == "last":
@@ -167,7 +158,7 @@ def same_length_batches(windows: list[torch.Tensor], batch_size: int, device="cp
 # -- per-row noise and whole distributions (used by the lm-eval adapter, evaluation.lm_eval_model) --
 @torch.no_grad()
 def predictive_distribution(model, inputs: torch.Tensor, num_loops: int, samples: int,
-                            generators: list, lengths: list | None = None) -> torch.Tensor:
+                            generators: list, lengths: list | None = None, sampler=None) -> torch.Tensor:
     """log of the mean over ``samples`` noise draws of the last loop's next-token distribution
     at EVERY position and for every token: inputs (B, T) -> (B, T, V) log-probabilities.
 
@@ -179,7 +170,7 @@ def predictive_distribution(model, inputs: torch.Tensor, num_loops: int, samples
     call notices that the loop consumed randomness and recomputes the rows one at a time. For
     one full-length row, gathering the next tokens gives ``predictive_logprobs`` of the same
     window with an identically seeded generator (the same draws in the same order). A model
-    whose objective draws no noise (initial state None) is evaluated once.
+    whose sampler draws no noise (initial state None) is evaluated once. ``sampler``: as in loop_logits.
     """
     batch, length = inputs.shape
     lengths = [length] * batch if lengths is None else [int(n) for n in lengths]
@@ -187,27 +178,27 @@ def predictive_distribution(model, inputs: torch.Tensor, num_loops: int, samples
         raise ValueError(f"need one generator and one length per row: {batch} rows, "
                          f"{len(generators)} generators, {len(lengths)} lengths")
     if batch == 1:
-        return _predictive_rows(model, inputs, num_loops, samples, generators, lengths, generators[0])
+        return _predictive_rows(model, inputs, num_loops, samples, generators, lengths, generators[0], sampler)
     states = [generator.get_state() for generator in generators]
     probe = torch.Generator().manual_seed(0)
     unused = probe.get_state()
-    result = _predictive_rows(model, inputs, num_loops, samples, generators, lengths, probe)
+    result = _predictive_rows(model, inputs, num_loops, samples, generators, lengths, probe, sampler)
     if torch.equal(probe.get_state(), unused):
         return result
     for generator, state in zip(generators, states):  # the loop draws: one row at a time instead
         generator.set_state(state)
     for row, (generator, n) in enumerate(zip(generators, lengths)):
         result[row, :n] = _predictive_rows(model, inputs[row:row + 1, :n], num_loops, samples, [generator], [n],
-                                           generator)[0]
+                                           generator, sampler)[0]
     return result
 
 
-def _predictive_rows(model, inputs, num_loops, samples, generators, lengths, loop_generator) -> torch.Tensor:
+def _predictive_rows(model, inputs, num_loops, samples, generators, lengths, loop_generator, sampler) -> torch.Tensor:
     batch, length = inputs.shape
     width = model.config.d_model
 
     def draw_state():  # row i's initial state from its own generator, for its first lengths[i] positions
-        rows = [initial_noise(model, (1, n, width), num_loops, generator, inputs.device)
+        rows = [initial_noise(model, (1, n, width), num_loops, generator, inputs.device, sampler)
                 for generator, n in zip(generators, lengths)]
         if rows[0] is None:
             return None
@@ -216,4 +207,4 @@ def _predictive_rows(model, inputs, num_loops, samples, generators, lengths, loo
             state[index, :n] = row[0]
         return state
 
-    return predictive_core(model, model.encode(inputs), num_loops, samples, draw_state, loop_generator)
+    return predictive_core(model, model.encode(inputs), num_loops, samples, draw_state, loop_generator, sampler)

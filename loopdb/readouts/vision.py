@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..images import ImageData, require_sklearn
+from ..sampling.vision import classify, generate_images
 
 # -- the sample-quality judge ------------------------------------------------------------
 class QualityJudge:
@@ -79,7 +80,7 @@ def classification_accuracy(model, images, labels, num_steps: int, samples: int 
     correct = 0
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        probs = sum(torch.softmax(model.classify(chunk, num_steps, generator).float(), -1) for _ in range(samples))
+        probs = sum(torch.softmax(classify(model, chunk, num_steps, generator).float(), -1) for _ in range(samples))
         correct += int((probs.argmax(-1).cpu() == labels[start:start + batch_size]).sum())
     return correct / len(images)
 
@@ -90,7 +91,7 @@ def generate_per_class(model, num_classes: int, per_class: int, num_steps: int, 
     """``per_class`` class-conditional samples of every class, class-major order."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
-    images = [model.generate(labels[start:start + batch_size].to(device), num_steps, cfg_scale, generator).cpu()
+    images = [generate_images(model, labels[start:start + batch_size].to(device), num_steps, cfg_scale, generator).cpu()
               for start in range(0, len(labels), batch_size)]
     return torch.cat(images), labels
 

@@ -3,15 +3,16 @@ and how every command opens a run (its config, its data, its newest model).
 
 RUN/
   config.json            resolved config of the run
-  data.json              where its prepared data lives (null: the family's embedded data)
+  data.json              where its prepared data lives (null: the family's embedded data), and the
+                         preset it was trained from (null: unrecorded)
   checkpoints/, latest   loopdb.runs.checkpoint
-  metrics.jsonl, tb/     evaluation log and tensorboard events (loopdb.training.trainer)
+  metrics.jsonl, tb/     evaluation log (a row per evaluated step) and tensorboard events (loopdb.training.trainer)
+  train.lock             held by the process training the run (loopdb.runs.lock)
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,29 +21,64 @@ from ..config import Config
 from ..device import keep_freed_memory
 from ..errors import ConfigError, RunError
 from ..families import build_model
-from .checkpoint import checkpoints, latest_checkpoint, load_config, load_weights, verify_checkpoint
+from .checkpoint import _atomic_write_text, checkpoints, latest_checkpoint, load_config, load_weights, verify_checkpoint
 
-RUN_CONFIG, DATA_POINTER = "config.json", "data.json"
-SAMPLER_KEYS = ("grid", "solver", "grid_sigma_last", "estimate")  # may change after training
+RUN_CONFIG, DATA_POINTER, METRICS = "config.json", "data.json", "metrics.jsonl"
+SAMPLER_KEYS = ("grid", "solver", "grid_sigma_last", "estimate", "wavefront")  # may change after training
 
 
-def write_run_files(run_dir, config: Config, data_dir: Path | None) -> None:
-    """The run folder's config.json and data.json (where its data lives; None: the family's embedded data)."""
+def write_run_files(run_dir, config: Config, data_dir: Path | None, preset: str | None = None) -> None:
+    """The run folder's config.json and data.json (where its data lives, None: the family's embedded
+    data; the preset the run was started from, None: the one recorded before, if any)."""
     run_dir = Path(run_dir)
-    config.save(run_dir / RUN_CONFIG)
-    pointer = {"data_dir": None if data_dir is None else str(Path(data_dir).resolve())}
-    staging = run_dir / (DATA_POINTER + ".tmp")
-    staging.write_text(json.dumps(pointer))
-    os.replace(staging, run_dir / DATA_POINTER)
+    if preset is None and (run_dir / DATA_POINTER).exists():
+        preset = run_preset(run_dir)
+    _atomic_write_text(run_dir / RUN_CONFIG, json.dumps(config.to_dict(), indent=2))
+    pointer = {"data_dir": None if data_dir is None else str(Path(data_dir).resolve()), "preset": preset}
+    _atomic_write_text(run_dir / DATA_POINTER, json.dumps(pointer))
+
+
+def _metrics_rows(run_dir) -> list[tuple[int, str]]:
+    """(step, line) of metrics.jsonl's complete rows; a line cut short by a kill is left out."""
+    path = Path(run_dir) / METRICS
+    rows = []
+    for line in path.read_text().splitlines(keepends=True) if path.exists() else []:
+        try:
+            rows.append((int(json.loads(line)["step"]), line))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [(step, line) for step, line in rows if line.endswith("\n")]
+
+
+def keep_metrics_through(run_dir, step: int) -> None:
+    """Drop metrics.jsonl's rows after ``step`` (a resumed run logs those steps again), atomically."""
+    if (Path(run_dir) / METRICS).exists():
+        kept = [line for row_step, line in _metrics_rows(run_dir) if row_step <= step]
+        _atomic_write_text(Path(run_dir) / METRICS, "".join(kept))
+
+
+def last_metrics_step(run_dir) -> int | None:
+    """The step of metrics.jsonl's newest row (None: no row)."""
+    rows = _metrics_rows(run_dir)
+    return rows[-1][0] if rows else None
+
+
+def _data_pointer(run_dir) -> dict:
+    path = Path(run_dir) / DATA_POINTER
+    if not path.exists():
+        raise RunError(f"{run_dir} has no {DATA_POINTER}; was it made by `loopdb train`?")
+    return json.loads(path.read_text())
 
 
 def run_data_dir(run_dir) -> Path | None:
     """The data folder data.json names (None: the family's embedded data, e.g. the digits)."""
-    path = Path(run_dir) / DATA_POINTER
-    if not path.exists():
-        raise RunError(f"{run_dir} has no {DATA_POINTER}; was it made by `loopdb train`?")
-    data_dir = json.loads(path.read_text())["data_dir"]
+    data_dir = _data_pointer(run_dir)["data_dir"]
     return None if data_dir is None else Path(data_dir)
+
+
+def run_preset(run_dir) -> str | None:
+    """The preset the run was started from (None: unrecorded, e.g. a run made through the library)."""
+    return _data_pointer(run_dir).get("preset")
 
 
 def open_run(run_dir) -> tuple[Config, Path]:

@@ -6,6 +6,10 @@ before that step changes the weights (or, with ``skip_nonfinite_steps``, skips t
 no checkpoint ever holds a non-finite weight; ``--resume`` falls back past a damaged checkpoint
 to the newest intact one; a process of a torchrun job that dies or hangs stops the others.
 
+A run folder belongs to one training process at a time (loopdb.runs.lock); a resume may
+change only what loopdb.runs.resume allows, and its metrics.jsonl keeps one row per evaluated
+step. Ctrl-C or SIGTERM stops any phase promptly (StopSignals); a second one ends the process at once.
+
 Every random draw of a training step (the batch, sigma, the noise) comes from a
 generator seeded by (seed, step, micro-step), so a resumed run draws exactly what
 an uninterrupted one would (Huginn seeds its depth sampler the same way).
@@ -15,10 +19,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -30,7 +36,9 @@ from ..families import check_config, family_of
 from ..runs.checkpoint import (checkpoint_name, checkpoints, has_distributed_state, latest_checkpoint,
                                load_distributed_state, newest_intact_checkpoint, non_finite_weights,
                                save_checkpoint, save_distributed_state, staging_folder, start_checkpoint)
-from ..runs.folder import write_run_files
+from ..runs.folder import METRICS, keep_metrics_through, last_metrics_step, write_run_files
+from ..runs.lock import hold_run_folder, refuse_if_trained, release_run_folder
+from ..runs.resume import resume_changes
 from . import parallel
 
 
@@ -61,22 +69,66 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2))
 
 
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM while installed (``with``). The first asks to stop: where work
+    may be ``abandon``ed (data preparation, an evaluation), KeyboardInterrupt is raised at once;
+    elsewhere (a training step, a checkpoint being written) it only sets ``asked``, which the
+    training loop reads after the step. A second signal ends the process at once: the newest
+    complete checkpoint stays `latest`, and the OS releases the run folder's lock."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, abandon: bool):
+        self.abandon = abandon
+        self.asked = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers there only
+            self._previous = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exception) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @contextmanager
+    def abandoning(self, allowed: bool = True):
+        """Work a stop signal may cut short (``allowed``: else it finishes, as a step does)."""
+        before, self.abandon = self.abandon, allowed
+        try:
+            yield
+        finally:
+            self.abandon = before
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.asked:
+            print(f"loopdb train: second {signal.Signals(signum).name}: stopped at once; the newest complete "
+                  "checkpoint is `latest`", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.asked = True
+        if self.abandon:
+            raise KeyboardInterrupt
+
+
 class Trainer:
     def __init__(self, config: Config, data_dir, run_dir, resume: bool = False, progress: bool = True,
-                 log_tensorboard: bool = True, block_parallel: bool = False):
-        """Under torchrun (WORLD_SIZE > 1) the run is data-parallel (DDP, or FSDP2 with
+                 log_tensorboard: bool = True, block_parallel: bool = False, preset: str | None = None):
+        """``preset``: the name the config was made from (recorded; a resume from another is refused).
+        Under torchrun (WORLD_SIZE > 1) the run is data-parallel (DDP, or FSDP2 with
         data_parallel=fsdp), or block-parallel with ``block_parallel`` (loopdb.training.parallel);
         rank 0 evaluates (FSDP: every rank) and logs, every rank saves its shards."""
         self.run_dir = Path(run_dir)
         self.data_dir = None if data_dir is None else Path(data_dir)  # None: the family's embedded data
         self.progress = progress
+        refuse_if_trained(self.run_dir)  # early, before the data and the model are loaded
         saved = self._resume_point() if resume else None
         if not resume and self.run_dir.exists() and latest_checkpoint(self.run_dir) is not None:
             raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if saved is not None:
-            config = saved.config.apply_overrides(
-                {"max_steps": str(config.train.max_steps)}  # resuming may extend a run, nothing else
-            )
+        changes = []
+        if saved is not None:  # the command line's config, once it is known to keep the run's model and data
+            changes = resume_changes(self.run_dir, saved.config, config, self.data_dir, saved.trainer_state["step"],
+                                     preset)
         family = family_of(config)
         self.feed = family.feed(config, self.data_dir)  # may fill in data-given fields (vocab_size)
         self.config = check_config(config)
@@ -87,34 +139,48 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on each step's large activations
         torch.manual_seed(config.train.seed)
+        # the model and its loss (the model holds none; loopdb.sampling reads it at inference)
         if self.owned_blocks is None:
             self.model = family.build(config).to(self.device)
+            self.objective = family.objective(config)
         else:  # this rank allocates and trains its own blocks only
             self.model = family.build_for_blocks(config, self.owned_blocks).to(self.device)
-        self.objective = self.model.objective
+            self.objective = family.objective_for_blocks(config, self.owned_blocks)
         self.wrapper = self._wrap_for_ranks()  # DDP or FSDP around the whole step; None: one process
         self.optimizer = make_optimizer(self.model, config)
         family.after_optimizer(self.model, self.optimizer, self.device, self.group.world_size > 1)
         self.step = 0
         self.skipped_in_a_row = self.skipped_steps = 0  # non-finite steps skipped (skip_nonfinite_steps)
+        self.saved_step = None  # the step of the newest checkpoint: a stop saves only a model that changed since
         if saved is not None:
-            self._load(saved)
             state = saved.trainer_state
+            self._check_micro_batches(state["extra"].get("micro_batches_per_step"))
+            self._load(saved)
             torch.set_rng_state(state["rng"]["torch"])
-            self.step = state["step"]
+            self.step = self.saved_step = state["step"]
             self.skipped_in_a_row = state["extra"].get("skipped_in_a_row", 0)
             self.skipped_steps = state["extra"].get("skipped_steps", 0)
         self.train_forward = torch.compile(self.model) if config.train.compile else self.model
 
         self.writer = None
+        self.logged_step = None  # the newest step metrics.jsonl has a row for (rank 0)
         if not self.group.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_files(self.run_dir, config, self.data_dir)
+        # before the first write (checkpoints are renamed into place, so reading needs no lock); the
+        # job's other processes write only into the checkpoints rank 0 starts
+        hold_run_folder(self.run_dir)
+        write_run_files(self.run_dir, config, self.data_dir, preset)
+        if saved is not None:
+            keep_metrics_through(self.run_dir, self.step)  # the rows after the checkpoint are logged again
+            self.logged_step = last_metrics_step(self.run_dir)
+            if changes:
+                print(f"loopdb train: resuming from {saved.path.name} with {', '.join(changes)} (run -> command line)",
+                      file=sys.stderr)
         if log_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            # a resume hides the events logged after its checkpoint (they are logged again)
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=None if saved is None else self.step + 1)
 
     def _resume_point(self):
         """The newest intact checkpoint of the run (a damaged newer one is passed over, with a warning)."""
@@ -130,6 +196,18 @@ class Trainer:
             say(f"resuming from {saved.path.name}, the newest intact checkpoint; the steps after it are trained "
                 "again, exactly as before")
         return saved
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """The batch of one step, in micro-batches, over the whole job (what a resume must keep)."""
+        return self.config.train.grad_accum * self.batch_draws[0]
+
+    def _check_micro_batches(self, saved: int | None) -> None:
+        """grad_accum may change on resume with the number of processes, as long as a step's batch stays."""
+        if saved is not None and saved != self.micro_batches_per_step:
+            raise ConfigError(f"--resume: a step of the run drew {saved} micro-batches (grad_accum x data-parallel "
+                              f"processes), grad_accum={self.config.train.grad_accum} with {self.batch_draws[0]} "
+                              f"process(es) draws {self.micro_batches_per_step}; keep the product at {saved}")
 
     def _load(self, saved) -> None:
         """Weights and optimizer state of the resume point: a multi-process checkpoint's shards
@@ -302,9 +380,11 @@ class Trainer:
             first = f" (first: {bad[0]})" if bad else " on another rank"
             raise TrainingError(f"step {self.step}: weight tensor(s) became non-finite{first}, "
                                 f"not saved as {checkpoint_name(self.step)}; {self._stop_advice()}")
-        extra = {"skipped_in_a_row": self.skipped_in_a_row, "skipped_steps": self.skipped_steps}
+        extra = {"skipped_in_a_row": self.skipped_in_a_row, "skipped_steps": self.skipped_steps,
+                 "micro_batches_per_step": self.micro_batches_per_step}
         if not distributed:
             save_checkpoint(self.run_dir, self.model, self.optimizer, self.step, self.config, extra=extra)
+            self.saved_step = self.step
             return
         self._on_main_then_agree(lambda: start_checkpoint(self.run_dir, self.step))
         save_distributed_state(staging_folder(self.run_dir, self.step), self.model, self.optimizer)  # a failure is raised on every rank
@@ -312,6 +392,7 @@ class Trainer:
         # the optimizer state lives in the shards only
         self._on_main_then_agree(lambda: save_checkpoint(self.run_dir, None, None, self.step, self.config, extra=extra,
                                                          weights=weights, staged=True))
+        self.saved_step = self.step
 
     def _on_main_then_agree(self, action) -> None:
         """Run ``action`` on rank 0; if it fails, rank 0 raises its error and every other rank one line."""
@@ -328,75 +409,98 @@ class Trainer:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, self.step)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.run_dir / METRICS, "a") as f:
             f.write(json.dumps({"step": self.step, **values}) + "\n")
+        self.logged_step = self.step
 
     def train(self) -> dict:
+        """Train to max_steps: evaluate every eval_every steps and at the end, checkpoint every
+        checkpoint_every steps and at the end. Ctrl-C or SIGTERM (see StopSignals): the step being
+        trained finishes (an evaluation is abandoned), a checkpoint is saved if the model changed
+        since the last one, and KeyboardInterrupt is raised; a second signal ends the process at once."""
         from tqdm import tqdm
 
         train = self.config.train
-        interrupted = {"flag": False}
-
-        def on_signal(signum, frame):  # finish the step, checkpoint, then stop
-            interrupted["flag"] = True
-
-        previous = signal.signal(signal.SIGTERM, on_signal)
         bar = tqdm(total=train.max_steps, initial=self.step, disable=not (self.progress and self.group.is_main),
                    desc="train", unit="step")
         tokens_per_step = train.batch_size * train.grad_accum * self.config.model.context * self.batch_draws[0]  # the job's
         last_eval = {}
-        step_seconds = []
-        stopping = False
+        step_seconds, budget_seconds = [], []  # budget_seconds: on the time_budget_clock
+        stopping, train_loss = False, None
         try:
-            while self.step < train.max_steps and not (stopping := self._stop_agreed(interrupted["flag"])):
-                started = time.perf_counter()
-                stats = self.train_step()
-                elapsed = time.perf_counter() - started
-                step_seconds.append(elapsed)
-                stats["tokens_per_s"] = tokens_per_step / elapsed
-                if train.time_budget_minutes > 0:
-                    self._fit_budget(step_seconds, bar)
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", gnorm=f"{stats['grad_norm']:.2f}",
-                                tok_s=f"{stats['tokens_per_s']:.0f}")
-                if self.writer is not None:
-                    for key, value in stats.items():
-                        self.writer.add_scalar(f"train/{key}", value, self.step)
-                done = self.step == train.max_steps
-                # rank 0 evaluates (FSDP: every rank, each holding a share); block-parallel: once assembled
-                evaluate_now = done if self.block_parallel else (self.step % train.eval_every == 0 or done)
-                if self.block_parallel and done:
-                    self._assemble()
-                if evaluate_now and (self.group.is_main or self.sharded):
-                    last_eval = self._evaluate_and_log(stats["loss"], bar)
-                if self.step % train.checkpoint_every == 0 or done:
-                    self.save()  # every rank: several processes write their shards together
-        except KeyboardInterrupt:
-            if self.group.world_size == 1:  # several processes cannot agree on a save once interrupted
-                bar.write("interrupted: saving a checkpoint (resume with --resume)")
-                self.save()
-            raise
+            with StopSignals(abandon=False) as stop:
+                while self.step < train.max_steps and not (stopping := self._stop_agreed(stop.asked)):
+                    started, started_cpu = time.perf_counter(), time.process_time()
+                    stats = self.train_step()
+                    elapsed = time.perf_counter() - started
+                    step_seconds.append(elapsed)
+                    budget_seconds.append(time.process_time() - started_cpu if train.time_budget_clock == "cpu"
+                                          else elapsed)
+                    stats["tokens_per_s"] = tokens_per_step / elapsed
+                    train_loss = stats["loss"]
+                    if train.time_budget_minutes > 0:
+                        self._fit_budget(budget_seconds, bar)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", gnorm=f"{stats['grad_norm']:.2f}",
+                                    tok_s=f"{stats['tokens_per_s']:.0f}")
+                    if self.writer is not None:
+                        for key, value in stats.items():
+                            self.writer.add_scalar(f"train/{key}", value, self.step)
+                    if self.step == train.max_steps:
+                        break  # the closing evaluation and checkpoint follow
+                    # rank 0 evaluates (FSDP: every rank, each holding a share); block-parallel: at the end only
+                    if self.step % train.eval_every == 0 and not self.block_parallel:
+                        last_eval = self._evaluate_and_log(train_loss, bar, stop)
+                    if self.step % train.checkpoint_every == 0:
+                        self.save()  # every rank: several processes write their shards together
+                if not stopping and self.step >= train.max_steps:
+                    last_eval = self._close(train_loss, bar, stop) or last_eval
+                    stopping = self._stop_agreed(stop.asked)  # a signal during the closing evaluation
+                if stopping:
+                    self._save_if_changed()
+                    raise KeyboardInterrupt
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
             if self.writer is not None:
                 self.writer.flush()
-        if stopping:
-            self.save()
+            release_run_folder(self.run_dir)
         if self.group.is_main:
             self._write_summary(step_seconds, tokens_per_step)
         parallel.barrier(self.group)
         return last_eval
 
+    def _close(self, train_loss: float | None, bar, stop: "StopSignals") -> dict:
+        """The end of the run: the closing evaluation (unless a resumed run already has it) and checkpoint."""
+        if self.block_parallel:
+            self._assemble()  # rank 0 gathers the whole model
+        evaluated = self.logged_step == self.step or not self.group.is_main  # rank 0 knows
+        evaluation = {}
+        if not parallel.all_agree(evaluated, self.group, self.device) and (self.group.is_main or self.sharded):
+            evaluation = self._evaluate_and_log(train_loss, bar, stop)
+        self._save_if_changed()
+        return evaluation
+
+    def _save_if_changed(self) -> None:
+        """Checkpoint the step unless it is saved already (or is step 0: nothing trained yet)."""
+        if self.step > 0 and self.saved_step != self.step:
+            self.save()
+
     def _stop_agreed(self, asked: bool) -> bool:
-        """SIGTERM: finish the step, checkpoint, stop; several processes stop at the same step."""
+        """A stop signal on any process stops every process of the job at the same step."""
         return asked if self.group.world_size == 1 else not parallel.all_agree(not asked, self.group, self.device)
 
-    def _evaluate_and_log(self, train_loss: float, bar) -> dict:
-        evaluation = self.evaluate()
-        sample = self.sample_text()
+    def _evaluate_and_log(self, train_loss: float | None, bar, stop: "StopSignals") -> dict:
+        """Evaluate and log a row; {} if a stop signal abandons it (FSDP ranks, which evaluate together,
+        finish it)."""
+        try:
+            with stop.abandoning(not self.sharded):
+                evaluation = self.evaluate()
+                sample = self.sample_text()
+        except KeyboardInterrupt:
+            bar.write(f"step {self.step}: evaluation abandoned (stop signal)", file=sys.stderr)
+            return {}
         if self.group.is_main:
-            self.log({"train/loss": train_loss, **evaluation})
+            self.log(({} if train_loss is None else {"train/loss": train_loss}) | evaluation)
             bar.write(f"step {self.step}: " + "  ".join(f"{k}={v:.3f}" for k, v in evaluation.items()))
             if self.writer is not None and sample is not None:
                 self.writer.add_text("sample", sample, self.step)
@@ -413,7 +517,9 @@ class Trainer:
 
     def _fit_budget(self, step_seconds: list[float], bar) -> None:
         """With a time budget, set max_steps from the measured step time (re-estimated every
-        10 steps, so the cosine schedule ends when the budget does). Evaluation time is not counted."""
+        10 steps, so the cosine schedule ends when the budget does). Evaluation time is not counted.
+        ``step_seconds`` are on ``time_budget_clock``: CPU time makes a budget mean the same compute
+        however many other processes share the cores (with one thread, it is the quiet wall time)."""
         train = self.config.train
         budget, spent = train.time_budget_minutes * 60, sum(step_seconds)
         if spent >= budget:
@@ -429,7 +535,7 @@ class Trainer:
 
         ordered = sorted(step_seconds) or [0.0]
         summary = {
-            "objective": self.objective.name,
+            "objective": self.config.train.objective,
             "steps": self.step,
             "tokens_seen": self.step * tokens_per_step,
             "train_seconds": sum(step_seconds),

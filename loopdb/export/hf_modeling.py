@@ -1,0 +1,885 @@
+"""An exported loopdb looped language model as a transformers model (`loopdb export` writes this file).
+
+Self-contained: imports torch and transformers only, so the export loads with
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` where loopdb is not installed.
+The layers, the EDM sampler and the readouts repeat loopdb's (loopdb.layers, loopdb.maths.edm,
+loopdb.models.looped / recurrent, loopdb.readouts.scoring / generation) operation for operation, and
+the export's tests check the logits and the generated tokens against loopdb's own.
+
+- ``recurrence="position"`` (DiffusionBlocks): a clean stream (prelude, core with a learned clean
+  conditioning, coda) gives keys and values; a loop is one sampler step of the sigma-conditioned
+  core on each position's noisy estimate of the NEXT token's embedding, which attends to the
+  clean keys at positions <= its own and to itself.
+- ``recurrence="sequence"`` (Huginn, Ouro): a loop updates the whole latent sequence,
+  s_k = norm(core(inject(s_{k-1}, prelude(x)))); the coda and head read the last state.
+- ``family="stacked"``: ``n_layers`` distinct sigma-conditioned layers in ``num_blocks`` DiffusionBlocks;
+  block b has its own clean stream from the token embeddings and is the denoiser of the b-th highest
+  noise range, so a sampler step runs the block owning its sigma (K = num_blocks: each block once).
+- ``objective``: diffusion (a loop = a sampler step on a sigma grid computed from K), bptt / ouro
+  (a loop = a recurrent iteration from a random state), dense (the layers once; K is ignored).
+- Noise is seeded (``noise_seed``): each row of a batch draws its initial state from its own
+  generator seeded by the seed, so a row's numbers depend neither on the batch nor on padding.
+- ``readout``: ``predictive`` returns log of the mean over ``num_samples`` draws of the last loop's
+  next-token distribution (log-probabilities, loopdb's scoring readout); ``draw`` returns the raw
+  last-loop logits of one draw.
+- ``generate``: its own loop (not transformers' GenerationMixin.generate, whose cache and input
+  handling assume one pass per token), with a ``LoopDBCache`` (a ``DynamicCache`` of one key/value
+  slot per layer, per loop and layer where loops attend over the sequence), left-padded batches,
+  lm-eval's stopping criteria, and adaptive exit for sequence recurrence.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutput
+
+from .hf_configuration import LoopDBConfig
+
+READOUTS = ("predictive", "draw")
+SAMPLER_CHOICES = {"grid": ("equiprob", "karras"), "solver": ("euler", "heun", "ancestral"),
+                   "estimate": ("soft", "argmax", "sample"), "grid_sigma_last": None}
+EXIT_KINDS = ("kl", "delta", "gate")
+
+
+# -- layers (loopdb.layers) -----------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, affine: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x):
+        statistics = torch.promote_types(x.dtype, torch.float32)  # float32 statistics for bf16 inputs
+        squared = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=statistics).square()
+        normed = x * (squared / x.shape[-1] + self.eps).rsqrt().to(x.dtype)
+        return normed if self.weight is None else normed * self.weight.to(x.dtype)
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int, context: int):
+    """cos, sin of rotary positions (any shape) -> (..., head_dim / 2); computed per call, never a buffer."""
+    if int(positions.max()) >= context:
+        raise ValueError(f"position {int(positions.max())} is beyond the model's context of {context} tokens")
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """x (..., T, hd); cos/sin (T, hd/2) or per row (B, T, hd/2): rotate (first half, second half)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, cos, sin, kv_prefix=None, mask=None):
+        """Keys [kv_prefix ; own]; mask (Tq, Tk) or (B, 1, Tq, Tk) bool, True = attend; None = causal."""
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        q, k = apply_rotary(qkv[:2], cos, sin)
+        v = qkv[2]
+        keys, values = k, v
+        if kv_prefix is not None:
+            keys, values = torch.cat([kv_prefix[0], k], dim=2), torch.cat([kv_prefix[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-norm block; ``conditioned``: DiT's adaLN-Zero; ``sandwich``: Huginn's norm after each residual add."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, conditioned: bool = False, sandwich: bool = False):
+        super().__init__()
+        self.conditioned = conditioned
+        self.post_norms = nn.ModuleList([RMSNorm(dim), RMSNorm(dim)]) if sandwich else None
+        self.norm1 = RMSNorm(dim, affine=not conditioned)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = RMSNorm(dim, affine=not conditioned)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        if conditioned:
+            self.modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x, cos, sin, cond=None, kv_prefix=None, mask=None):
+        if self.conditioned:
+            mod = self.modulation(F.silu(cond))
+            if mod.dim() == 2:
+                mod = mod[:, None, :]
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+            h, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, kv_prefix, mask)
+            x = x + gate1 * h
+            return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2), kv
+        h, kv = self.attn(self.norm1(x), cos, sin, kv_prefix, mask)
+        if self.post_norms is not None:
+            x = self.post_norms[0](x + h)
+            return self.post_norms[1](x + self.mlp(self.norm2(x))), kv
+        x = x + h
+        return x + self.mlp(self.norm2(x)), kv
+
+
+class SigmaEmbedder(nn.Module):
+    """c_noise -> sinusoidal features -> MLP (DiT's TimestepEmbedder)."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, c_noise):
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=c_noise.device) / half)
+        args = (c_noise.float()[..., None] * 1000.0) * freqs
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+def inject(injection, state, embedded):
+    """The loop's input: Linear([state ; e]) (Huginn's adapter), or state + e without one."""
+    state = state.to(embedded.dtype)
+    return injection(torch.cat([state, embedded], -1)) if injection is not None else state + embedded
+
+
+def padded_causal_mask(query_index, key_index, pad):
+    """(B, 1, Tq, Tk): row b's first pad[b] slots are padding; a padding query sees only itself."""
+    causal = key_index[None, None, :] <= query_index[None, :, None]
+    real = key_index[None, None, :] >= pad[:, None, None]
+    itself = key_index[None, None, :] == query_index[None, :, None]
+    return (causal & (real | itself))[:, None]
+
+
+def padded_positions(index, pad):
+    return (index[None, :] - pad[:, None]).clamp_min(0)
+
+
+# -- EDM (loopdb.maths.edm) -----------------------------------------------------------------------------
+def sigma_grid(config: LoopDBConfig, num_loops: int, sampler: dict) -> list[float]:
+    """The descending sampler grid of ``num_loops`` steps (equiprob: equal steps in the training
+    distribution's quantiles; karras: rho = 7); one step: a single evaluation at sigma_max."""
+    if num_loops < 1:
+        raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+    hi, lo = config.sigma_max, sampler["grid_sigma_last"] or config.sigma_min
+    if num_loops == 1:
+        return [hi]
+    fractions = [i / (num_loops - 1) for i in range(num_loops)]
+    if sampler["grid"] == "equiprob":
+        normal = NormalDist()
+
+        def cdf(sigma):
+            return normal.cdf((math.log(sigma) - config.p_mean) / config.p_std)
+
+        q_hi, q_lo = cdf(hi), cdf(lo)
+        grid = [math.exp(config.p_mean + config.p_std * normal.inv_cdf(q_hi + f * (q_lo - q_hi))) for f in fractions]
+    else:
+        a, b = hi ** (1 / 7.0), lo ** (1 / 7.0)
+        grid = [(a + f * (b - a)) ** 7.0 for f in fractions]
+    grid[0], grid[-1] = hi, lo
+    return grid
+
+
+def block_owner(config: LoopDBConfig, sigma: float) -> int:
+    """The stacked block that denoises at ``sigma``: block 0 owns the highest of ``num_blocks`` ranges,
+    of equal probability under the training log-normal (equiprob) or equal width in log sigma (uniform)."""
+    blocks, low, high = config.num_blocks, config.sigma_min, config.sigma_max
+    if config.partition == "equiprob":
+        normal = NormalDist()
+        q_min, q_max = (normal.cdf((math.log(value) - config.p_mean) / config.p_std) for value in (low, high))
+        inner = [math.exp(config.p_mean + config.p_std * normal.inv_cdf(q_min + b / blocks * (q_max - q_min)))
+                 for b in range(1, blocks)]
+    else:
+        inner = [math.exp(math.log(low) + b / blocks * (math.log(high) - math.log(low))) for b in range(1, blocks)]
+    boundaries = [low, *inner, high]
+    for block_index in range(blocks):
+        if sigma > boundaries[blocks - 1 - block_index]:
+            return block_index
+    return blocks - 1
+
+
+class DiffusionBlock(nn.Module):
+    """A stacked block: its layers, clean conditioning, input projection and denoiser output."""
+
+    def __init__(self, config: LoopDBConfig):
+        super().__init__()
+        dim = config.d_model
+        self.layers = nn.ModuleList(Block(dim, config.n_heads, config.mlp_ratio, True)
+                                    for _ in range(config.n_layers // config.num_blocks))
+        self.clean_condition = nn.Parameter(torch.zeros(dim))
+        self.injection = nn.Linear(2 * dim, dim, bias=False) if config.injection == "concat" else None
+        self.norm = RMSNorm(dim)
+        self.denoiser_out = nn.Linear(dim, dim, bias=False)
+
+
+def log_mean_exp(draws: list[torch.Tensor]) -> torch.Tensor:
+    total = draws[0]
+    for draw in draws[1:]:
+        total = torch.logaddexp(total, draw)
+    return total - math.log(len(draws))
+
+
+class ExitTracker:
+    """Adaptive exit per position (loopdb.maths.exit): ``kl:EPS`` stops once KL(p_k || p_(k-1)) < EPS,
+    ``delta:EPS`` once the state's relative change < EPS, ``gate:Q`` once the learned cumulative exit
+    probability >= Q (Ouro). A position that stops keeps its state; ``loops_used`` counts its loops."""
+
+    def __init__(self, rule: str | None, shape, device):
+        self.kind, self.threshold = None, None
+        if rule:
+            kind, _, value = str(rule).partition(":")
+            try:
+                threshold = float(value)
+            except ValueError:
+                threshold = float("nan")
+            if kind not in EXIT_KINDS or not threshold > 0 or (kind == "gate" and threshold > 1):
+                raise ValueError(f"exit={rule!r}: expected kl:EPS, delta:EPS (EPS > 0) or gate:Q (0 < Q <= 1)")
+            self.kind, self.threshold = kind, threshold
+        self.active = torch.ones(shape, dtype=torch.bool, device=device)
+        self.loops_used = torch.zeros(shape, dtype=torch.long, device=device)
+        self.previous_log_probs, self.survival = None, torch.ones(shape, device=device)
+
+    def update(self, old_state, new_state, logits=None, exit_probability=None) -> None:
+        self.loops_used += self.active.long()
+        if self.kind == "kl":
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            stop = torch.zeros_like(self.active)
+            if self.previous_log_probs is not None:
+                stop = (log_probs.exp() * (log_probs - self.previous_log_probs)).sum(-1) < self.threshold
+            self.previous_log_probs = log_probs
+        elif self.kind == "delta":
+            change = (new_state.float() - old_state.float()).norm(dim=-1)
+            stop = change < self.threshold * new_state.float().norm(dim=-1).clamp(min=1e-12)
+        elif self.kind == "gate":
+            self.survival = self.survival * (1 - exit_probability.float())
+            stop = (1 - self.survival) >= self.threshold
+        else:
+            return
+        self.active &= ~stop
+
+
+# -- the key/value cache -------------------------------------------------------------------------------------
+class LoopDBCache(DynamicCache):
+    """Keys/values of the positions decoded so far, one slot per layer of the prelude and the coda and,
+    for the core, per layer of the clean stream (position recurrence: one set whatever the loop
+    count) or per loop and layer (sequence recurrence: loop k of a new token attends to loop k of
+    the earlier ones); for a stacked model, per block and layer. ``length``: the positions cached."""
+
+    def __init__(self, config: LoopDBConfig, num_loops: int):
+        super().__init__()
+        self.length = 0
+        core_sets = num_loops if config.recurrence == "sequence" else 1
+        self.first = {"prelude": 0, "core": config.n_prelude, "coda": config.n_prelude + core_sets * config.n_core,
+                      "block": 0}
+        self.group_size = {"core": config.n_core, "block": config.n_layers // config.num_blocks}
+
+    def slot(self, stream: str, layer: int, group: int = 0) -> int:
+        """The slot of ``layer`` of ``stream``; ``group``: the loop (sequence core) or the stacked block."""
+        return self.first[stream] + group * self.group_size.get(stream, 0) + layer
+
+    def past(self, slot: int):
+        """(keys, values) cached in ``slot``, or None before the first update."""
+        if slot >= len(self.layers) or not self.layers[slot].is_initialized:
+            return None
+        return self.layers[slot].keys, self.layers[slot].values
+
+
+# -- the model ----------------------------------------------------------------------------------------------
+class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
+    """A loopdb looped LM. ``forward(input_ids, num_loops=K)``: logits of every position after K loops;
+    ``generate(input_ids, num_loops=K, ...)``: batched, left-padded prompts, greedy or sampled."""
+
+    config_class = LoopDBConfig
+    base_model_prefix = "loopdb"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: LoopDBConfig):
+        super().__init__(config)
+        dim, position = config.d_model, config.recurrence == "position"
+        self.sigma_data = config.sigma_data or dim**-0.5
+
+        def blocks(count, conditioned=False, sandwich=False):
+            return nn.ModuleList(Block(dim, config.n_heads, config.mlp_ratio, conditioned, sandwich)
+                                 for _ in range(count))
+
+        self.embedding = nn.Embedding(config.vocab_size, dim)
+        if config.family == "stacked":
+            self.sigma_embedder = SigmaEmbedder(dim)
+            self.blocks = nn.ModuleList(DiffusionBlock(config) for _ in range(config.num_blocks))
+            self.final_norm = RMSNorm(dim)
+            self.head = None if config.tie_head else nn.Linear(dim, config.vocab_size, bias=False)
+            self.self_condition = None
+            self.target_norm = config.target_norm or self.sigma_data * dim**0.5
+            self.target_scale = self.target_norm / dim**0.5
+            self.post_init()
+            return
+        self.prelude = blocks(config.n_prelude)
+        self.core = blocks(config.n_core, conditioned=position, sandwich=config.sandwich_norm and not position)
+        self.coda = blocks(config.n_coda)
+        self.injection = nn.Linear(2 * dim, dim, bias=False) if config.injection == "concat" else None
+        self.core_norm = RMSNorm(dim)
+        self.final_norm = RMSNorm(dim)
+        self.head = None if config.tie_head else nn.Linear(dim, config.vocab_size, bias=False)
+        if position:
+            self.sigma_embedder = SigmaEmbedder(dim)
+            self.clean_condition = nn.Parameter(torch.zeros(dim))
+            self.self_condition = nn.Linear(dim, dim, bias=False) if config.self_condition else None
+            self.denoiser_out = nn.Linear(dim, dim, bias=False)
+            self.target_norm = config.target_norm or self.sigma_data * dim**0.5
+            self.target_scale = self.target_norm / dim**0.5
+        else:
+            self.exit_gate = nn.Linear(dim, 1) if config.exit_gate else None
+        self.post_init()
+
+    def _init_weights(self, module):
+        # loopdb's initialisation; an export always loads every weight from its safetensors
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self):
+        return self.embedding
+
+    def set_input_embeddings(self, value):
+        self.embedding = value
+
+    # -- shared pieces ----------------------------------------------------------------------------------------
+    def _positions(self, index, pad):
+        """cos, sin and mask for slots ``index`` over keys 0..index[-1]; pad (B,) or None (causal fast path)."""
+        head_dim, context = self.config.d_model // self.config.n_heads, self.config.context
+        if pad is None:
+            cos, sin = rotary_angles(index, head_dim, context)
+            return cos, sin, None
+        cos, sin = rotary_angles(padded_positions(index, pad), head_dim, context)
+        return cos, sin, padded_causal_mask(index, torch.arange(int(index[-1]) + 1, device=index.device), pad)
+
+    def _run(self, layers, hidden, cos, sin, cond=None, prefixes=None, mask=None, cache=None, slots=None):
+        """Hidden states through ``layers`` and each layer's (k, v): its own, or with ``cache``, the cached
+        positions' followed by its own (the cache's ``slots`` per layer are extended)."""
+        kv, hidden = [], hidden.to(self.embedding.weight.dtype)  # float32 sampler states into bf16 layers
+        for index, layer in enumerate(layers):
+            prefix = None if prefixes is None else prefixes[index]
+            if cache is not None:
+                prefix = cache.past(slots[index])
+            hidden, layer_kv = layer(hidden, cos, sin, cond, prefix, mask)
+            kv.append(layer_kv if cache is None else cache.update(*layer_kv, slots[index]))
+        return hidden, kv
+
+    def _cached_positions(self, length: int, pad, cache, device):
+        """cos, sin and mask of ``length`` new positions after the cached ones (``cache`` may be None)."""
+        start = 0 if cache is None else cache.length
+        index = torch.arange(start, start + length, device=device)
+        if start == 0:
+            return self._positions(index, pad)
+        head_dim, context, keys = self.config.d_model // self.config.n_heads, self.config.context, torch.arange(
+            start + length, device=device)
+        if pad is None:
+            cos, sin = rotary_angles(index, head_dim, context)
+            return cos, sin, keys[None, :] <= index[:, None]
+        cos, sin = rotary_angles(padded_positions(index, pad), head_dim, context)
+        return cos, sin, padded_causal_mask(index, keys, pad)
+
+    def _logits(self, hidden):
+        hidden = self.final_norm(hidden.to(self.embedding.weight.dtype))
+        return hidden @ self.embedding.weight.t() if self.head is None else self.head(hidden)
+
+    def _target_table(self):
+        table = F.normalize(self.embedding.weight, dim=-1)
+        return table if self.target_norm == 1.0 else table * self.target_norm
+
+    # -- the clean stream (position wiring) ----------------------------------------------------------------------
+    def _encode(self, input_ids, pad, cache: LoopDBCache | None = None):
+        """The clean stream over ``input_ids`` (after the cached positions, with ``cache``)."""
+        cos, sin, mask = self._cached_positions(input_ids.shape[1], pad, cache, input_ids.device)
+        start = 0 if cache is None else cache.length
+
+        def slots(stream, layers):
+            return None if cache is None else [cache.slot(stream, index) for index in range(len(layers))]
+
+        if self.config.family == "stacked":
+            return self._encode_blocks(input_ids, pad, cache, cos, sin, mask)
+        embedded, _ = self._run(self.prelude, self.embedding(input_ids), cos, sin, mask=mask, cache=cache,
+                                slots=slots("prelude", self.prelude))
+        clean = {"embedded": embedded, "pad": pad, "length": start + input_ids.shape[1], "cache": cache}
+        if self.config.recurrence == "sequence":
+            return clean
+        clean_cond = self.clean_condition.to(embedded.dtype).expand(input_ids.shape[0], -1)
+        hidden, clean["core_kv"] = self._run(self.core, embedded, cos, sin, clean_cond, mask=mask, cache=cache,
+                                             slots=slots("core", self.core))
+        clean["final_hidden"], clean["coda_kv"] = self._run(self.coda, hidden, cos, sin, mask=mask, cache=cache,
+                                                            slots=slots("coda", self.coda))
+        return clean
+
+    def _encode_blocks(self, input_ids, pad, cache, cos, sin, mask):
+        """Stacked: every block's clean stream from the token embeddings (dense: the blocks chained)."""
+        embedded = self.embedding(input_ids)
+        hidden, block_kv = embedded, []
+        for group, block in enumerate(self.blocks):
+            cond = block.clean_condition.to(embedded.dtype).expand(input_ids.shape[0], -1)
+            source = hidden if self.config.objective == "dense" else embedded
+            slots = None if cache is None else [cache.slot("block", index, group) for index in range(len(block.layers))]
+            hidden, kv = self._run(block.layers, source, cos, sin, cond, mask=mask, cache=cache, slots=slots)
+            block_kv.append(kv)
+        start = 0 if cache is None else cache.length
+        return {"embedded": embedded, "pad": pad, "length": start + input_ids.shape[1], "cache": cache,
+                "block_kv": block_kv, "final_hidden": hidden}
+
+    def _noisy_positions(self, rows: int, clean):
+        """cos, sin and mask of ``rows`` noisy rows (the last positions): clean keys <= own position, and itself."""
+        length, pad = clean["length"], clean["pad"]
+        device = clean["embedded"].device
+        anchors, keys = torch.arange(length - rows, length, device=device), torch.arange(length, device=device)
+        itself = anchors[:, None] == anchors[None, :]
+        head_dim, context = self.config.d_model // self.config.n_heads, self.config.context
+        if pad is None:
+            cos, sin = rotary_angles(anchors, head_dim, context)
+            return cos, sin, torch.cat([keys[None, :] <= anchors[:, None], itself], dim=1)
+        cos, sin = rotary_angles(padded_positions(anchors, pad), head_dim, context)
+        mask = torch.cat([padded_causal_mask(anchors, keys, pad), itself.expand(len(pad), 1, -1, -1)], dim=-1)
+        return cos, sin, mask
+
+    def _denoise(self, z, sigma: float, clean, previous=None):
+        """Logits of the denoiser at noise level sigma for noisy rows z (B, R, C) (the last R positions)."""
+        rows = z.shape[1]
+        sigma_t = torch.full((z.shape[0],), float(sigma), device=z.device)
+        variance = sigma_t**2 + self.sigma_data**2
+        c_skip = (self.sigma_data**2 / variance)[:, None, None]
+        c_out = (sigma_t * self.sigma_data / variance.sqrt())[:, None, None]
+        c_in = (1.0 / variance.sqrt())[:, None, None]
+        cos, sin, mask = self._noisy_positions(rows, clean)
+        if self.config.family == "stacked":  # the block owning sigma is the denoiser
+            owner = block_owner(self.config, float(sigma))
+            block, embedded = self.blocks[owner], clean["embedded"][:, -rows:]
+            hidden = inject(block.injection, c_in * z, embedded)
+            cond = self.sigma_embedder(torch.log(sigma_t) / 4)
+            hidden, _ = self._run(block.layers, hidden, cos, sin, cond, clean["block_kv"][owner], mask)
+            return self._logits((c_skip * z + c_out * block.denoiser_out(block.norm(hidden))) / self.target_scale)
+        hidden = inject(self.injection, c_in * z, clean["embedded"][:, -rows:])
+        if self.self_condition is not None and previous is not None:
+            hidden = hidden + self.self_condition((previous / self.target_scale).to(hidden.dtype))
+        cond = self.sigma_embedder(torch.log(sigma_t) / 4)
+        hidden, _ = self._run(self.core, hidden, cos, sin, cond, clean["core_kv"], mask)
+        denoised = c_skip * z + c_out * self.denoiser_out(self.core_norm(hidden))
+        hidden, _ = self._run(self.coda, denoised / self.target_scale, cos, sin, None, clean["coda_kv"], mask)
+        logits = self._logits(hidden)
+        if not self.config.likelihood_logits:
+            return logits
+        evidence = z.float() @ self._target_table().detach().float().t() / sigma_t.float()[:, None, None] ** 2
+        return logits.float() + evidence
+
+    def _estimate(self, logits, generator, kind: str):
+        """Dhat from logits: softmax @ table (soft), or one row of the table (argmax, sample)."""
+        table = self._target_table()
+        if kind == "soft":
+            return torch.softmax(logits.float(), dim=-1).to(table.dtype) @ table
+        if kind == "argmax":
+            choice = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits.float(), -1)
+            choice = torch.multinomial(probs.flatten(0, -2).cpu(), 1, generator=generator).view(probs.shape[:-1])
+        return table[choice.to(logits.device)]
+
+    def _diffusion_loops(self, clean, z, num_loops, generator, states, sampler):
+        """The sampler: one loop per grid point (euler, heun or ancestral); the last evaluation's logits."""
+        grid, previous, solver = sigma_grid(self.config, num_loops, sampler), None, sampler["solver"]
+
+        def step(state, sigma):
+            nonlocal previous
+            logits = self._denoise(state, sigma, clean, previous)
+            previous = self._estimate(logits, generator, sampler["estimate"]).to(state.dtype)
+            return previous, logits
+
+        for index, sigma in enumerate(grid):
+            denoised, logits = step(z, sigma)
+            if index + 1 == len(grid):
+                return logits
+            sigma_next = grid[index + 1]
+            if solver == "ancestral":
+                z = denoised + sigma_next * torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+            else:
+                z_euler = z + (sigma_next - sigma) * (z - denoised) / sigma
+                if solver == "heun":
+                    denoised_next = step(z_euler, sigma_next)[0]
+                    slope = 0.5 * ((z - denoised) / sigma + (z_euler - denoised_next) / sigma_next)
+                    z_euler = z + (sigma_next - sigma) * slope
+                z = z_euler
+            states.append(z)
+        return logits
+
+    # -- the recurrence (bptt, ouro) ------------------------------------------------------------------------------
+    def _recur(self, state, clean):
+        """One loop: state (B, T, C) -> next state (unit RMS)."""
+        rows = state.shape[1]
+        if self.config.recurrence == "sequence":
+            cos, sin, mask = self._positions(torch.arange(rows, device=state.device), clean["pad"])
+            hidden, _ = self._run(self.core, inject(self.injection, state, clean["embedded"]), cos, sin, mask=mask)
+            return self.core_norm(hidden)
+        cos, sin, mask = self._noisy_positions(rows, clean)
+        hidden = inject(self.injection, state, clean["embedded"][:, -rows:])
+        cond = self.clean_condition.to(hidden.dtype).expand(state.shape[0], -1)
+        hidden, _ = self._run(self.core, hidden, cos, sin, cond, clean["core_kv"], mask)
+        return self.core_norm(hidden)
+
+    def _readout(self, state, clean):
+        """Logits from the last state through the coda."""
+        rows = state.shape[1]
+        if self.config.recurrence == "sequence":
+            cos, sin, mask = self._positions(torch.arange(rows, device=state.device), clean["pad"])
+            hidden, _ = self._run(self.coda, state, cos, sin, mask=mask)
+        else:
+            cos, sin, mask = self._noisy_positions(rows, clean)
+            hidden, _ = self._run(self.coda, state, cos, sin, None, clean["coda_kv"], mask)
+        return self._logits(hidden)
+
+    def _decode_sequence(self, clean, state, num_loops: int, exit_rule: str | None = None):
+        """Generation with sequence recurrence: the new positions of ``clean`` (after the cached ones) run
+        up to ``num_loops`` loops from ``state``, loop k attending to loop k of the cached positions;
+        then the coda. Returns the logits and extends the cache (``clean["cache"]``). A position that
+        exits early keeps its state, and its cache entries for the loops it skips repeat its last
+        loop's keys/values (Huginn's KV sharing), so later tokens find an entry at every loop."""
+        cache, rows = clean["cache"], state.shape[1]
+        cos, sin, mask = self._cached_positions(rows, None, cache, state.device)
+        tracker = ExitTracker(exit_rule, state.shape[:2], state.device)
+        coda_prefixes = [cache.past(cache.slot("coda", index)) for index in range(len(self.coda))]
+        produced = []  # per loop: per layer (k, v) of the new positions
+        for loop in range(num_loops):
+            prefixes = [cache.past(cache.slot("core", index, loop)) for index in range(len(self.core))]
+            hidden, layer_kv = self._run(self.core, inject(self.injection, state, clean["embedded"]), cos, sin,
+                                         prefixes=prefixes, mask=mask)
+            new_state = self.core_norm(hidden)
+            logits = gate = None
+            if tracker.kind == "kl":
+                logits = self._logits(self._run(self.coda, new_state, cos, sin, prefixes=coda_prefixes, mask=mask)[0])
+            if tracker.kind == "gate":
+                gate = torch.sigmoid(self.exit_gate(new_state).squeeze(-1).float())
+            active = tracker.active[..., None]
+            state, old_state = torch.where(active, new_state, state), state
+            if produced:  # an exited position repeats its last keys/values
+                layer_kv = [tuple(torch.where(active[:, None], new, old) for new, old in zip(kv, last))
+                            for kv, last in zip(layer_kv, produced[-1])]
+            produced.append(layer_kv)
+            tracker.update(old_state, state, logits, gate)
+            if tracker.kind is not None and not bool(tracker.active.any()):
+                break
+        produced += [produced[-1]] * (num_loops - len(produced))
+        for loop, layer_kv in enumerate(produced):
+            for index, kv in enumerate(layer_kv):
+                cache.update(*kv, cache.slot("core", index, loop))
+        coda_slots = [cache.slot("coda", index) for index in range(len(self.coda))]
+        hidden, _ = self._run(self.coda, state, cos, sin, mask=mask, cache=cache, slots=coda_slots)
+        return self._logits(hidden), tracker.loops_used
+
+    # -- one draw ------------------------------------------------------------------------------------------------------
+    def _initial_state(self, shape, num_loops, generator, device):
+        """The state a draw starts from: noise at the top of the grid (diffusion), or N(0, 1) (bptt, ouro)."""
+        noise = torch.randn(shape, generator=generator).to(device)
+        if self.config.objective == "diffusion":
+            return noise * math.sqrt(self.sigma_data**2 + self.config.sigma_max**2)
+        return noise * self.config.state_std
+
+    def _loop_logits(self, clean, z, num_loops, generator, states, sampler):
+        """K loops from state z (None: dense); the last loop's logits; ``states`` receives each loop's state."""
+        objective = self.config.objective
+        if objective == "dense":
+            if self.config.recurrence == "sequence":
+                return self._readout(self._recur(torch.zeros_like(clean["embedded"]), clean), clean)
+            states.append(clean["final_hidden"])
+            return self._logits(clean["final_hidden"])
+        if objective == "diffusion":
+            return self._diffusion_loops(clean, z, num_loops, generator, states, sampler)
+        for _ in range(num_loops):
+            z = self._recur(z, clean)
+            states.append(z)
+        return self._readout(z, clean)
+
+    def _sampler(self, **overrides) -> dict:
+        """The diffusion sampler's settings: the config's, with the call's overrides (None: keep)."""
+        settings = {key: getattr(self.config, key) for key in SAMPLER_CHOICES}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if SAMPLER_CHOICES[key] is not None and value not in SAMPLER_CHOICES[key]:
+                raise ValueError(f"{key}={value!r}; choose one of {', '.join(SAMPLER_CHOICES[key])}")
+            settings[key] = float(value) if key == "grid_sigma_last" else value
+        return settings
+
+    def _draws_along_the_way(self, sampler) -> bool:
+        return self.config.objective == "diffusion" and (sampler["solver"] == "ancestral"
+                                                         or sampler["estimate"] == "sample")
+
+    def _row_states(self, generators, rows: int, width: int, num_loops: int, pad, device):
+        """(B, rows, C) initial states; row b's from generators[b], for its real (unpadded) positions."""
+        if self.config.objective == "dense":
+            return None
+        state = torch.zeros(len(generators), rows, width, device=device)
+        for row, generator in enumerate(generators):
+            start = 0 if pad is None else int(pad[row])
+            state[row, start:] = self._initial_state((1, rows - start, width), num_loops, generator, device)[0]
+        return state
+
+    # -- transformers API ---------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                num_loops: int | None = None, noise_seed: int | None = None, readout: str | None = None,
+                num_samples: int | None = None, labels: torch.LongTensor | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None, grid: str | None = None,
+                solver: str | None = None, grid_sigma_last: float | None = None, estimate: str | None = None,
+                **unused):
+        """Next-token logits at every position after ``num_loops`` loops (config defaults for every None).
+
+        ``attention_mask`` (B, T): left padding (zeros first) is hidden and each row's positions
+        start at its first real token. ``readout="predictive"``: log of the mean over ``num_samples``
+        draws of the last loop's distribution; ``"draw"``: one draw's raw logits. ``hidden_states``:
+        the prelude output, then the state after each loop (of the first draw). ``grid``, ``solver``,
+        ``grid_sigma_last``, ``estimate``: the diffusion sampler's settings for this call (default: the config's)."""
+        config = self.config
+        # int(): lm-eval's --model_args may hand the load-time overrides over as text
+        num_loops = int(config.num_loops if num_loops is None else num_loops)
+        seed = int(config.noise_seed if noise_seed is None else noise_seed)
+        readout = config.readout if readout is None else readout
+        samples = int(config.num_samples if num_samples is None else num_samples)
+        if readout not in READOUTS:
+            raise ValueError(f"readout={readout!r}; choose one of {', '.join(READOUTS)}")
+        if num_loops < 1 or samples < 1:
+            raise ValueError(f"num_loops and num_samples must be >= 1, got {num_loops} and {samples}")
+        sampler = self._sampler(grid=grid, solver=solver, grid_sigma_last=grid_sigma_last, estimate=estimate)
+        pad = _left_padding(attention_mask)
+        if self._draws_along_the_way(sampler) and input_ids.shape[0] > 1:  # a row's draws must not depend on the batch
+            rows = [self(input_ids[row:row + 1], None if attention_mask is None else attention_mask[row:row + 1],
+                         num_loops, seed, readout, samples, output_hidden_states=output_hidden_states, **sampler)
+                    for row in range(input_ids.shape[0])]
+            logits = torch.cat([row.logits for row in rows])
+            hidden = None if not output_hidden_states else tuple(
+                torch.cat(states) for states in zip(*(row.hidden_states for row in rows)))
+            return self._output(logits, labels, hidden)
+        clean = self._encode(input_ids, pad)
+        generators = [torch.Generator().manual_seed(seed) for _ in range(input_ids.shape[0])]
+        draws, states = [], []
+        for _ in range(1 if readout == "draw" else samples):
+            z = self._row_states(generators, input_ids.shape[1], config.d_model, num_loops, pad, input_ids.device)
+            logits = self._loop_logits(clean, z, num_loops, generators[0], states if not draws else [], sampler)
+            if readout == "draw":
+                draws.append(logits)
+                break
+            draws.append(torch.log_softmax(logits.float(), dim=-1))
+            if z is None:  # deterministic: every draw would be the same
+                break
+        logits = draws[0] if len(draws) == 1 else log_mean_exp(draws)
+        hidden = (clean["embedded"], *states) if output_hidden_states else None
+        return self._output(logits, labels, hidden)
+
+    def _output(self, logits, labels, hidden_states):
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, num_loops: int | None = None,
+                 noise_seed: int | None = None, stopping_criteria=None, pad_token_id: int | None = None,
+                 eos_token_id: int | list | None = None, generation_config=None, use_cache: bool = True,
+                 exit: str | None = None, grid: str | None = None, solver: str | None = None,
+                 grid_sigma_last: float | None = None, estimate: str | None = None, **unused) -> torch.LongTensor:
+        """Batched generation, K = ``num_loops`` loops per new token; returns (B, T + new) token ids.
+
+        Rows may be left-padded (``attention_mask``). The rows of a model with position recurrence (and
+        a stacked one) decode together against one cache, as loopdb's ``generate_batch``: a row gives
+        what it gives alone until the window fills, then the window slides for all rows at once. Those
+        of a sequence-recurrent model decode one after another, as loopdb's. A new token's initial
+        state comes from the row's generator seeded by ``noise_seed`` (loopdb's draws), greedy unless
+        ``do_sample`` (then ``temperature`` and ``top_k``). A row stops at ``eos_token_id`` or when ``stopping_criteria`` says so (then it is
+        filled with ``pad_token_id``). With ``use_cache`` a new token runs against a ``LoopDBCache``
+        of the earlier positions, else the window is recomputed (the same tokens, slower); when the
+        window is full it slides by half and the cache is rebuilt, as loopdb's generation does.
+        ``exit`` (sequence recurrence; default the config's): stop each token's loops early, ``kl:EPS``,
+        ``delta:EPS`` or ``gate:Q`` (``self.loops_used`` then holds each new token's loops); ``grid``, ``solver``, ``grid_sigma_last``,
+        ``estimate``: the diffusion sampler's settings."""
+        settings = generation_config if generation_config is not None else self.generation_config
+        num_loops = int(self.config.num_loops if num_loops is None else num_loops)
+        seed = int(self.config.noise_seed if noise_seed is None else noise_seed)
+        do_sample = bool(getattr(settings, "do_sample", False)) if do_sample is None else bool(do_sample)
+        temperature = float(getattr(settings, "temperature", None) or 1.0) if temperature is None else float(temperature)
+        top_k = getattr(settings, "top_k", None) if top_k is None else top_k
+        eos = getattr(settings, "eos_token_id", None) if eos_token_id is None else eos_token_id
+        eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        pad_token_id = getattr(settings, "pad_token_id", None) if pad_token_id is None else pad_token_id
+        if max_new_tokens is None and max_length is None:
+            max_new_tokens = getattr(settings, "max_new_tokens", None)
+        if max_new_tokens is None:
+            limit = max_length if max_length is not None else getattr(settings, "max_length", None) or 20
+            max_new_tokens = max(0, limit - input_ids.shape[1])
+        if num_loops < 1:
+            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+        exit = getattr(self.config, "exit", None) if exit is None else exit
+        if exit and self.config.recurrence != "sequence":
+            raise ValueError("adaptive exit applies to sequence-recurrent models (objective bptt or ouro)")
+        ExitTracker(exit, (1,), input_ids.device)  # a bad rule fails here, before any work
+        if exit and str(exit).startswith("gate") and getattr(self, "exit_gate", None) is None:
+            raise ValueError("exit=gate:Q needs the learned exit gate of a model trained with objective=ouro")
+        sampler = self._sampler(grid=grid, solver=solver, grid_sigma_last=grid_sigma_last, estimate=estimate)
+        pad = _left_padding(attention_mask)
+        prompts = [input_ids[row, 0 if pad is None else int(pad[row]):].tolist() for row in range(input_ids.shape[0])]
+        if any(not prompt for prompt in prompts):
+            raise ValueError("generation needs non-empty prompts (the model predicts the token after each position)")
+        if self.config.recurrence == "sequence":
+            streams = _RowStreams(self, prompts, seed, num_loops, use_cache, exit)
+        else:
+            streams = _BatchStream(self, prompts, seed, num_loops, use_cache, sampler)
+        output, done = input_ids, torch.zeros(len(prompts), dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            column = streams.next_tokens(temperature if do_sample else 0.0, top_k, done.tolist())
+            filler = pad_token_id if pad_token_id is not None else 0  # what a stopped row appends
+            column = [filler if stop else token for token, stop in zip(column, done.tolist())]
+            column = torch.tensor(column, device=input_ids.device)[:, None]
+            output = torch.cat([output, column], dim=1)
+            done |= torch.tensor([int(token) in eos for token in column[:, 0]], device=done.device)
+            if stopping_criteria is not None:
+                stop = stopping_criteria(output, None)
+                done |= torch.as_tensor(stop, device=done.device).expand(len(prompts)).bool()
+            if bool(done.all()):
+                break
+        self.loops_used = streams.loops_used
+        return output
+
+
+class _BatchStream:
+    """Every row of ``generate`` at once (position recurrence, stacked): left-padded slots, one cache,
+    and per row a generator for its initial states and token draws (loopdb's ``generate_batch``)."""
+
+    def __init__(self, model, prompts, seed, num_loops, use_cache: bool, sampler):
+        self.model, self.num_loops, self.use_cache, self.sampler = model, num_loops, use_cache, sampler
+        self.generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+        self.device, window = model.embedding.weight.device, model.config.context
+        prompts = [prompt[-window:] for prompt in prompts]
+        longest = max(len(prompt) for prompt in prompts)
+        self.pad = torch.tensor([longest - len(prompt) for prompt in prompts], device=self.device)
+        self.slots = torch.tensor([[0] * (longest - len(prompt)) + prompt for prompt in prompts], device=self.device)
+        self.cache, self.loops_used = None, [[] for _ in prompts]
+
+    def next_tokens(self, temperature: float, top_k, done) -> list[int]:
+        model, width = self.model, self.model.config.d_model
+        if self.cache is None or not self.use_cache:
+            self.cache = LoopDBCache(model.config, self.num_loops) if self.use_cache else None
+            new = self.slots
+        else:
+            new = self.slots[:, -1:]
+        clean = model._encode(new, self.pad if bool(self.pad.any()) else None, self.cache)
+        if self.cache is not None:
+            self.cache.length = self.slots.shape[1]
+        z = None
+        if model.config.objective != "dense":  # only the last position's noisy row decides the next token
+            z = torch.cat([model._initial_state((1, 1, width), self.num_loops, generator, self.device)
+                           for generator in self.generators])
+        logits = model._loop_logits(clean, z, self.num_loops, self.generators[0], [], self.sampler)[:, -1]
+        tokens = [_choose(logits[row], temperature, top_k, generator) for row, generator in enumerate(self.generators)]
+        for used, stop in zip(self.loops_used, done):
+            if not stop:
+                used.append(self.num_loops)
+        self.slots = torch.cat([self.slots, torch.tensor(tokens, device=self.device)[:, None]], dim=1)
+        window = model.config.context
+        if self.slots.shape[1] > window:  # slide every row: keep the last half of the slots, rebuild the cache
+            dropped = self.slots.shape[1] - window // 2
+            self.slots, self.pad, self.cache = self.slots[:, dropped:], (self.pad - dropped).clamp_min(0), None
+        return tokens
+
+
+class _RowStreams:
+    """The rows of ``generate`` one after another (sequence recurrence: per-loop caches, as loopdb's)."""
+
+    def __init__(self, model, prompts, seed, num_loops, use_cache: bool, exit_rule):
+        self.rows = [_RowStream(model, prompt, seed, num_loops, use_cache, exit_rule) for prompt in prompts]
+
+    @property
+    def loops_used(self) -> list:
+        return [row.loops_used for row in self.rows]
+
+    def next_tokens(self, temperature: float, top_k, done) -> list[int]:
+        tokens = []
+        for row, stop in zip(self.rows, done):
+            token = 0
+            if not stop:
+                token = _choose(row.next_logits(), temperature, top_k, row.generator)
+                row.append(token)
+            tokens.append(token)
+        return tokens
+
+
+class _RowStream:
+    """One row of a sequence-recurrent model: its window of tokens and its generator."""
+
+    def __init__(self, model, prompt, seed, num_loops, use_cache: bool, exit_rule):
+        self.model, self.num_loops, self.seed, self.use_cache = model, num_loops, seed, use_cache
+        self.exit_rule, self.loops_used = exit_rule, []
+        self.generator = torch.Generator().manual_seed(seed)
+        self.window = list(prompt[-model.config.context:])
+        self.cache = None  # LoopDBCache of the window's positions but the last
+
+    def next_logits(self) -> torch.Tensor:
+        """Decode the positions not yet cached: the whole window after a slide (or every token without
+        use_cache, against a fresh cache), else the last token; each position starts from its own
+        seeded state, so a position starts the same however it is decoded."""
+        model, device, width = self.model, self.model.embedding.weight.device, self.model.config.d_model
+        if self.cache is None or not self.use_cache:
+            self.cache, pending = LoopDBCache(model.config, self.num_loops), self.window
+        else:
+            pending = self.window[-1:]
+        start = len(self.window) - len(pending)
+        clean = model._encode(torch.tensor([pending], device=device), None, self.cache)
+        if model.config.objective == "dense":  # the layers once, from a zero state
+            logits, used = model._decode_sequence(clean, torch.zeros_like(clean["embedded"]), 1)
+        else:
+            z = torch.stack([torch.randn(width, generator=torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + position) % 2**63)) for position in range(start, len(self.window))])[None]
+            z = z * model.config.state_std
+            logits, used = model._decode_sequence(clean, z.to(device), self.num_loops, self.exit_rule)
+        self.cache.length = len(self.window)
+        self.loops_used.append(int(used[0, -1]))
+        return logits[0, -1]
+
+    def append(self, token: int) -> None:
+        self.window.append(token)
+        context = self.model.config.context
+        if len(self.window) > context:  # slide: keep the last half of the window, rebuild the cache
+            self.window, self.cache = self.window[len(self.window) - context // 2:], None
+
+
+def _choose(logits, temperature: float, top_k, generator) -> int:
+    """The argmax at temperature 0, else a draw from the tempered (top-k) distribution."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(int(top_k), logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator))
+
+
+def _left_padding(attention_mask):
+    """(B,) leading zeros of each row of the mask, or None without any."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    pad = (~mask).long().cumprod(dim=1).sum(dim=1)
+    return pad if bool(pad.any()) else None

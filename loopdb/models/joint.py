@@ -1,0 +1,169 @@
+"""Sequence-joint DiffusionBlocks LM: the loop is a denoiser over the WHOLE sequence of states.
+
+Design (the looped family with ``objective=diffusion`` and ``recurrence=sequence``; docs/method.md 3.1.6):
+- prelude P: plain causal layers on the token embeddings, e = P(x) (as in Huginn's wiring);
+- the loop state z_t at position t is a noisy copy of t's own target, the unit-norm embedding of
+  the token t must predict: z = y + sigma_t * eps. Positions may sit at DIFFERENT noise levels
+  (``sigma`` is per row), which is what lets a sampler resolve early positions first;
+- core R: ``n_core`` adaLN-Zero layers conditioned per row on c_noise(sigma_t), run with causal
+  attention over all positions' states: position t reads the noisy states of positions <= t, so
+  what an earlier position has resolved flows forward, one loop at a time, as in BPTT's
+  sequence recurrence, but trained in ONE forward/backward pass at a sampled sigma;
+- input injection: Huginn's adapter Linear([c_in z ; e]) (``injection=concat``) or c_in z + e;
+- coda C and the head give logits; Dhat = softmax(logits) @ the target table drives the sampler.
+The network sees no loop index and no grid: K loops = K sampler steps on any grid
+(loopdb.maths.schedules), chosen at inference. docs/method.md#position-schedules
+
+A known prefix (text: every position but the newest has a known target, the token after it):
+those positions enter as their clean targets at the grid's last sigma, the state the sampler ends
+in. Their keys/values then never change, so a ``JointContext`` keeps ONE cache per layer whatever
+the loop count; each new token in generation, and each scored position, runs its K loops as one
+row against the prefix before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import DiffusionConfig, ModelConfig
+from ..layers import Block, SigmaEmbedder, RMSNorm, Rotary, causal_mask, run_clean_layers
+from ..maths.edm import NoiseSchedule, precondition
+from .looped import NextTokenDenoiser
+
+
+@dataclass
+class JointContext:
+    """What the loops read: ``embedded``, the prelude output (B, length, C) of every position so far.
+    With a known prefix the first ``committed`` positions sit at their clean targets at the last
+    sigma and their per-layer keys/values are cached (prelude_kv over all positions, core_kv and
+    coda_kv over the committed ones)."""
+
+    embedded: torch.Tensor
+    length: int
+    prelude_kv: list | None = None
+    core_kv: list | None = None
+    coda_kv: list | None = None
+    committed: int = 0
+
+
+class JointDiffusionLM(NextTokenDenoiser, nn.Module):
+    loop = "joint"  # its sampler (loopdb.sampling): K steps with a sigma per position
+    anchor_head = False
+
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, targets_are_next_tokens: bool = True):
+        """``targets_are_next_tokens``: a text LM (position t's target is token t+1, so at inference
+        every position but the newest has a known target); False for a reasoning task's answers."""
+        super().__init__()
+        self.targets_are_next_tokens = targets_are_next_tokens
+        self.config, self.diffusion = model, diffusion
+        dim = model.d_model
+        self.sigma_data = diffusion.sigma_data or dim**-0.5
+        self.schedule = NoiseSchedule(diffusion.p_mean, diffusion.p_std, diffusion.sigma_min, diffusion.sigma_max)
+
+        def blocks(count, conditioned):
+            return nn.ModuleList(Block(dim, model.n_heads, model.mlp_ratio, conditioned, model.attention)
+                                 for _ in range(count))
+
+        self.embedding = nn.Embedding(model.vocab_size, dim)
+        self.prelude = blocks(model.n_prelude, False)
+        self.core = blocks(model.n_core, True)
+        self.coda = blocks(model.n_coda, False)
+        self.rotary = Rotary(dim // model.n_heads, model.context)
+        self.sigma_embedder = SigmaEmbedder(dim)
+        self.injection = nn.Linear(2 * dim, dim, bias=False) if model.injection == "concat" else None
+        self.target_norm = diffusion.target_norm or self.sigma_data * dim**0.5
+        self.final_norm = RMSNorm(dim)
+        self.head = None if model.tie_head else nn.Linear(dim, model.vocab_size, bias=False)
+        self._init_linears_and_embedding()
+
+    def encode(self, tokens: torch.Tensor, cache: JointContext | None = None, known: bool | None = None) -> JointContext:
+        """The context of ``tokens`` (B, T) at inference, appended to ``cache`` if given.
+
+        ``known`` (default: ``targets_are_next_tokens``): every position but the newest has a known
+        target, the token after it; those enter as clean targets at the last sigma and are cached,
+        and a sampler denoises each row against that prefix alone (text: scoring and generation).
+        Without it (a reasoning task, whose running answers are not in the input) every position
+        is denoised jointly."""
+        known = self.targets_are_next_tokens if known is None else known
+        if cache is None and not known:
+            return JointContext(self._prelude(tokens), tokens.shape[1])
+        start = 0 if cache is None else cache.length
+        cos, sin, mask = self._positions(start, tokens.shape[1], start, False, tokens.device)
+        embedded, prelude_kv = run_clean_layers(self.prelude, self.embedding(tokens), cos, sin,
+                                                None if cache is None else cache.prelude_kv, mask=mask)
+        if cache is not None:
+            embedded = torch.cat([cache.embedded, embedded], 1)
+        context = JointContext(embedded, start + tokens.shape[1], prelude_kv, None if cache is None else cache.core_kv,
+                               None if cache is None else cache.coda_kv, 0 if cache is None else cache.committed)
+        return self._commit(context, tokens if cache is not None else tokens[:, 1:])
+
+    def _prelude(self, tokens: torch.Tensor) -> torch.Tensor:
+        cos, sin, _ = self._positions(0, tokens.shape[1], 0, False, tokens.device)
+        return run_clean_layers(self.prelude, self.embedding(tokens), cos, sin)[0]
+
+    def _commit(self, context: JointContext, targets: torch.Tensor) -> JointContext:
+        """Cache the next targets.shape[1] positions after the committed ones at their clean targets."""
+        count = targets.shape[1]
+        if count == 0:
+            return context
+        start = context.committed
+        sigma = torch.full(targets.shape, self.sigma_last, device=targets.device)
+        cos, sin, mask = self._positions(start, count, start, False, targets.device)
+        pre = precondition(sigma, self.sigma_data)
+        hidden = self._inject(pre.c_in[..., None] * self.targets(targets), context.embedded[:, start:start + count])
+        cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)
+        hidden, core_kv = run_clean_layers(self.core, hidden, cos, sin, context.core_kv, cond, mask)
+        _, coda_kv = run_clean_layers(self.coda, hidden, cos, sin, context.coda_kv, None, mask)
+        return JointContext(context.embedded, context.length, context.prelude_kv, core_kv, coda_kv, start + count)
+
+    @property
+    def sigma_last(self) -> float:
+        """Where the sampler ends, and where known positions sit."""
+        return self.diffusion.grid_sigma_last or self.schedule.sigma_min
+
+    def denoise(self, z: torch.Tensor, sigma, context: JointContext) -> torch.Tensor:
+        """Logits (B, n, V) of the denoiser for the states z (B, n, C) of the context's last n
+        positions, at noise levels ``sigma``: a float, one per sequence (B,), or one per position (B, n).
+        Rows read each other causally; with a known prefix, each row reads the prefix before it
+        and itself only."""
+        batch, length = z.shape[:2]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device)
+        sigma = (sigma[:, None] if sigma.dim() == 1 else sigma).expand(batch, length)
+        pre = precondition(sigma, self.sigma_data)
+        start = context.length - length
+        cos, sin, mask = self._positions(start, length, context.committed, context.committed > 0, z.device)
+        hidden = self._inject(pre.c_in[..., None] * z, context.embedded[:, start:])
+        cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)  # (B, n, C): one condition per row
+        for index, layer in enumerate(self.core):
+            hidden, _ = layer(hidden, cos, sin, cond=cond, mask=mask,
+                              kv_prefix=None if context.core_kv is None else context.core_kv[index])
+        for index, layer in enumerate(self.coda):
+            hidden, _ = layer(hidden, cos, sin, mask=mask,
+                              kv_prefix=None if context.coda_kv is None else context.coda_kv[index])
+        return self.logits_from(hidden)
+
+    def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The training pass: prelude over ``inputs``, ONE denoiser evaluation of every position."""
+        return self.denoise(noisy, sigma, JointContext(self._prelude(inputs), inputs.shape[1]))
+
+    def _rotary(self, length: int, device):
+        return self.rotary(torch.arange(length, device=device))
+
+    def _positions(self, start: int, length: int, cached: int, alone: bool, device):
+        """cos, sin and mask of rows [start, start + length) reading ``cached`` cached keys (those before
+        each row's position) and their own rows: causally, or with ``alone`` each row itself only.
+        mask None (no cache): the plain causal fast path."""
+        queries = torch.arange(start, start + length, device=device)
+        cos, sin = self.rotary(queries)
+        if cached == 0 and start == 0:
+            return cos, sin, None
+        prefix = torch.arange(cached, device=device)
+        own = queries[None, :] == queries[:, None] if alone else causal_mask(queries, queries)
+        return cos, sin, torch.cat([prefix[None, :] < queries[:, None], own], dim=1)
+
+    def _inject(self, state, embedded):
+        state = state.to(embedded.dtype)
+        return self.injection(torch.cat([state, embedded], -1)) if self.injection is not None else state + embedded

@@ -1,0 +1,47 @@
+"""Sequence-joint DiffusionBlocks (loopdb.models.joint): ONE forward/backward pass per step.
+
+Every position's state is its own target embedding noised at a sampled sigma; the denoiser runs
+once over the whole sequence and the loss is the cross-entropy of its logits (unit weight). A
+share ``position_sigma_fraction`` of the sequences draws a sigma per position (diffusion forcing),
+the rest one sigma per sequence, so the network learns both to read neighbours at its own noise
+level and at others'. The training sigmas follow ``sigma_sampling`` over [sigma_min, sigma_max]:
+``loguniform`` covers sigma_max, where every sampler starts, as often as any other octave.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .next_token import mean_cross_entropy, split_batch
+
+
+def training_sigmas(diffusion, schedule, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """(B, T) sigmas: per position for a ``position_sigma_fraction`` share of rows, else one per row."""
+    batch, length = shape
+    if diffusion.sigma_sampling == "loguniform":
+        log_lo, log_hi = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
+        draw = lambda n: torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=generator, dtype=torch.float64)).float()
+    else:
+        draw = lambda n: schedule.sample_sigmas(n, generator)
+    per_sequence = draw(batch)[:, None].expand(batch, length)
+    fraction = diffusion.position_sigma_fraction
+    if fraction <= 0:
+        return per_sequence.contiguous()
+    per_position = draw(batch * length).view(batch, length)
+    independent = torch.rand(batch, generator=generator) < fraction
+    return torch.where(independent[:, None], per_position, per_sequence)
+
+
+class JointDiffusionObjective:
+    """The loss only; what K loops are at inference is loopdb.sampling's JointSampler."""
+
+    def loss(self, model, batch, generator: torch.Generator, step: int = 0):
+        inputs, targets = split_batch(batch)
+        sigma = training_sigmas(model.diffusion, model.schedule, tuple(inputs.shape), generator).to(inputs.device)
+        clean = model.targets(targets.clamp(min=0))  # unscored positions (IGNORE_INDEX) get some target
+        noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
+        noisy = clean + sigma[..., None].to(clean.dtype) * noise
+        cross_entropy = mean_cross_entropy(model(inputs, noisy, sigma), targets)
+        return cross_entropy, {"ce": cross_entropy.detach(), "sigma_median": sigma.median().detach()}
