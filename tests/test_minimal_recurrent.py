@@ -3,11 +3,11 @@ sequence-recurrent model: same parameters, same function given the same weights,
 
 import torch
 
+from loopdb.readouts.scoring import loop_logits
 from loopdb.config import preset
 from loopdb.evaluation.minimal_recurrent import MinimalRecurrentLM, MinimalSettings, task_batch
 from loopdb.families import build_model, check_config
 from loopdb.families.reasoning import ReasoningFeed
-from loopdb.sampling import sampler_of
 from loopdb.tasks import IGNORE_INDEX, get_task
 
 # loopdb's parameter names -> the minimal model's (everything else has the same name)
@@ -54,7 +54,7 @@ def test_minimal_model_computes_loopdbs_function_from_the_same_weights_and_state
     state = torch.randn(3, 12, config.model.d_model)
     with torch.no_grad():
         context = loopdb_model.encode(tokens)
-        expected = sampler_of(loopdb_model).final_logits(loopdb_model, context, state, 3)
+        expected = loop_logits(loopdb_model, context, state, 3)
         embedded = minimal.encode(tokens)
         mine = state
         for _ in range(3):

@@ -22,8 +22,8 @@ import time
 
 import torch
 
+from ..readouts.scoring import initial_noise, loop_logits
 from ..config import preset
-from ..sampling import sampler_of
 from ..training.trainer import Trainer
 from .minimal_recurrent import MinimalSettings, task_scores, train_minimal
 
@@ -45,13 +45,12 @@ def run_loopdb(overrides: dict, steps: int, seconds: float, count: int, preset_n
                 print(f"loopdb step {trainer.step} loss {stats['loss']:.4f}", file=sys.stderr, flush=True)
         elapsed = time.perf_counter() - start
     model = trainer.model.eval()
-    sampler = sampler_of(model)  # what a loop is at inference: the model's own sampler
     generator = torch.Generator().manual_seed(0)
 
     def logits_at(inputs, loops):
         context = model.encode(inputs)
-        state = sampler.initial_state(model, (*inputs.shape, model.config.d_model), loops, generator, inputs.device)
-        return sampler.final_logits(model, context, state, loops, generator)
+        state = initial_noise(model, (*inputs.shape, model.config.d_model), loops, generator, inputs.device)
+        return loop_logits(model, context, state, loops, generator)
 
     return {"updates": trainer.step, "seconds": elapsed, "parameters": model.num_parameters(),
             "scores": task_scores(logits_at, config.train.task, DIFFICULTIES, count, LOOPS)}
