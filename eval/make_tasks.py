@@ -4,7 +4,7 @@
     python eval/make_tasks.py --check    # exit 1 if the committed files differ from a fresh build
 
 The text is the test split of the default corpus exactly as `loopdb prepare` reads it
-(``loopdb.data.default_corpus_files()`` filtered by ``loopdb.data.TEST_DOCUMENTS``), so no
+(``loopdb.data.corpus.default_corpus_files()`` filtered by ``loopdb.data.corpus.TEST_DOCUMENTS``), so no
 line of it was seen in training. Everything is deterministic (fixed seeds, no set or dict
 iteration order involved), so the files can be rebuilt and compared byte for byte.
 
@@ -39,11 +39,11 @@ SPEAKER = re.compile(r"[A-Z][A-Z ,'\-]*\.")
 def test_play_text() -> str:
     """The test split's text, exactly as `loopdb prepare` builds it (UTF-8, newline-terminated documents)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-    from loopdb import data
+    from loopdb.data.corpus import TEST_DOCUMENTS, default_corpus_files
 
-    files = {path.stem: path for path in data.default_corpus_files()}
+    files = {path.stem: path for path in default_corpus_files()}
     texts = []
-    for name in sorted(data.TEST_DOCUMENTS):
+    for name in sorted(TEST_DOCUMENTS):
         text = files[name].read_bytes().decode("utf-8")
         texts.append(text if text.endswith("\n") else text + "\n")
     return "".join(texts)

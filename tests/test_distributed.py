@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SMALL_RUN, torchrun
-from loopdb.cli import parse_overrides
+from loopdb.cli.args import parse_overrides
 from loopdb.config import preset
 from loopdb.families import check_config, family_of
 from loopdb.runs.checkpoint import DISTRIBUTED, WEIGHTS, checkpoint_name, load_trainer_state
@@ -166,14 +166,14 @@ def test_a_family_that_says_it_trains_every_parameter_does(name, objective, data
     gradient would then stop the run, so the word is checked here over several steps."""
     config = preset(name).apply_overrides(parse_overrides([*SMALL_RUN, f"--objective={objective}"]))
     family = family_of(config)
-    task = family.task(config, None if family.commands == "images" else data_dir)
+    feed = family.feed(config, None if family.commands == "images" else data_dir)
     config = check_config(config)
     assert family.trains_every_parameter(config)
     torch.manual_seed(0)
     model = family.build(config)
     for step in range(4):
         generator = step_generator(0, step)
-        loss, _ = family.objective(config).loss(model, task.batch(generator, torch.device("cpu")), generator, step)
+        loss, _ = family.objective(config).loss(model, feed.batch(generator, torch.device("cpu")), generator, step)
         loss.backward()
         idle = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not idle, idle

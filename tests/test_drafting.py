@@ -192,13 +192,13 @@ def test_cli_scores_block_elbo_benches_decoding_and_samples_speculatively(draft_
 
 
 def test_lm_eval_readout_anchor_scores_with_the_anchor_head(draft_run, data_dir):
-    from loopdb import data
-    from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.data.storage import load_tokens
+    from loopdb.evaluation.lm_eval_model import LoopDBLM
     from loopdb.runs.folder import load_model
 
     lm = LoopDBLM(run=str(draft_run), readout="anchor", num_loops=4)
     model, _ = load_model(draft_run)
-    tokens = data.load_tokens(data_dir, "test")[:12].tolist()
+    tokens = load_tokens(data_dir, "test")[:12].tolist()
     (logprob, _), = lm.score_windows([(tokens, 11)])
     with torch.no_grad():
         dense = torch.log_softmax(model.dense_logits(model.encode(torch.tensor([tokens[:-1]]))), -1)
@@ -259,7 +259,7 @@ def test_likelihood_logits_add_the_exact_gaussian_evidence_of_each_slot():
 
 def test_study_scores_the_anchor_once_and_the_block_elbo_per_loop_count(draft_run):
     """score_member (compare, study): block_elbo per K, the anchor head at K=1 only (K changes nothing)."""
-    from loopdb.evaluation.compare import score_member
+    from loopdb.evaluation.members import score_member
 
     bounds = score_member(draft_run, (1, 2), 1, 2, 0, readout="block_elbo")
     assert set(bounds) == {"1", "2"} and all(0 < v < 50 for v in bounds.values())

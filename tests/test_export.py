@@ -69,9 +69,9 @@ def load_pair(runs, objective, **overrides):
 
 
 def play_windows(data_dir, rows, length, start=0):
-    from loopdb import data
+    from loopdb.data.storage import load_tokens
 
-    tokens = torch.as_tensor(data.load_tokens(data_dir, "test")[start:start + rows * length].astype("int64"))
+    tokens = torch.as_tensor(load_tokens(data_dir, "test")[start:start + rows * length].astype("int64"))
     return tokens.view(rows, length)
 
 
@@ -286,15 +286,15 @@ def test_a_task_run_exports_with_its_word_tokenizer(depth_run, num_loops, capsys
     """depth-tiny: logits as loopdb's scoring readout, greedy tokens as `loopdb sample`, words as the task's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loopdb import data
     from loopdb.cli import main
+    from loopdb.data.storage import load_tokenizer
     from loopdb.readouts import scoring
     from loopdb.runs.folder import load_model, run_data_dir
 
     run, out = depth_run
     model = load_model(run)[0]
     exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    tokenizer, words = AutoTokenizer.from_pretrained(out), data.load_tokenizer(run_data_dir(run))
+    tokenizer, words = AutoTokenizer.from_pretrained(out), load_tokenizer(run_data_dir(run))
     prompt = " 201 120 012 210\n 021 102"
     assert tokenizer.encode(prompt, add_special_tokens=False) == words.encode(prompt)
     inputs = torch.tensor([words.encode(prompt)] * 2)
@@ -311,7 +311,7 @@ def test_a_task_run_exports_with_its_word_tokenizer(depth_run, num_loops, capsys
 
 
 def test_a_character_tokenizer_converts(tmp_path):
-    from loopdb.data import CharTokenizer
+    from loopdb.data.tokenizers import CharTokenizer
     from loopdb.export.tokenizer import char_tokenizer
 
     ours = CharTokenizer("\nab c!\u00e9")
@@ -341,11 +341,11 @@ def test_bfloat16_weights_run_with_float32_sampler_states(runs, data_dir, object
 def test_the_tokenizer_encodes_the_play_as_loopdbs(runs, data_dir):
     from transformers import AutoTokenizer
 
-    from loopdb import data
+    from loopdb.data.storage import load_tokenizer, load_tokens
 
-    ours = data.load_tokenizer(data_dir)
+    ours = load_tokenizer(data_dir)
     theirs = AutoTokenizer.from_pretrained(runs["dense"][1])
-    text = ours.decode(data.load_tokens(data_dir, "test")[:6000])
+    text = ours.decode(load_tokens(data_dir, "test")[:6000])
     for sample in [text, "Hello  world,\n\tthe 1234 end.", "   x\t\ty  ", "é ü 日本 \U0001F600", "\n\nA"]:
         assert theirs.encode(sample, add_special_tokens=False) == ours.encode(sample)
         assert theirs.decode(ours.encode(sample), skip_special_tokens=False) == sample
@@ -433,7 +433,7 @@ def _lm_eval(model, model_args, tasks, limit):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    import loopdb.evaluation.harness  # noqa: F401  (registers the loopdb model)
+    import loopdb.evaluation.lm_eval_model  # noqa: F401  (registers the loopdb model)
 
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)
     results = simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=manager, limit=limit,

@@ -1,4 +1,5 @@
-"""loopdb as an lm-evaluation-harness model (loopdb.harness) and `loopdb eval`.
+"""loopdb as an lm-evaluation-harness model (loopdb.evaluation.lm_eval_model) and `loopdb eval`
+(loopdb.evaluation.lm_eval_sweep).
 
 Everything runs offline: the Hugging Face caches point into a temporary folder, the hub is
 switched off, and every task is local (eval/tasks or a folder made here).
@@ -24,7 +25,6 @@ CONTEXT = 16  # tiny_model's window
 @pytest.fixture(scope="module", autouse=True)
 def offline_hf(tmp_path_factory):
     """HF caches in a temp folder and the hub off, set before lm_eval / datasets are first imported."""
-    pytest.importorskip("lm_eval")
     home = tmp_path_factory.mktemp("hf")
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {"HF_HOME": home, "HF_DATASETS_CACHE": home / "datasets", "HF_HUB_OFFLINE": "1",
@@ -35,14 +35,14 @@ def offline_hf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(data_dir):
-    from loopdb import data
+    from loopdb.data.storage import load_tokenizer
 
-    return data.load_tokenizer(data_dir)
+    return load_tokenizer(data_dir)
 
 
 @pytest.fixture(scope="module")
 def tiny_lm(tokenizer):
-    from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.evaluation.lm_eval_model import LoopDBLM
 
     return LoopDBLM(model=tiny_model(vocab_size=tokenizer.vocab_size), tokenizer=tokenizer, num_loops=2, samples=3,
                     seed=7, batch_size=4)
@@ -67,10 +67,10 @@ def instance(kind, args):
 
 
 def play_text(data_dir, split="test", chars=3000) -> str:
-    from loopdb import data
+    from loopdb.data.storage import load_tokenizer, load_tokens
 
-    tokens = data.load_tokens(data_dir, split)
-    return data.load_tokenizer(data_dir).decode(tokens[:2000])[:chars]
+    tokens = load_tokens(data_dir, split)
+    return load_tokenizer(data_dir).decode(tokens[:2000])[:chars]
 
 
 # -- the model class ------------------------------------------------------------------------------
@@ -78,13 +78,8 @@ def play_text(data_dir, split="test", chars=3000) -> str:
 def test_batched_and_unbatched_loglikelihood_agree(tiny_lm, tokenizer, data_dir, solver):
     """Also for a sampler that draws along the way (ancestral steps), where rows must not share draws."""
     if solver != "euler":
-        from loopdb.config import ConfigError, preset
-        from loopdb.evaluation.harness import LoopDBLM
+        from loopdb.evaluation.lm_eval_model import LoopDBLM
 
-        try:
-            preset("tiny").apply_overrides({"solver": solver}).validate()
-        except ConfigError:
-            pytest.skip(f"no {solver} solver in this loopdb")
         tiny_lm = LoopDBLM(model=tiny_model(vocab_size=tokenizer.vocab_size, solver=solver), tokenizer=tokenizer,
                            num_loops=2, samples=3, seed=7, batch_size=4)
     text = play_text(data_dir)
@@ -113,7 +108,7 @@ def test_batched_and_unbatched_loglikelihood_agree(tiny_lm, tokenizer, data_dir,
 
 def test_is_greedy_and_left_truncation(tiny_lm):
     from loopdb.readouts import scoring as engine
-    from loopdb.evaluation.harness import window_seed
+    from loopdb.evaluation.lm_eval_model import window_seed
 
     context = list(range(10, 60))  # 50 tokens, longer than the 16-token window
     # the argmax continuation of the predictive distribution is greedy, another token is not
@@ -132,7 +127,7 @@ def test_is_greedy_and_left_truncation(tiny_lm):
 
 def test_rolling_loglikelihood_is_the_sum_over_its_windows(tiny_lm, data_dir):
     from loopdb.readouts import scoring as engine
-    from loopdb.evaluation.harness import window_seed
+    from loopdb.evaluation.lm_eval_model import window_seed
 
     text = play_text(data_dir, chars=600)
     tokens = tiny_lm.tok_encode(text)
@@ -180,7 +175,7 @@ def test_batched_generate_until_equals_one_request_at_a_time(tiny_lm):
 
 def test_readout_model_arg_scores_under_that_readout(tokenizer):
     from loopdb.readouts import scoring as engine
-    from loopdb.evaluation.harness import LoopDBLM, window_seed
+    from loopdb.evaluation.lm_eval_model import LoopDBLM, window_seed
 
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     context, continuation = [5, 9, 17, 3, 40], [11, 12, 13]
@@ -196,7 +191,7 @@ def test_readout_model_arg_scores_under_that_readout(tokenizer):
 
 
 def test_bad_model_args_are_clear(tokenizer):
-    from loopdb.evaluation.harness import LoopDBLM
+    from loopdb.evaluation.lm_eval_model import LoopDBLM
 
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     with pytest.raises(ValueError, match="readout='median' is not available; choose one of predictive, last"):
@@ -209,15 +204,13 @@ def test_bad_model_args_are_clear(tokenizer):
 
 def test_every_objective_runs_through_the_same_adapter(tokenizer):
     """One adapter for every family the engine serves (DiffusionBlocks, BPTT, dense)."""
-    objectives = pytest.importorskip("loopdb.objectives.next_token")
-    if not hasattr(objectives, "make_objective"):
-        pytest.skip("this loopdb has a single model family")
     from loopdb.config import DiffusionConfig, ModelConfig, preset
-    from loopdb.evaluation.harness import LoopDBLM
-    from loopdb.sampling import OBJECTIVE_LOOPS
+    from loopdb.evaluation.lm_eval_model import LoopDBLM
     from loopdb.models.looped import LoopedLM
+    from loopdb.names import OBJECTIVES
+    from loopdb.sampling import OBJECTIVE_LOOPS
 
-    for name in objectives.OBJECTIVES:
+    for name in OBJECTIVES:
         train = preset("tiny").apply_overrides({"objective": name, "mean_depth": "3"}).train
         config = ModelConfig(vocab_size=tokenizer.vocab_size, context=CONTEXT, d_model=32, n_heads=4, n_prelude=1,
                              n_core=1, n_coda=1)
@@ -241,24 +234,25 @@ def write_single_document_task(folder: Path, text: str) -> Path:
 
 def test_harness_bits_per_byte_equals_loopdb_score(tiny_lm, data_dir, tmp_path, monkeypatch):
     """Exact by construction: `loopdb score` scores windows of T+1 tokens (eval_windows) with
-    loopdb.engine.bits_per_byte; the harness's rolling windows after the newline prefix are the
+    loopdb.readouts.scoring.bits_per_byte; the harness's rolling windows after the newline prefix are the
     same windows when the passage starts after a newline and has a multiple of T tokens. With
     each window's noise seeded the same way (window_seed), both are the same computation, so
     they agree to float rounding (float32 logits summed in a different order: 1e-6 relative)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from loopdb import data
+    from loopdb.data.storage import load_tokens
+    from loopdb.data.windows import eval_windows
     from loopdb.readouts import scoring as engine
-    from loopdb.evaluation.harness import window_seed
+    from loopdb.evaluation.lm_eval_model import window_seed
 
     tokenizer = tiny_lm.tok
-    test_tokens = [int(t) for t in data.load_tokens(data_dir, "test")[:3000]]
+    test_tokens = [int(t) for t in load_tokens(data_dir, "test")[:3000]]
     start = next(i for i in range(200, 3000) if test_tokens[i] == tokenizer.newline_id)
     passage_tokens = test_tokens[start + 1:start + 1 + 5 * CONTEXT]
     text = tokenizer.decode(passage_tokens)
     assert tokenizer.encode(text) == passage_tokens
-    windows = data.eval_windows(torch.tensor([tokenizer.newline_id] + passage_tokens), CONTEXT)
+    windows = eval_windows(torch.tensor([tokenizer.newline_id] + passage_tokens), CONTEXT)
     assert [(w.tolist(), CONTEXT) for w in windows] == tiny_lm.rolling_windows(passage_tokens)
 
     token_bytes = torch.as_tensor(tokenizer.token_bytes)
@@ -286,7 +280,7 @@ def test_simple_evaluate_on_the_shipped_tasks_from_another_cwd(tiny_run, tmp_pat
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    import loopdb.evaluation.harness  # noqa: F401  (registers "loopdb")
+    import loopdb.evaluation.lm_eval_model  # noqa: F401  (registers "loopdb")
 
     monkeypatch.chdir(tmp_path)
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)
@@ -322,11 +316,11 @@ def test_task_data_is_reproducible():
         import make_tasks
     finally:
         sys.path.remove(str(ROOT / "eval"))
-    from loopdb import data
+    from loopdb.errors import DataError
 
     try:
         built = make_tasks.build()
-    except data.DataError:
+    except DataError:
         pytest.skip("the default corpus is not installed")
     folder = TASKS / "shakespeare"
     for name, content in built.items():
@@ -398,8 +392,9 @@ def test_cli_eval_user_errors_are_one_line_exit_2(tiny_run, tmp_path, capsys, mo
     # lm-eval not installed: say how to get it
     for name in [name for name in sys.modules if name == "lm_eval" or name.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "loopdb.evaluation.harness", raising=False)
-    monkeypatch.delattr(sys.modules["loopdb.evaluation"], "harness", raising=False)
+    for module in ("lm_eval_model", "lm_eval_sweep"):
+        monkeypatch.delitem(sys.modules, f"loopdb.evaluation.{module}", raising=False)
+        monkeypatch.delattr(sys.modules["loopdb.evaluation"], module, raising=False)
     code, _, err = run_cli(capsys, "eval", tiny_run, "--tasks", "shakespeare_bpb", "--output", output)
     assert code == 2 and 'pip install -e ".[eval]"' in err and len(err.strip().splitlines()) == 1
     assert not output.exists()

@@ -2,6 +2,8 @@
 command line, and the trainer names no model family."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "loopdb"
@@ -58,3 +60,12 @@ def test_the_trainer_names_no_family():
     source = (ROOT / "training" / "trainer.py").read_text()
     for name in ("family ==", '"stacked"', '"looped"', '"mdm"', '"vit"', '"dit"', "HostOffload", "models."):
         assert name not in source, name
+
+
+def test_the_command_line_starts_without_torch():
+    """`loopdb prepare` and `--help` never pay for importing torch: the command modules import
+    what their command runs when it runs."""
+    code = "import sys, loopdb.cli; loopdb.cli.build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=ROOT.parent, env={"PYTHONPATH": str(ROOT.parent), "PATH": ""})
+    assert result.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""The masked diffusion LM (loopdb.masked, METHOD 3.3): ELBO, partition, block locality, sampler, CLI."""
+"""The masked diffusion LM (loopdb.models.masked, objectives.masked, readouts.masked; METHOD 3.3): ELBO, partition, block locality, sampler, CLI."""
 
 import json
 import math
@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from conftest import assert_only_block_has_gradients
-from loopdb import data
+from loopdb.data.preparation import prepare
+from loopdb.data.storage import CHAR_TOKENIZER_FILE, META_FILE, SPLITS, load_tokenizer, load_tokens
+from loopdb.data.tokenizers import CharTokenizer
+from loopdb.data.windows import eval_windows
+from loopdb.errors import DataError
 from loopdb.maths.partition import BlockPartition, time_boundaries
 from loopdb.models import masked as masked_model
 from loopdb.objectives import masked as masked_objectives
@@ -205,26 +209,26 @@ def test_char_tokenizer_round_trips_and_counts_bytes(tmp_path):
     texts = {"a.txt": "First line.\nSecond, é!\n\n", "b.txt": "Third\tpart\n\n", "c.txt": "zz~ end\n"}
     for name, text in texts.items():
         (tmp_path / name).write_text(text)
-    meta = data.prepare(tmp_path / "out", corpus=[tmp_path / n for n in texts], tokenizer="char",
-                        show_progress=False)
-    tokenizer = data.load_tokenizer(tmp_path / "out")
+    meta = prepare(tmp_path / "out", corpus=[tmp_path / n for n in texts], tokenizer="char",
+                   show_progress=False)
+    tokenizer = load_tokenizer(tmp_path / "out")
     written = {p.name for p in (tmp_path / "out").iterdir()}
-    assert written == {data.META_FILE, data.CHAR_TOKENIZER_FILE} | {f"{split}-00000.bin" for split in data.SPLITS}
-    assert isinstance(tokenizer, data.CharTokenizer) and meta["vocab_size"] == tokenizer.vocab_size
+    assert written == {META_FILE, CHAR_TOKENIZER_FILE} | {f"{split}-00000.bin" for split in SPLITS}
+    assert isinstance(tokenizer, CharTokenizer) and meta["vocab_size"] == tokenizer.vocab_size
     assert tokenizer.vocab_size == len(set("".join(texts.values())))
-    for split in data.SPLITS:
-        ids = data.load_tokens(tmp_path / "out", split)
+    for split in SPLITS:
+        ids = load_tokens(tmp_path / "out", split)
         assert meta["splits"][split]["tokens"] == len(tokenizer.decode(ids))  # one id per character
         assert int(tokenizer.token_bytes[np.asarray(ids)].sum()) == meta["splits"][split]["bytes"]
     text = "".join(texts.values())
     assert tokenizer.decode(tokenizer.encode(text)) == text
-    with pytest.raises(data.DataError, match="alphabet"):
+    with pytest.raises(DataError, match="alphabet"):
         tokenizer.encode("Q")
 
 
 def test_tiled_windows_score_every_token_once():
     tokens = np.arange(50, dtype=np.uint16)
-    windows = data.eval_windows(tokens, 16, overlap=0)
+    windows = eval_windows(tokens, 16, overlap=0)
     assert torch.equal(torch.cat(windows), torch.arange(50))
     assert [len(w) for w in windows] == [16, 16, 16, 2]
 

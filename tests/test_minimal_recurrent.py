@@ -7,7 +7,7 @@ from loopdb.readouts.scoring import loop_logits
 from loopdb.config import preset
 from loopdb.evaluation.minimal_recurrent import MinimalRecurrentLM, MinimalSettings, task_batch
 from loopdb.families import build_model, check_config
-from loopdb.families.reasoning import ReasoningTask
+from loopdb.families.reasoning import ReasoningFeed
 from loopdb.tasks import IGNORE_INDEX, get_task
 
 # loopdb's parameter names -> the minimal model's (everything else has the same name)
@@ -16,7 +16,7 @@ RENAMES = {"injection.": "adapter.", "attn.proj.": "attn.out.", "mlp.fc.": "mlp.
 
 def depth_tiny():
     config = preset("depth-tiny")
-    ReasoningTask(config)  # fills in the task's vocabulary
+    ReasoningFeed(config)  # fills in the task's vocabulary
     return check_config(config)
 
 
@@ -65,7 +65,7 @@ def test_minimal_model_computes_loopdbs_function_from_the_same_weights_and_state
 
 def test_both_sides_train_on_the_same_task_layout():
     config = depth_tiny()
-    loopdb_batch = ReasoningTask(config).batch(torch.Generator().manual_seed(0), "cpu")
+    loopdb_batch = ReasoningFeed(config).batch(torch.Generator().manual_seed(0), "cpu")
     inputs, targets = task_batch(get_task("s3"), 12, config.train.batch_size, torch.Generator().manual_seed(0))
     assert loopdb_batch["inputs"].shape == inputs.shape == (config.train.batch_size, 12)
     assert loopdb_batch["targets"].shape == targets.shape

@@ -17,7 +17,7 @@ from loopdb.models.recurrent import RecurrentDepthLM
 from loopdb.objectives.next_token import (IGNORE_INDEX, BPTTObjective, OuroObjective, exit_distribution,
                                           make_objective, token_cross_entropy)
 from loopdb.readouts import generation
-from loopdb.readouts.tasks import loop_with_exit
+from loopdb.readouts.reasoning import loop_with_exit
 from loopdb.errors import ConfigError, UsageError
 
 VOCAB = 16
@@ -214,7 +214,6 @@ def test_a_task_run_trains_scores_per_difficulty_and_evaluates_through_lm_eval(t
     assert "exit gate" in capsys.readouterr().err
     assert main(["sample", str(run), "--prompt", " 012 120", "--max-new-tokens", "1", "--loops", "2"]) == 0
     assert capsys.readouterr().out.startswith(" 012 120")
-    pytest.importorskip("lm_eval")
     from loopdb.tasks import get_task, write_task_folder
 
     folder = tmp_path / "heldout"

@@ -265,7 +265,7 @@ def test_a_model_holding_one_block_has_that_block_as_the_full_model_has_it():
 def test_block_parallel_on_two_processes_equals_training_the_blocks_one_after_another(capsys, data_dir, tmp_path):
     """Shared parameters frozen (train_shared=false), so each block's trajectory depends on itself only."""
     from loopdb.runs.folder import load_model
-    from loopdb.cli import parse_overrides
+    from loopdb.cli.args import parse_overrides
     from loopdb.config import preset
     from loopdb.training.trainer import Trainer
 

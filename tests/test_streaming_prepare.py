@@ -11,10 +11,14 @@ import pytest
 import torch
 
 from conftest import small_config
-from loopdb import data
+from loopdb.data import preparation
+from loopdb.data.corpus import scan_corpus, split_documents
+from loopdb.data.preparation import prepare
+from loopdb.data.storage import SPLITS, load_meta, load_tokenizer, load_tokens, task_data_dir
+from loopdb.data.windows import eval_windows, sample_windows
 from loopdb.cli import main
-from loopdb.data import DataError
-from loopdb.families.text import TextTask
+from loopdb.errors import DataError
+from loopdb.families.text import TextFeed
 from loopdb.shards import ShardedTokens
 from test_data import VOCAB, _document
 
@@ -43,7 +47,7 @@ def _split_text(corpus, meta, split) -> str:
 
 
 def _token_bytes(folder, split) -> bytes:
-    meta = data.load_meta(folder)
+    meta = load_meta(folder)
     return b"".join((folder / shard["file"]).read_bytes() for shard in meta["splits"][split]["shards"])
 
 
@@ -51,20 +55,20 @@ def _token_bytes(folder, split) -> bytes:
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("streaming")
     corpus = _write_corpus(root / "corpus")
-    whole = data.prepare(root / "whole", corpus=[corpus], vocab_size=VOCAB, show_progress=False, **WHOLE)
-    streamed = data.prepare(root / "streamed", corpus=[corpus], vocab_size=VOCAB, show_progress=False, **STREAMED)
+    whole = prepare(root / "whole", corpus=[corpus], vocab_size=VOCAB, show_progress=False, **WHOLE)
+    streamed = prepare(root / "streamed", corpus=[corpus], vocab_size=VOCAB, show_progress=False, **STREAMED)
     return corpus, root, whole, streamed
 
 
 def test_chunks_shards_and_workers_change_no_token(prepared, tmp_path, capfd):
     corpus, root, whole, streamed = prepared
-    again = data.prepare(tmp_path / "again", corpus=[corpus], vocab_size=VOCAB, show_progress=True, **STREAMED)
+    again = prepare(tmp_path / "again", corpus=[corpus], vocab_size=VOCAB, show_progress=True, **STREAMED)
     err = capfd.readouterr().err
     chunks = int(re.search(r"encoding (\d+) chunks with 2 worker", err).group(1))
-    total = sum(streamed["splits"][s]["bytes"] for s in data.SPLITS)
+    total = sum(streamed["splits"][s]["bytes"] for s in SPLITS)
     assert total > 800_000 and chunks >= total / 20_100  # a chunk: at most 20 kB, or one cut plus a line
     assert re.search(r"encode: 100%.*B/s", err)  # the progress bar reports throughput
-    for split in data.SPLITS:
+    for split in SPLITS:
         shards = streamed["splits"][split]["shards"]
         assert len(whole["splits"][split]["shards"]) == 1
         assert all(shard["tokens"] == 5000 for shard in shards[:-1]) and 0 < shards[-1]["tokens"] <= 5000
@@ -74,7 +78,7 @@ def test_chunks_shards_and_workers_change_no_token(prepared, tmp_path, capfd):
 
     def without_shards(meta):
         return {**meta, "splits": {s: {k: v for k, v in meta["splits"][s].items() if k != "shards"}
-                                   for s in data.SPLITS}}
+                                   for s in SPLITS}}
 
     assert without_shards(streamed) == without_shards(whole)
     # same corpus, same settings: the same files, byte for byte
@@ -87,14 +91,14 @@ def test_chunks_shards_and_workers_change_no_token(prepared, tmp_path, capfd):
 
 def test_shards_decode_to_the_split_text(prepared):
     corpus, root, _, streamed = prepared
-    tokenizer = data.load_tokenizer(root / "streamed")
-    for split in data.SPLITS:
-        tokens = data.load_tokens(root / "streamed", split)
+    tokenizer = load_tokenizer(root / "streamed")
+    for split in SPLITS:
+        tokens = load_tokens(root / "streamed", split)
         text = _split_text(corpus, streamed, split)
         assert tokenizer.decode(tokens) == text
         assert int(tokenizer.token_bytes[np.asarray(tokens)].sum()) == streamed["splits"][split]["bytes"] \
             == len(text.encode("utf-8"))
-    every = sorted(n for s in data.SPLITS for n in streamed["splits"][s]["documents"])
+    every = sorted(n for s in SPLITS for n in streamed["splits"][s]["documents"])
     assert every == sorted(p.name for p in corpus.iterdir())
 
 
@@ -102,15 +106,15 @@ def test_a_worker_encodes_its_chunk_in_line_batches_to_the_same_ids(prepared, mo
     corpus, root, _, _ = prepared
     model, path = (root / "whole" / "tokenizer.model").read_bytes(), corpus / "crlf.txt"
     task = ((str(path), 0, path.stat().st_size, False),)
-    whole = data._ChunkEncoder("bpe", model, "uint16")(task)
-    assert whole.tolist() == data.load_tokenizer(root / "whole").encode(path.read_bytes().decode("utf-8"))
-    monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 500)  # ~50 batches instead of one
-    assert np.array_equal(data._ChunkEncoder("bpe", model, "uint16")(task), whole)
+    whole = preparation._ChunkEncoder("bpe", model, "uint16")(task)
+    assert whole.tolist() == load_tokenizer(root / "whole").encode(path.read_bytes().decode("utf-8"))
+    monkeypatch.setattr(preparation, "ENCODE_BATCH_CHARS", 500)  # ~50 batches instead of one
+    assert np.array_equal(preparation._ChunkEncoder("bpe", model, "uint16")(task), whole)
 
 
 def test_readers_see_the_shards_as_one_split(prepared):
     _, root, _, _ = prepared
-    sharded, single = data.load_tokens(root / "streamed", "train"), data.load_tokens(root / "whole", "train")
+    sharded, single = load_tokens(root / "streamed", "train"), load_tokens(root / "whole", "train")
     assert isinstance(sharded, ShardedTokens) and isinstance(single, np.memmap)
     assert len(sharded) == len(single) and sharded.dtype == single.dtype == np.uint16
     assert np.array_equal(np.asarray(sharded), single)
@@ -118,11 +122,11 @@ def test_readers_see_the_shards_as_one_split(prepared):
         assert np.array_equal(sharded[start:stop], single[start:stop])  # across shard boundaries
     index = np.array([[0, 4999, 5000], [len(single) - 1, 12345, 7]])
     assert np.array_equal(sharded[index], single[index])
-    seeded = [data.sample_windows(tokens, 256, 257, torch.Generator().manual_seed(11)) for tokens in (sharded, single)]
+    seeded = [sample_windows(tokens, 256, 257, torch.Generator().manual_seed(11)) for tokens in (sharded, single)]
     assert torch.equal(*seeded)
-    assert [w.tolist() for w in data.eval_windows(sharded, 300)] == [w.tolist() for w in data.eval_windows(single, 300)]
+    assert [w.tolist() for w in eval_windows(sharded, 300)] == [w.tolist() for w in eval_windows(single, 300)]
     # the trainer's batches: the same windows from either folder
-    tasks = [TextTask(small_config(), root / name) for name in ("streamed", "whole")]
+    tasks = [TextFeed(small_config(), root / name) for name in ("streamed", "whole")]
     batches = [task.batch(torch.Generator().manual_seed(3), "cpu") for task in tasks]
     assert torch.equal(*batches)
     # the seeded windows above: some of them ran across a shard boundary
@@ -149,18 +153,18 @@ def test_sharded_tokens_index_like_an_array():
 def test_tokenizer_trains_on_a_bounded_sample_spread_over_the_split(prepared, tmp_path):
     corpus, root, whole, _ = prepared
     cap_mb = 0.1
-    meta = data.prepare(tmp_path / "sampled", corpus=[corpus], vocab_size=VOCAB, show_progress=False,
-                        tokenizer_sample_mb=cap_mb, **STREAMED)
+    meta = prepare(tmp_path / "sampled", corpus=[corpus], vocab_size=VOCAB, show_progress=False,
+                   tokenizer_sample_mb=cap_mb, **STREAMED)
     sample = meta["tokenizer_sample"]
     assert not sample["whole_train_split"] and sample["cap_mb"] == cap_mb and sample["pieces"] == 6
     assert 0.8 * cap_mb * 1e6 < sample["bytes"] <= cap_mb * 1e6 < whole["splits"]["train"]["bytes"]
-    for split in data.SPLITS:  # the same split, another tokenizer
+    for split in SPLITS:  # the same split, another tokenizer
         assert [meta["splits"][split][key] for key in ("documents", "bytes")] == \
             [whole["splits"][split][key] for key in ("documents", "bytes")]
     # the sampled lines are whole lines of the train split, from its first to its last documents
-    _, docs = data._scan_corpus([corpus], lambda message: None, None)
-    train = data._split_documents(docs, default_corpus=False)["train"]
-    lines, record = data._tokenizer_sample(train, int(cap_mb * 1e6))
+    _, docs = scan_corpus([corpus], lambda message: None, None)
+    train = split_documents(docs, default_corpus=False)["train"]
+    lines, record = preparation._tokenizer_sample(train, int(cap_mb * 1e6))
     where = {}
     for index, piece in enumerate(train):
         for line in _document_text(corpus, piece.name).split("\n"):
@@ -170,7 +174,7 @@ def test_tokenizer_trains_on_a_bounded_sample_spread_over_the_split(prepared, tm
         assert line in where, line
         documents |= where[line]
     assert record["bytes"] == sample["bytes"]
-    ends = data._piece_offsets(train)[1:]
+    ends = preparation._piece_offsets(train)[1:]
     assert 0 in documents and len(documents) >= 6
     assert max(ends[d] for d in documents) > 0.8 * ends[-1]  # evenly spaced, not the head of the split
 
@@ -189,12 +193,12 @@ def _many_characters(folder, count):
 def test_vocabularies_above_65535_are_stored_as_uint32(tmp_path, tokenizer, vocab_size):
     corpus, text = _many_characters(tmp_path / "corpus", 67_000)
     kwargs = {"vocab_size": vocab_size} if vocab_size else {}
-    meta = data.prepare(tmp_path / "out", corpus=[corpus], tokenizer=tokenizer, show_progress=False,
-                        shard_mb=0.1, chunk_mb=0.05, **kwargs)
+    meta = prepare(tmp_path / "out", corpus=[corpus], tokenizer=tokenizer, show_progress=False,
+                   shard_mb=0.1, chunk_mb=0.05, **kwargs)
     assert meta["vocab_size"] == (67_001 if tokenizer == "char" else 67_300) and meta["dtype"] == "uint32"  # + "\n"
-    tok = data.load_tokenizer(tmp_path / "out")
-    for split in data.SPLITS:
-        tokens = data.load_tokens(tmp_path / "out", split)
+    tok = load_tokenizer(tmp_path / "out")
+    for split in SPLITS:
+        tokens = load_tokens(tmp_path / "out", split)
         assert tokens.dtype == np.uint32 and len(meta["splits"][split]["shards"]) > 1
         assert sum((tmp_path / "out" / s["file"]).stat().st_size for s in meta["splits"][split]["shards"]) \
             == 4 * len(tokens)
@@ -212,7 +216,7 @@ def _as_format_1(source, target):
     target.mkdir()
     meta = json.loads((source / "meta.json").read_text())
     (target / "tokenizer.model").write_bytes((source / "tokenizer.model").read_bytes())
-    for split in data.SPLITS:
+    for split in SPLITS:
         (target / f"{split}.bin").write_bytes(_token_bytes(source, split))
         del meta["splits"][split]["shards"]
     meta.pop("tokenizer_sample")
@@ -224,15 +228,15 @@ def _as_format_1(source, target):
 def test_format_1_folders_still_load(prepared, tmp_path):
     _, root, _, _ = prepared
     old = _as_format_1(root / "streamed", tmp_path / "old")
-    for split in data.SPLITS:
-        tokens = data.load_tokens(old, split)
+    for split in SPLITS:
+        tokens = load_tokens(old, split)
         assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
-        assert np.array_equal(tokens, np.asarray(data.load_tokens(root / "streamed", split)))
-    batches = [TextTask(small_config(), folder).batch(torch.Generator().manual_seed(1), "cpu")
+        assert np.array_equal(tokens, np.asarray(load_tokens(root / "streamed", split)))
+    batches = [TextFeed(small_config(), folder).batch(torch.Generator().manual_seed(1), "cpu")
                for folder in (old, root / "whole")]
     assert torch.equal(*batches)
     # re-preparing into an old folder replaces it (its files count as a prepared dataset)
-    data.prepare(old, corpus=[root / "corpus"], vocab_size=VOCAB, show_progress=False, **WHOLE)
+    prepare(old, corpus=[root / "corpus"], vocab_size=VOCAB, show_progress=False, **WHOLE)
     assert sorted(p.name for p in old.iterdir()) == sorted(p.name for p in (root / "whole").iterdir())
 
 
@@ -242,18 +246,18 @@ def test_damaged_folders_are_one_line_errors(prepared, tmp_path):
     with open(old / "val.bin", "r+b") as f:
         f.truncate(10)
     with pytest.raises(DataError, match=r"val\.bin has 10 bytes but meta.json says \d+ uint16 tokens; rerun"):
-        data.load_tokens(old, "val")
+        load_tokens(old, "val")
     meta = json.loads((old / "meta.json").read_text())
     (old / "meta.json").write_text(json.dumps({**meta, "format": 7}))
     with pytest.raises(DataError, match="is not dataset format 1 or 2; rerun"):
-        data.load_tokens(old, "val")
+        load_tokens(old, "val")
     missing = tmp_path / "missing"
     missing.mkdir()
     for path in (root / "streamed").iterdir():
         if path.name != "train-00003.bin":
             (missing / path.name).write_bytes(path.read_bytes())
     with pytest.raises(DataError, match=r"train-00003\.bin is missing; rerun"):
-        data.load_tokens(missing, "train")
+        load_tokens(missing, "train")
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -266,7 +270,7 @@ def test_damaged_folders_are_one_line_errors(prepared, tmp_path):
 def test_bad_streaming_settings_are_clear_errors(prepared, tmp_path, settings, message):
     corpus = prepared[0]
     with pytest.raises(DataError, match=re.escape(message)):
-        data.prepare(tmp_path / "out", corpus=[corpus], vocab_size=VOCAB, show_progress=False, **settings)
+        prepare(tmp_path / "out", corpus=[corpus], vocab_size=VOCAB, show_progress=False, **settings)
     assert not (tmp_path / "out").exists()
 
 
@@ -275,17 +279,17 @@ def test_a_worker_error_is_one_clear_error_and_leaves_nothing(prepared, tmp_path
     corpus.mkdir()
     for path in prepared[0].iterdir():
         (corpus / path.name).write_bytes(path.read_bytes())
-    train_tokenizer = data._train_tokenizer
+    train_tokenizer = preparation.train_tokenizer
 
     def train_then_spoil(*args, **kwargs):  # the corpus changes after the checking pass
         model = train_tokenizer(*args, **kwargs)
         (corpus / "doc05.txt").write_bytes(b"\xff" * 100_000)
         return model
 
-    monkeypatch.setattr(data, "_train_tokenizer", train_then_spoil)
+    monkeypatch.setattr(preparation, "train_tokenizer", train_then_spoil)
     with pytest.raises(DataError, match=r"doc05\.txt changed or became unreadable during preparation "
                                         r"\(UnicodeDecodeError\); leave the corpus alone and rerun"):
-        data.prepare(tmp_path / "out", corpus=[corpus], vocab_size=VOCAB, show_progress=False, **STREAMED)
+        prepare(tmp_path / "out", corpus=[corpus], vocab_size=VOCAB, show_progress=False, **STREAMED)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
 
 
@@ -293,25 +297,25 @@ def test_vocabulary_too_large_for_the_sample_names_the_cap(prepared, tmp_path):
     corpus = prepared[0]
     with pytest.raises(DataError, match=r"too large for the tokenizer's sample of this corpus \(or raise "
                                         r"--tokenizer-sample-mb\); use at most \d+$"):
-        data.prepare(tmp_path / "out", corpus=[corpus], vocab_size=3000, show_progress=False,
-                     tokenizer_sample_mb=0.02)
+        prepare(tmp_path / "out", corpus=[corpus], vocab_size=3000, show_progress=False,
+                tokenizer_sample_mb=0.02)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_one_file_without_final_newline_splits_by_paragraph_in_chunks(tmp_path):
     text = "\n\n".join(_document(seed, paragraphs=3) for seed in range(30)).rstrip("\n")
     (tmp_path / "one.txt").write_text(text, encoding="utf-8")
-    meta = data.prepare(tmp_path / "out", corpus=[tmp_path / "one.txt"], vocab_size=VOCAB, show_progress=False,
-                        **STREAMED)
-    tok = data.load_tokenizer(tmp_path / "out")
+    meta = prepare(tmp_path / "out", corpus=[tmp_path / "one.txt"], vocab_size=VOCAB, show_progress=False,
+                   **STREAMED)
+    tok = load_tokenizer(tmp_path / "out")
     paragraphs = {}
-    for split in data.SPLITS:
+    for split in SPLITS:
         names = meta["splits"][split]["documents"]
         assert names and all(name.startswith("one.txt#") for name in names)
         paragraphs.update(dict.fromkeys(names, split))
-        assert meta["splits"][split]["bytes"] == len(tok.decode(data.load_tokens(tmp_path / "out", split)).encode())
+        assert meta["splits"][split]["bytes"] == len(tok.decode(load_tokens(tmp_path / "out", split)).encode())
     assert sorted(paragraphs) == [f"one.txt#{i:03d}" for i in range(len(paragraphs))]
-    assert sum(meta["splits"][s]["bytes"] for s in data.SPLITS) == len(text.encode()) + 1  # the supplied newline
+    assert sum(meta["splits"][s]["bytes"] for s in SPLITS) == len(text.encode()) + 1  # the supplied newline
 
 
 def test_cli_prepare_takes_the_streaming_flags(prepared, tmp_path, capsys):
@@ -320,7 +324,7 @@ def test_cli_prepare_takes_the_streaming_flags(prepared, tmp_path, capsys):
                  "--workers", "2", "--shard-mb", "0.01", "--chunk-mb", "0.05", "--tokenizer-sample-mb", "0.1"])
     out = capsys.readouterr().out
     assert code == 0
-    meta = data.load_meta(tmp_path / "out")
+    meta = load_meta(tmp_path / "out")
     assert f"train {meta['splits']['train']['tokens']:,} ({len(meta['splits']['train']['shards'])} shard(s))" in out
     assert meta["tokenizer_sample"]["cap_mb"] == 0.1 and len(meta["splits"]["train"]["shards"]) > 20
 
@@ -329,5 +333,5 @@ def test_task_folders_keep_format_1(tmp_path, monkeypatch):
     """A reasoning task's folder holds no token files: its meta.json stays format 1, so a loopdb
     from before shards can share ~/.cache/loopdb/tasks."""
     monkeypatch.setenv("LOOPDB_DATA", str(tmp_path))
-    folder = data.task_data_dir("s3")
-    assert json.loads((folder / "meta.json").read_text())["format"] == 1 == data.load_meta(folder)["format"]
+    folder = task_data_dir("s3")
+    assert json.loads((folder / "meta.json").read_text())["format"] == 1 == load_meta(folder)["format"]

@@ -1,4 +1,4 @@
-"""Parsing of the command line's own values (loop lists, --key=value overrides)."""
+"""The command line's own values (loop lists, --key=value overrides, budgets, flag minimums)."""
 
 from __future__ import annotations
 
@@ -36,3 +36,17 @@ def check_flag_minimums(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < minimum:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be >= {minimum}")
+
+
+def add_budget_arguments(parser, member: str) -> None:
+    """compare / study: the training budget of each trained run (``member`` names it in the help)."""
+    parser.add_argument("--budget-minutes", type=float, default=None, help=f"training time per {member}")
+    parser.add_argument("--steps", type=int, default=None, help=f"train each {member} for this many steps instead")
+
+
+def check_budget(args) -> None:
+    """compare / study: exactly one of --budget-minutes M > 0 or --steps N >= 1."""
+    if (args.budget_minutes is None) == (args.steps is None):
+        raise UsageError("give exactly one of --budget-minutes M (equal time) or --steps N (equal steps)")
+    if (args.budget_minutes is not None and args.budget_minutes <= 0) or (args.steps is not None and args.steps < 1):
+        raise UsageError("--budget-minutes must be > 0 and --steps >= 1")

@@ -1,15 +1,16 @@
-"""CLI bodies for drafting runs (draft width L > 1, anchor head; issue 15):
-`loopdb score --readout block_elbo`, `loopdb sample --speculative | --parallel` and `loopdb bench decode`."""
+"""CLI bodies for drafting runs (draft width L > 1, anchor head):
+`loopdb score --readout block_elbo` and `loopdb sample --speculative | --parallel`
+(`loopdb bench decode` is loopdb.cli.bench.decode)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from .. import data as data_lib
+from ..data.storage import load_tokenizer, load_tokens
+from ..data.windows import eval_windows
 from ..device import resolve_device
 from ..errors import UsageError
 from ..readouts import drafting
@@ -25,9 +26,9 @@ def score_block_elbo(args, sampler) -> int:
     device = resolve_device(args.device)
     model, config = load_model(args.run, device, sampler)
     data_dir = run_data_dir(args.run)
-    windows = data_lib.eval_windows(data_lib.load_tokens(data_dir, args.split), config.model.context,
-                                    args.max_windows)
-    token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
+    windows = eval_windows(load_tokens(data_dir, args.split), config.model.context,
+                           args.max_windows)
+    token_bytes = torch.as_tensor(load_tokenizer(data_dir).token_bytes)
     try:
         result = drafting.block_elbo_bits_per_byte(model, windows, token_bytes, loops, samples=args.samples,
                                                    seed=args.seed, batch_size=args.batch_size, device=device)
@@ -54,7 +55,7 @@ def sample_drafts(args, sampler) -> int:
     if loops < 1:
         raise UsageError(f"--loops {loops}: the loop count must be >= 1")
     model, _ = load_model(args.run, resolve_device(args.device), sampler)
-    tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
+    tokenizer = load_tokenizer(run_data_dir(args.run))
     prompt = tokenizer.encode(args.prompt or "\n")
     new_tokens = 100 if args.max_new_tokens is None else args.max_new_tokens
     try:
@@ -70,30 +71,4 @@ def sample_drafts(args, sampler) -> int:
         raise UsageError(str(error)) from None
     print(args.prompt + tokenizer.decode(ids))
     print(f"[loopdb] {'speculative' if args.speculative else 'parallel'} K={loops}: {note}", file=sys.stderr)
-    return 0
-
-
-def bench_decode(args) -> int:
-    from ..evaluation.decoding import format_decode_table, run_decode_bench
-
-    if not args.run:
-        raise UsageError("loopdb bench decode RUN: name the run folder of a drafting run (e.g. --preset demo-draft)")
-    for flag, value in (("--prompts", args.prompts), ("--tokens", args.tokens)):
-        if value < 1:
-            raise UsageError(f"{flag} {value}: must be >= 1")
-    try:
-        report = run_decode_bench(args.run, parse_loops(args.loops), args.prompts, args.prompt_tokens, args.tokens,
-                                  args.judge, args.seed, resolve_device(args.device))
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    print(json.dumps(report) if args.json else format_decode_table(report))
-    if args.plot:
-        from ..evaluation.decoding import plot_decode_reports
-        from ..evaluation.plots import PlotUnavailable
-
-        try:
-            for path in plot_decode_reports({Path(args.run).name: report}, args.plot):
-                print(f"[loopdb] wrote {path}", file=sys.stderr)
-        except PlotUnavailable as error:
-            raise UsageError(str(error)) from None
     return 0

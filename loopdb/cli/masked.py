@@ -8,7 +8,8 @@ import math
 import torch
 from tqdm import tqdm
 
-from .. import data as data_lib
+from ..data.storage import load_meta, load_tokenizer, load_tokens
+from ..data.windows import eval_windows
 from ..device import resolve_device
 from ..errors import UsageError
 from ..readouts.masked import ELBO_T_SAMPLES, SAMPLE_STEPS, elbo_bits_per_byte, sample_masked
@@ -26,15 +27,15 @@ def _load_masked_run(args, sampler, flag: str, count: int):
     device = resolve_device(args.device)
     model, config = load_model(args.run, device)
     data_dir = run_data_dir(args.run)
-    return model, config, data_dir, data_lib.load_tokenizer(data_dir), device
+    return model, config, data_dir, load_tokenizer(data_dir), device
 
 
 def score(args, sampler) -> int:
     """`loopdb score` of an mdm run: the ELBO in bits per byte (and per character) on a split."""
     t_samples = ELBO_T_SAMPLES if args.t_samples is None else args.t_samples
     model, config, data_dir, tokenizer, device = _load_masked_run(args, sampler, "--t-samples", t_samples)
-    tokens = data_lib.load_tokens(data_dir, args.split)
-    windows = data_lib.eval_windows(tokens, config.model.context, args.max_windows, overlap=0)
+    tokens = load_tokens(data_dir, args.split)
+    windows = eval_windows(tokens, config.model.context, args.max_windows, overlap=0)
     with tqdm(total=len(windows), desc="score ELBO", disable=args.json or args.quiet, leave=False) as bar:
         result = elbo_bits_per_byte(model, windows, torch.as_tensor(tokenizer.token_bytes), t_samples,
                                            args.seed, args.batch_size, device, progress=bar)
@@ -44,7 +45,7 @@ def score(args, sampler) -> int:
               "t_samples": t_samples, "objective": config.train.objective,
               "num_blocks": config.model.num_blocks, "split": args.split, "seed": args.seed,
               "windows": len(windows), "tokens": result["tokens"], "bytes": result["bytes"],
-              "characters": characters, "unigram_bpb": data_lib.load_meta(data_dir)["unigram_test_bpb"]}
+              "characters": characters, "unigram_bpb": load_meta(data_dir)["unigram_test_bpb"]}
     if args.json:
         print(json.dumps(report))
     else:

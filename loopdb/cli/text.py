@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import data as data_lib
+from ..data.storage import load_meta, load_tokenizer, load_tokens
+from ..data.windows import eval_windows
 from ..device import resolve_device
 from ..errors import UsageError
 from ..maths.exit import parse_exit
@@ -35,9 +36,9 @@ def score(args, sampler) -> int:
     if args.exit:
         raise UsageError("--exit applies to runs on a reasoning task (bits-per-byte scoring runs every loop)")
     data_dir = run_data_dir(args.run)
-    tokens = data_lib.load_tokens(data_dir, args.split)
-    token_bytes = torch.as_tensor(data_lib.load_tokenizer(data_dir).token_bytes)
-    windows = data_lib.eval_windows(tokens, config.model.context, args.max_windows)
+    tokens = load_tokens(data_dir, args.split)
+    token_bytes = torch.as_tensor(load_tokenizer(data_dir).token_bytes)
+    windows = eval_windows(tokens, config.model.context, args.max_windows)
     results = {}
     for num_loops in loops:
         with tqdm(total=len(windows), desc=f"score K={num_loops}", disable=args.json or args.quiet,
@@ -48,7 +49,7 @@ def score(args, sampler) -> int:
                     batch_size=args.batch_size, device=device, progress=bar, readout=args.readout)
             except ValueError as error:  # e.g. the ELBO of a model that is not a diffusion model
                 raise UsageError(str(error)) from None
-    meta = data_lib.load_meta(data_dir)
+    meta = load_meta(data_dir)
     report = {"bpb": results, "readout": args.readout, "samples": args.samples, "split": args.split,
               "seed": args.seed, "windows": len(windows), "unigram_bpb": meta["unigram_test_bpb"]}
     if args.json:
@@ -63,7 +64,7 @@ def score(args, sampler) -> int:
 
 def _score_task(args, model, config, loops, device) -> int:
     """A reasoning-task run: final-answer accuracy per K, per difficulty, and the loops used."""
-    from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
+    from ..readouts.reasoning import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
     from ..tasks import get_task
 
     task = get_task(config.train.task)
@@ -147,7 +148,7 @@ def sample(args, sampler) -> int:
     model, config = load_model(args.run, resolve_device(args.device), sampler)
     if args.loops is None:
         args.loops = config.model.num_blocks if config.model.family == "stacked" else 4
-    tokenizer = data_lib.load_tokenizer(run_data_dir(args.run))
+    tokenizer = load_tokenizer(run_data_dir(args.run))
     prompt = tokenizer.encode(args.prompt or "\n")
     new_tokens = 100 if args.max_new_tokens is None else args.max_new_tokens
     stats = {}

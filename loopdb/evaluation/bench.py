@@ -2,7 +2,7 @@
 trained end to end or block-wise (METHOD pitfall 8: a measurement, against a baseline
 with activation checkpointing too).
 
-Each configuration runs in its OWN process (a fresh ``python -m loopdb.bench``), so
+Each configuration runs in its OWN process (a fresh ``python -m loopdb.evaluation.bench``), so
 peaks do not mix. On CPU the peak is the resident-set high-water mark
 (``ru_maxrss``); ``peak_mb`` is that absolute number, ``baseline_mb`` the same mark
 after imports (torch alone), and ``above_baseline_mb`` their difference. On CUDA it
@@ -122,6 +122,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # worker: python -m loopdb.bench NAME [DEVICE [MODEL_KEYS_JSON]]
+if __name__ == "__main__":  # worker: python -m loopdb.evaluation.bench NAME [DEVICE [MODEL_KEYS_JSON]]
     print(json.dumps(measure(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "cpu",
                              json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)))

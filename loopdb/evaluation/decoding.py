@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from .. import data as data_lib
+from ..data.storage import load_tokens
 from ..readouts import drafting
 from ..readouts.generation import generate
 from ..readouts.quality import distinct_n, judge_perplexity
@@ -28,7 +28,7 @@ from ..sampling import anchor_sampler
 
 
 def bench_prompts(run, count: int, length: int) -> list[list[int]]:
-    tokens = data_lib.load_tokens(run_data_dir(run), "test")
+    tokens = load_tokens(run_data_dir(run), "test")
     starts = np.linspace(0, len(tokens) - length - 1, count).round().astype(int)
     return [[int(t) for t in tokens[start:start + length]] for start in starts]
 

@@ -67,14 +67,15 @@ def generate_corpus(folder, size_mb: float, seed: int = 0) -> int:
 
 def measure(corpus: str, out: str, workers: int, vocab_size: int) -> dict:
     """Prepare the corpus in THIS process; its numbers (see the module docstring)."""
-    from .. import data
+    from ..data.preparation import prepare
+    from ..data.storage import SPLITS
 
     timings: dict = {}
     started = time.perf_counter()
-    meta = data.prepare(out, corpus=[corpus], vocab_size=vocab_size, show_progress=False, workers=workers,
-                        timings=timings)
+    meta = prepare(out, corpus=[corpus], vocab_size=vocab_size, show_progress=False, workers=workers,
+                   timings=timings)
     seconds = time.perf_counter() - started
-    corpus_bytes = sum(meta["splits"][s]["bytes"] for s in data.SPLITS)
+    corpus_bytes = sum(meta["splits"][s]["bytes"] for s in SPLITS)
     main_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"corpus_mb": round(corpus_bytes / 1e6, 1), "seconds": round(seconds, 1),
@@ -82,8 +83,8 @@ def measure(corpus: str, out: str, workers: int, vocab_size: int) -> dict:
             "phases_s": {key: round(value, 1) for key, value in timings.items()},
             "main_peak_mb": round(main_peak, 1), "worker_peak_mb": round(worker_peak, 1),
             "peak_bound_mb": round(main_peak + workers * worker_peak, 1), "measure": "ru_maxrss",
-            "tokens": {s: meta["splits"][s]["tokens"] for s in data.SPLITS},
-            "shards": {s: len(meta["splits"][s]["shards"]) for s in data.SPLITS},
+            "tokens": {s: meta["splits"][s]["tokens"] for s in SPLITS},
+            "shards": {s: len(meta["splits"][s]["shards"]) for s in SPLITS},
             "tokenizer_sample_mb": round(meta["tokenizer_sample"]["bytes"] / 1e6, 1), "vocab_size": vocab_size}
 
 
@@ -91,7 +92,7 @@ def run_prepare_bench(size_mb: float = 1000, workers: int | None = None, folder=
                       seed: int = 0) -> dict:
     """Generate the corpus in folder (default: a temporary one, removed after), prepare it in a
     subprocess, and return its numbers plus the generation time."""
-    from ..data import DEFAULT_WORKERS
+    from ..data.preparation import DEFAULT_WORKERS
 
     workers = workers or DEFAULT_WORKERS
     scratch = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="loopdb-bench-prepare-"))

@@ -24,16 +24,15 @@ import statistics
 import sys
 from pathlib import Path
 
-from .. import data as data_lib
+from ..data.storage import load_tokenizer
 from ..config import preset
 from ..errors import ConfigError
 from ..readouts.quality import sample_quality
 from ..runs.folder import load_model, run_data_dir
+from ..names import LOOP_FREE_READOUTS, STUDY_DEFAULT_READOUTS
 from ..sampling import sampler_of
-from .compare import LOOP_FREE_READOUTS, score_member, train_member
+from .members import score_member, train_member
 
-STUDY_READOUTS = ("predictive", "last", "elbo")
-DRAFT_READOUTS = ("anchor", "block_elbo")  # drafting runs (issue 15); skipped for members without drafts or anchor
 INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last", "wavefront")  # change the sampler, not the trained weights
 
 
@@ -68,7 +67,7 @@ def _spread(values: list[float]) -> tuple[float, float]:
 
 
 def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: float | None = None,
-              steps: int | None = None, loops=(1, 2, 4, 8, 16), readouts=STUDY_READOUTS, samples: int = 2,
+              steps: int | None = None, loops=(1, 2, 4, 8, 16), readouts=STUDY_DEFAULT_READOUTS, samples: int = 2,
               max_windows: int | None = 32, split: str = "val", judge: str | None = None,
               generations: int = 8, generation_length: int = 48, budget_clock: str = "wall") -> dict:
     out = Path(out)
@@ -78,7 +77,7 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
     if judge and Path(run_data_dir(judge)).resolve() != Path(data_dir).resolve():
         raise ConfigError(f"the judge {judge} was trained on other data ({run_data_dir(judge)}); "
                           "it must share the study's tokenizer")
-    newline = data_lib.load_tokenizer(data_dir).encode("\n")
+    newline = load_tokenizer(data_dir).encode("\n")
     results = {"preset": preset_name, "budget": {"minutes": budget_minutes, "steps": steps, "clock": budget_clock},
                "split": split,
                "samples": samples, "max_windows": max_windows, "judge": judge, "generations": generations,

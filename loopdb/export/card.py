@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import load_tokenizer
+from ..data.storage import load_tokenizer
 from ..runs.folder import run_data_dir
 
 OBJECTIVES = {

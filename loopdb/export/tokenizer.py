@@ -17,24 +17,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import data as data_lib
+from ..data.storage import TOKENIZER_FILE, load_meta, load_tokenizer
+from ..data.tokenizers import USER_SYMBOLS
 
 SPACE_MARK = "\u2581"
 
 
 def newline_id(data_dir) -> int:
-    return int(data_lib.load_tokenizer(data_dir).newline_id)
+    return int(load_tokenizer(data_dir).newline_id)
 
 
 def transformers_tokenizer(data_dir):
     """A ``PreTrainedTokenizerFast`` that encodes every text as the run's tokenizer does."""
-    tokenizer = data_lib.load_tokenizer(data_dir)
+    tokenizer = load_tokenizer(data_dir)
     if hasattr(tokenizer, "alphabet"):
         return char_tokenizer(tokenizer.alphabet)
     if hasattr(tokenizer, "words"):
         return word_tokenizer(tokenizer.words)
-    meta = data_lib.load_meta(data_dir)
-    return sentencepiece_tokenizer(Path(data_dir) / meta.get("tokenizer", data_lib.TOKENIZER_FILE))
+    meta = load_meta(data_dir)
+    return sentencepiece_tokenizer(Path(data_dir) / meta.get("tokenizer", TOKENIZER_FILE))
 
 
 def _wrap(backend, unknown: str | None, newline: str = "\n"):
@@ -71,7 +72,7 @@ def sentencepiece_tokenizer(model_file):
     bpe.normalizer = normalizers.Replace(" ", SPACE_MARK)
     bpe.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
     bpe.decoder = decoders.Sequence([decoders.Replace(SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()])
-    bpe.add_tokens([AddedToken(symbol, special=False, normalized=False) for symbol in data_lib.USER_SYMBOLS])
+    bpe.add_tokens([AddedToken(symbol, special=False, normalized=False) for symbol in USER_SYMBOLS])
     return _wrap(bpe, unknown)
 
 

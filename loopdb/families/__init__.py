@@ -7,9 +7,10 @@ them names one.
       sampler of loopdb.sampling reads it at inference;
   objective(config) -> the loss that trains it
       (``objective.loss(model, batch, generator, step) -> (loss, stats)``);
-  task(config, data_dir) -> its data side for the trainer: ``batch(generator, device)``,
-      ``evaluate(model, device, autocast)`` and ``sample_text(model, step)``. Building the task
-      may fill config fields taken from the data (the vocabulary size), so it runs first;
+  feed(config, data_dir) -> its data side for the trainer (a "feed", not to be confused with a
+      reasoning task or an lm-eval task): ``batch(generator, device)``, ``evaluate(model, device,
+      autocast)`` and ``sample_text(model, step)``. Building the feed may fill config fields taken
+      from the data (the vocabulary size), so it runs first;
   data_dir(data, config) -> what ``loopdb train --data`` resolves to (text families: a
       prepared corpus, the default one prepared on first use; image families: the --data
       path, or None for the embedded digits);

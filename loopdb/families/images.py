@@ -17,7 +17,7 @@ from ..readouts.vision import QualityJudge, classification_accuracy, sample_qual
 from .spec import Family, dense_trains_every_parameter
 
 
-class ImageTask:
+class ImageFeed:
     """Batches of labelled images for the trainer; evaluation by test accuracy (vit) or sample quality (dit)."""
 
     def __init__(self, config: Config, data_dir, classifies: bool):
@@ -85,8 +85,8 @@ def _dit_objective(config: Config) -> DiTObjective:
     return DiTObjective(dense=config.train.objective == "dense")
 
 
-VIT = Family(build=_build_vit, objective=_vit_objective, task=functools.partial(ImageTask, classifies=True),
+VIT = Family(build=_build_vit, objective=_vit_objective, feed=functools.partial(ImageFeed, classifies=True),
              data_dir=image_data_dir, rules=_vision_rules, commands="images")
-DIT = Family(build=_build_dit, objective=_dit_objective, task=functools.partial(ImageTask, classifies=False),
+DIT = Family(build=_build_dit, objective=_dit_objective, feed=functools.partial(ImageFeed, classifies=False),
              data_dir=image_data_dir, rules=_vision_rules, commands="images",
              trains_every_parameter=dense_trains_every_parameter)

@@ -8,12 +8,12 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError
-from ..readouts.tasks import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
+from ..readouts.reasoning import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
 from ..sampling import sampler_of
 from ..tasks import get_task, training_arrays
 
 
-class ReasoningTask:
+class ReasoningFeed:
     def __init__(self, config: Config, data_dir=None):
         self.config = config
         self.task = get_task(config.train.task)

@@ -39,7 +39,7 @@ def dense_trains_every_parameter(config: Config) -> bool:
 class Family:
     build: Callable[[Config], torch.nn.Module]
     objective: Callable[[Config], object]
-    task: Callable[[Config, Path | None], object]
+    feed: Callable[[Config, Path | None], object]
     data_dir: Callable[[str | None, Config], Path | None]
     rules: Callable[[Config], list] = _no_rules
     commands: str = "text"

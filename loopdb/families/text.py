@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .. import data as data_lib
+from ..data.preparation import resolve_data_dir
+from ..data.storage import load_meta, load_tokenizer, load_tokens, task_data_dir
+from ..data.windows import eval_windows, sample_windows
 from ..config import Config
 from ..models.joint import JointDiffusionLM
 from ..models.looped import LoopedLM
@@ -23,31 +25,31 @@ from ..readouts import masked as masked_readouts
 from ..readouts.generation import generate
 from ..readouts.scoring import bits_per_byte
 from ..sampling import OBJECTIVE_LOOPS, sampler_of
-from .reasoning import ReasoningTask
+from .reasoning import ReasoningFeed
 from .spec import BLOCK_PARALLEL_HELP, Family, dense_trains_every_parameter
 
 
-class TextTask:
+class TextFeed:
     """Token windows of a prepared corpus (loopdb.data) for next-token language models."""
 
     def __init__(self, config: Config, data_dir):
         self.config = config
-        meta = data_lib.load_meta(Path(data_dir))
+        meta = load_meta(Path(data_dir))
         config.model.vocab_size = meta["vocab_size"]
-        self.train_tokens = data_lib.load_tokens(data_dir, "train")
-        self.val_tokens = data_lib.load_tokens(data_dir, "val")
-        self.tokenizer = data_lib.load_tokenizer(data_dir)
+        self.train_tokens = load_tokens(data_dir, "train")
+        self.val_tokens = load_tokens(data_dir, "val")
+        self.tokenizer = load_tokenizer(data_dir)
         self.token_bytes = torch.as_tensor(self.tokenizer.token_bytes)
 
     def batch(self, generator: torch.Generator, device) -> torch.Tensor:
         train = self.config.train
-        return data_lib.sample_windows(self.train_tokens, train.batch_size, self.config.model.context + 1,
-                                       generator).to(device)
+        return sample_windows(self.train_tokens, train.batch_size, self.config.model.context + 1,
+                              generator).to(device)
 
     def evaluate(self, model, device, autocast) -> dict:
         """Validation bits per byte at each of ``eval_loops`` (dense models: K = 1 only)."""
         train = self.config.train
-        windows = data_lib.eval_windows(self.val_tokens, self.config.model.context, train.eval_windows)
+        windows = eval_windows(self.val_tokens, self.config.model.context, train.eval_windows)
         results = {}
         with autocast():
             for loops in train.eval_loops if sampler_of(model).has_loops else (1,):
@@ -62,18 +64,18 @@ class TextTask:
         return self.tokenizer.decode(ids)
 
 
-class MaskedTextTask(TextTask):
+class MaskedTextFeed(TextFeed):
     """Token windows for the masked diffusion LM: every token of a window is a target, so
     windows hold ``context`` tokens and validation windows tile the split."""
 
     def batch(self, generator: torch.Generator, device) -> torch.Tensor:
-        return data_lib.sample_windows(self.train_tokens, self.config.train.batch_size, self.config.model.context,
-                                       generator).to(device)
+        return sample_windows(self.train_tokens, self.config.train.batch_size, self.config.model.context,
+                              generator).to(device)
 
     def evaluate(self, model, device, autocast) -> dict:
         """Validation ELBO bits per byte (ELBO_T_SAMPLES draws per window, seeded)."""
         train = self.config.train
-        windows = data_lib.eval_windows(self.val_tokens, self.config.model.context, train.eval_windows, overlap=0)
+        windows = eval_windows(self.val_tokens, self.config.model.context, train.eval_windows, overlap=0)
         with autocast():
             result = masked_readouts.elbo_bits_per_byte(model, windows, self.token_bytes, seed=train.seed,
                                                         device=device)
@@ -86,7 +88,7 @@ class MaskedTextTask(TextTask):
 
 
 def text_data_dir(data: str | None, config: Config) -> Path:
-    return data_lib.resolve_data_dir(data, config.train.data_vocab_size)
+    return resolve_data_dir(data, config.train.data_vocab_size)
 
 
 # -- looped ------------------------------------------------------------------------------------------
@@ -118,12 +120,12 @@ def _looped_objective(config: Config):
     return make_objective(train)
 
 
-def _looped_task(config: Config, data_dir):
-    return ReasoningTask(config, data_dir) if config.train.task else TextTask(config, data_dir)
+def _looped_feed(config: Config, data_dir):
+    return ReasoningFeed(config, data_dir) if config.train.task else TextFeed(config, data_dir)
 
 
 def _looped_data_dir(data: str | None, config: Config) -> Path:
-    return data_lib.task_data_dir(config.train.task) if config.train.task else text_data_dir(data, config)
+    return task_data_dir(config.train.task) if config.train.task else text_data_dir(data, config)
 
 
 def _looped_rules(config: Config) -> list:
@@ -220,11 +222,11 @@ def _masked_objective(config: Config):
     return make_masked_objective(config.train.objective)
 
 
-LOOPED = Family(build=_build_looped, objective=_looped_objective, task=_looped_task, data_dir=_looped_data_dir,
+LOOPED = Family(build=_build_looped, objective=_looped_objective, feed=_looped_feed, data_dir=_looped_data_dir,
                 rules=_looped_rules,
                 trains_every_parameter=lambda config: config.train.objective != "dense")  # dense skips the denoiser
-STACKED = Family(build=build_stacked, objective=_stacked_objective, task=TextTask, data_dir=text_data_dir,
+STACKED = Family(build=build_stacked, objective=_stacked_objective, feed=TextFeed, data_dir=text_data_dir,
                  rules=_diffusion_or_dense, block_parallel_refusal=_stacked_refusal, build_for_blocks=_stacked_blocks,
                  objective_for_blocks=_stacked_blocks_objective, after_optimizer=_stacked_after_optimizer)
-MASKED = Family(build=_build_masked, objective=_masked_objective, task=MaskedTextTask, data_dir=text_data_dir,
+MASKED = Family(build=_build_masked, objective=_masked_objective, feed=MaskedTextFeed, data_dir=text_data_dir,
                 rules=_diffusion_or_dense, commands="masked", trains_every_parameter=dense_trains_every_parameter)

@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..maths.edm import loss_weight
+from ..names import IGNORE_INDEX, OBJECTIVES
 from ..sampling import DIFFUSION, RECURRENT
-
-
-IGNORE_INDEX = -100  # a target that is not scored (reasoning tasks score answer tokens only)
 
 
 def split_batch(batch):
@@ -236,9 +234,6 @@ class DenseObjective:
         inputs, next_tokens = split_batch(tokens)
         cross_entropy = mean_cross_entropy(model.dense_logits(model.encode(inputs)), next_tokens)
         return cross_entropy, {"ce": cross_entropy.detach()}
-
-
-OBJECTIVES = ("diffusion", "bptt", "ouro", "dense")
 
 
 def make_objective(train_config) -> "DiffusionObjective | BPTTObjective | OuroObjective | DenseObjective":

@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..maths.elbo import continuous_elbo, discrete_elbo
+from ..names import READOUTS
 from ..sampling import DIFFUSION, anchor_sampler, sampler_of
 
 
@@ -75,7 +76,6 @@ def predictive_core(model, context, num_loops: int, samples: int, draw_state, lo
     return total - math.log(samples)
 
 
-READOUTS = ("predictive", "last", "elbo", "elbo_continuous", "anchor")
 ELBO_CONTINUOUS_SIGMAS = 32  # stratified ln-sigma draws per continuous-ELBO estimate (fixed: numbers compare)
 
 
@@ -155,7 +155,7 @@ def same_length_batches(windows: list[torch.Tensor], batch_size: int, device="cp
             progress.update(len(chunk))
 
 
-# -- per-row noise and whole distributions (used by the lm-eval adapter, loopdb.evaluation.harness) ----
+# -- per-row noise and whole distributions (used by the lm-eval adapter, evaluation.lm_eval_model) --
 @torch.no_grad()
 def predictive_distribution(model, inputs: torch.Tensor, num_loops: int, samples: int,
                             generators: list, lengths: list | None = None, sampler=None) -> torch.Tensor:

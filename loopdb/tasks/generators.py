@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from loopdb.errors import DataError, UsageError
+from loopdb.names import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 NEWLINE = "\n"
 
 

@@ -130,7 +130,7 @@ class Trainer:
             changes = resume_changes(self.run_dir, saved.config, config, self.data_dir, saved.trainer_state["step"],
                                      preset)
         family = family_of(config)
-        self.task = family.task(config, self.data_dir)  # may fill in data-given fields (vocab_size)
+        self.feed = family.feed(config, self.data_dir)  # may fill in data-given fields (vocab_size)
         self.config = check_config(config)
         self.device = resolve_device(config.train.device)
         self.group, self.owned_blocks = self._join_processes(config, block_parallel)
@@ -288,7 +288,7 @@ class Trainer:
         draws, draw = self.batch_draws
         for micro in range(train.grad_accum):
             generator = step_generator(train.seed, self.step, micro * draws + draw)
-            batch = self.task.batch(generator, self.device)
+            batch = self.feed.batch(generator, self.device)
             with parallel.gradient_sync(self.wrapper, sync=micro == train.grad_accum - 1):
                 with self.autocast():
                     loss, stats = self._run(lambda: self.objective.loss(self._loss_model(), batch, generator, self.step))
@@ -359,12 +359,12 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self) -> dict:
         self.model.eval()
-        return self._run(lambda: self.task.evaluate(self.model, self.device, self.autocast), training=False)
+        return self._run(lambda: self.feed.evaluate(self.model, self.device, self.autocast), training=False)
 
     def sample_text(self) -> str | None:
         self.model.eval()
         with self.autocast():
-            return self._run(lambda: self.task.sample_text(self.model, self.step), training=False)
+            return self._run(lambda: self.feed.sample_text(self.model, self.step), training=False)
 
     # -- the loop ---------------------------------------------------------------------------
     def save(self):

@@ -1,8 +1,8 @@
-"""loopdb as a model of EleutherAI's lm-evaluation-harness, and ``loopdb eval``.
+"""loopdb as a model of EleutherAI's lm-evaluation-harness (``loopdb eval`` is lm_eval_sweep).
 
 The model class ``LoopDBLM`` is registered with the harness as ``loopdb``::
 
-    import loopdb.harness  # registers "loopdb"
+    import loopdb.evaluation.lm_eval_model  # registers "loopdb"
     lm_eval.simple_evaluate(model="loopdb", model_args="run=runs/demo,num_loops=4,samples=4,seed=0",
                             tasks=[...], task_manager=TaskManager(include_path="eval/tasks"))
 
@@ -59,19 +59,14 @@ How a loopdb model answers the harness (METHOD 5: the "predictive" readout):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
-import re
-import sys
-from pathlib import Path
 
 try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import Collator
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-except ImportError as error:  # tests/test_harness.py hides lm_eval to check this message
+except ImportError as error:  # `loopdb eval` reports this in one line
     raise ImportError(
         f"EleutherAI's lm-evaluation-harness is not available ({error}); install it with pip install -e \".[eval]\""
     ) from error
@@ -82,14 +77,12 @@ import torch
 from ..device import resolve_device
 from ..errors import EvalError, UsageError
 from ..maths.exit import parse_exit
+from ..names import READOUTS
 from ..readouts import generation, scoring
 from ..sampling import anchor_sampler
 
-READOUTS = scoring.READOUTS
 GEN_CHUNK = 16
 DEFAULT_MAX_GEN_TOKS = 256
-TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
-STDERR_BOOTSTRAP_ITERS = 1000
 
 
 def window_seed(seed: int, tokens) -> int:
@@ -115,7 +108,7 @@ class LoopDBLM(TemplateLM):
 
     Either ``run`` (a run folder: the model comes from ``loopdb.runs.folder.load_model``, the
     tokenizer from the run's data folder) or, from Python, an already built ``model`` and
-    ``tokenizer`` (a ``loopdb.data.Tokenizer``).
+    ``tokenizer`` (a ``loopdb.data.tokenizers.Tokenizer``).
     """
 
     MODEL_ARGS = ("run", "num_loops", "samples", "readout", "seed", "batch_size", "device", "exit")
@@ -142,11 +135,11 @@ class LoopDBLM(TemplateLM):
         if model is None:
             if run is None:
                 raise EvalError("the loopdb model needs run=PATH (a run folder made by `loopdb train`)")
-            from .. import data as data_lib
+            from ..data.storage import load_tokenizer
             from ..runs.folder import load_model, run_data_dir
 
             model, _ = load_model(run, self._device)
-            tokenizer = data_lib.load_tokenizer(run_data_dir(run))
+            tokenizer = load_tokenizer(run_data_dir(run))
         elif tokenizer is None:
             raise ValueError("pass the tokenizer along with an in-memory model")
         self.run = None if run is None else str(run)
@@ -391,199 +384,3 @@ class LoopDBLM(TemplateLM):
         bar.close()
         return answers
 
-
-# == loopdb eval ========================================================================================
-def local_task_dirs(include_paths=()) -> list[Path]:
-    dirs = [TASKS_DIR] if TASKS_DIR.is_dir() else []
-    for raw in include_paths:
-        path = Path(raw).expanduser().resolve()
-        if not path.is_dir():
-            raise EvalError(f"--include-path {raw}: no such folder")
-        dirs.append(path)
-    return dirs
-
-
-def task_manager_for(tasks: list[str], include_paths=()):
-    """An offline TaskManager (our tasks + --include-path folders) unless a built-in task is asked for."""
-    from lm_eval.tasks import TaskManager
-
-    dirs = local_task_dirs(include_paths)
-    local = TaskManager(include_path=[str(d) for d in dirs] or None, include_defaults=False)
-    missing = [name for name in tasks if name not in local.all_tasks]
-    if not missing:
-        return local
-    available = ", ".join(local.all_subtasks) or "none"
-    full = TaskManager(include_path=[str(d) for d in dirs] or None, include_defaults=True)
-    unknown = [name for name in missing if name not in full.all_tasks]
-    if unknown:
-        raise EvalError(f"unknown task(s) {', '.join(unknown)}; local tasks: {available} "
-                        "(add folders with --include-path; lm-eval's own task names work too, with the hub)")
-    return full
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text[:300]}"
-
-
-def metric_values(results: dict, stderr: bool = False) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from an lm-eval results dict (numbers only); with ``stderr``, the
-    standard errors instead (only the metrics the harness gives one for)."""
-    table = {}
-    for task, values in (results.get("results") or {}).items():
-        row = {}
-        for key, value in values.items():
-            if "," not in key or ("_stderr," in key) != stderr:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            metric, filter_name = key.replace("_stderr,", ",").split(",", 1)
-            row[metric if filter_name == "none" else f"{metric}/{filter_name}"] = float(value)
-        table[task] = row
-    return table
-
-
-def jsonable(value):
-    """A JSON-safe copy: str keys, lists for tuples/sets, plain numbers, None for NaN/inf, repr for the rest."""
-    if isinstance(value, dict):
-        return {str(key): jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [jsonable(item) for item in value]
-    if isinstance(value, (np.generic, torch.Tensor)) and np.ndim(value) == 0:
-        value = value.item()
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if callable(value):
-        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
-    return str(value)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
-
-
-def format_table(summary: dict, loops: list[int], stderrs: dict | None = None) -> str:
-    """Markdown table: one row per task/metric, one column per loop count (value ± stderr if known)."""
-    lines = ["| task | metric | " + " | ".join(f"K={k}" for k in loops) + " |",
-             "|---|---|" + "---|" * len(loops)]
-    for task, metrics in summary.items():
-        for metric, by_loops in metrics.items():
-            cells = []
-            for k in loops:
-                cell = _fmt(by_loops.get(str(k)))
-                error = ((stderrs or {}).get(task, {}).get(metric) or {}).get(str(k))
-                cells.append(cell if error is None else f"{cell} ± {_fmt(error)}")
-            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_metrics(summary: dict, loops: list[int], path: Path) -> Path:
-    """One panel per task/metric against the loop count (log2 axis); saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(task, metric, by_loops) for task, metrics in summary.items() for metric, by_loops in metrics.items()]
-    columns = min(3, max(1, len(panels)))
-    rows = max(1, math.ceil(len(panels) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    for axis, (task, metric, by_loops) in zip(axes.flat, panels):
-        xs = [k for k in loops if by_loops.get(str(k)) is not None]
-        ys = [by_loops[str(k)] for k in xs]
-        axis.plot(xs, ys, marker="o")
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(loops, [str(k) for k in loops])
-        if "perplexity" in metric and ys and min(ys) > 0:
-            axis.set_yscale("log")
-        axis.set_title(f"{task}\n{metric}", fontsize=9)
-        axis.set_xlabel("loops K")
-        axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(panels):]:
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
-
-
-def _checkpoint_step(run) -> int:
-    from ..runs.checkpoint import latest_checkpoint
-
-    checkpoint = latest_checkpoint(run)
-    match = re.search(r"(\d+)$", checkpoint.name) if checkpoint is not None else None
-    return int(match.group(1)) if match else 0
-
-
-def log_tensorboard(run, summary: dict, step: int) -> Path:
-    from torch.utils.tensorboard import SummaryWriter
-
-    path = Path(run) / "tb"
-    writer = SummaryWriter(str(path))
-    for task, metrics in summary.items():
-        for metric, by_loops in metrics.items():
-            for loops, value in by_loops.items():
-                if value is not None:
-                    writer.add_scalar(f"eval/{task}/{metric}@{loops}", value, step)
-    writer.close()
-    return path
-
-
-def run_eval(run, tasks: list[str], loops: list[int], output, include_paths=(), limit=None, batch_size=16,
-             samples=4, seed=0, stderr=False, device="cpu", lm=None, tensorboard=True, say=None,
-             readout="predictive", exit=None) -> dict:
-    """Evaluate ``run`` on ``tasks`` once per loop count; write the JSON, the PNG and tensorboard.
-
-    Returns the report written to ``output``: {"loops": {"K": lm-eval results}, "summary":
-    {task: {metric: {"K": value}}}, ...}. ``lm`` replaces loading ``run`` (tests).
-    """
-    from lm_eval import simple_evaluate
-
-    say = say or (lambda message: print(message, file=sys.stderr))
-    if not tasks:
-        raise EvalError("--tasks is empty; name at least one task")
-    if not loops or min(loops) < 1:
-        raise EvalError("every loop count must be >= 1")
-    output = Path(output)
-    manager = task_manager_for(tasks, include_paths)
-    try:  # build every task once up front: data problems (e.g. the hub offline) surface here
-        manager.load(list(tasks))
-    except Exception as error:  # the harness's own error, reported in one line
-        raise EvalError(f"could not load task(s) {', '.join(tasks)}: {_one_line(error)}") from error
-    if lm is None:
-        lm = LoopDBLM(run=run, num_loops=loops[0], samples=samples, seed=seed, batch_size=batch_size, device=device,
-                      readout=readout, exit=exit)
-    by_loops, summary, stderrs, mean_loops = {}, {}, {}, {}
-    for num_loops in loops:
-        lm.num_loops = num_loops
-        lm.generation_loops = []
-        say(f"loopdb eval: K={num_loops} ({', '.join(tasks)})")
-        results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                  bootstrap_iters=STDERR_BOOTSTRAP_ITERS if stderr else 0, log_samples=False,
-                                  batch_size=lm.batch_size)
-        by_loops[str(num_loops)] = jsonable(results)
-        if lm.generation_loops:  # sequence-recurrent generation: the loops its tokens used
-            mean_loops[str(num_loops)] = sum(lm.generation_loops) / len(lm.generation_loops)
-        for target, errors in ((summary, False), (stderrs, True)):
-            for task, metrics in metric_values(results, stderr=errors).items():
-                for metric, value in metrics.items():
-                    target.setdefault(task, {}).setdefault(metric, {})[str(num_loops)] = value
-    output.parent.mkdir(parents=True, exist_ok=True)
-    plot = plot_metrics(summary, loops, output.with_suffix(".png"))
-    report = {"loops": by_loops, "summary": summary, "summary_stderr": stderrs if stderr else None,
-              "run": None if run is None else str(run), "tasks": list(tasks), "readout": lm.readout,
-              "samples": lm.samples, "seed": lm.seed, "limit": limit, "plot": str(plot),
-              "exit": None if lm.exit_rule is None else str(lm.exit_rule), "mean_loops": mean_loops or None}
-    output.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
-    if tensorboard and run is not None:
-        report["tensorboard"] = str(log_tensorboard(run, summary, _checkpoint_step(run)))
-    report["table"] = format_table(summary, loops, stderrs if stderr else None)
-    return report
