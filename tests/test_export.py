@@ -415,7 +415,7 @@ def test_export_refuses_what_it_cannot_write(runs, tmp_path):
 
     with pytest.raises(UsageError, match="not empty"):
         export_run(runs["dense"][0], runs["dense"][1])
-    for name, message in (("tiny-mdm", "family 'mdm'"), ("tiny-draft", "drafting")):
+    for name, message in (("tiny-mdm", "family 'mdm'"), ("tiny-draft", "drafting"), ("depth-db-tiny", "sequence-joint")):
         with pytest.raises(UsageError, match=message):
             hf_config_values(preset(name))
 

@@ -43,6 +43,9 @@ def hf_config_values(config) -> dict:
         raise UsageError(f"loopdb export writes the looped and stacked language models; this run is family {m.family!r}")
     if m.draft_width > 1 or t.anchor_weight > 0:
         raise UsageError("loopdb export does not write drafting models (draft_width > 1 or anchor_weight > 0)")
+    if m.family == "looped" and t.objective == "diffusion" and config.recurrence == "sequence":
+        raise UsageError("loopdb export does not yet write sequence-joint DiffusionBlocks runs "
+                         "(objective=diffusion with recurrence=sequence); score them with loopdb score or loopdb eval")
     stacked = m.family == "stacked"
     return {
         "family": m.family, "n_layers": m.n_layers, "num_blocks": m.num_blocks, "partition": d.partition,
