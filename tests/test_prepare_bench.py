@@ -1,4 +1,4 @@
-"""`loopdb bench prepare` (issue 16): a generated corpus prepared in its own process, with
+"""`loopdb bench prepare` (docs/results/prepare.md): a generated corpus prepared in its own process, with
 throughput and peak memory. The 1 GB run is slow-marked (`pytest -m slow`)."""
 
 import json

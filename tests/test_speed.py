@@ -104,7 +104,7 @@ def test_few_query_attention_equals_attention_over_the_concatenated_keys(masked)
 
 
 @pytest.mark.slow  # about a minute: every member, both precisions, the generation grid
-def test_bench_speed_json_has_the_ratios_the_issue_names(capsys):
+def test_bench_speed_json_has_the_documented_ratios(capsys):
     from loopdb.cli import main
 
     args = ["bench", "speed", "--json", "--d-model=64", "--n-layers=3", "--context=16", "--batch-size=2",

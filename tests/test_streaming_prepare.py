@@ -1,4 +1,4 @@
-"""Streaming `loopdb prepare` (issue 16): chunks, shards and worker processes change the files,
+"""Streaming `loopdb prepare` (docs/results/prepare.md): chunks, shards and worker processes change the files,
 never a token; the tokenizer trains on a bounded sample spread over the train split; ids
 above 65,535 pieces are stored as uint32; readers see a split's shards as one array (a
 window may span shards); format-1 folders (one uint16 file per split) still load."""

@@ -262,7 +262,7 @@ def run_speed_bench(dims: SpeedDims | None = None, compile: bool = False, rounds
               "ratios": ratios, "fraction_of_peak": fraction_of_peak}
     if generation:
         rows = measure_generation(dims, prompt_length=gen_context, rounds=gen_rounds)
-        # keyed as the JSON asks: "k16_batch8_cached" -> that case's row
+        # keyed by case: "k16_batch8_cached" -> that case's row
         report["generation"] = {
             f"k{row['num_loops']}_batch{row['batch']}_{'cached' if row['cache'] else 'uncached'}": row for row in rows}
         for k in (1, 16):  # decoding speed; "_with_prefill": over the whole call, the prompt's pass included

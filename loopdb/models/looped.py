@@ -15,7 +15,7 @@ Design (METHOD 3.1; [ours] where the paper is silent):
 - Denoiser (EDM preconditioning): D = c_skip*z + c_out*F with F = out(R(inject(c_in*z, e)));
   logits = head(C(D / target_scale)). The sampler's estimate of the clean target is
   Dhat = softmax(logits) @ normalize(E) -- the same table the training targets use.
-- Likelihood logits (``likelihood_logits``, issue 15) [ours]: each row's logits get
+- Likelihood logits (``likelihood_logits``) [ours]: each row's logits get
   log N(z; y_v, sigma^2 I) = <z, y_v> / sigma^2 + const added, the exact evidence its own
   noisy state gives about each token (Bayes: posterior = prior x likelihood). The network
   then only predicts the prior given the context and the other slots, and is sure of the
@@ -23,7 +23,7 @@ Design (METHOD 3.1; [ours] where the paper is silent):
   learn logits of scale 1/sigma^2 behind the final norm (the block ELBO exploded there).
 - ``num_loops`` is an argument of every inference call; the sigma grid is computed
   from it on the fly (loopdb.maths.edm.sigma_grid), never stored.
-- Draft width L (``draft_width``, issue 15) [ours]: position t holds L noisy slots, the
+- Draft width L (``draft_width``) [ours]: position t holds L noisy slots, the
   embeddings of tokens t+1..t+L, denoised jointly at one sigma. A slot attends to the
   clean keys at positions <= t and to the L slots of its own position, never to other
   positions' slots. Slot j has rotary position t+j and a learned slot embedding (zero at

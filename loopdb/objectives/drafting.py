@@ -1,4 +1,4 @@
-"""DiffusionBlocks with a draft of L future tokens per position and a dense anchor head (issue 15).
+"""DiffusionBlocks with a draft of L future tokens per position and a dense anchor head (docs/results/drafting.md).
 
 At position t the model denoises L slots jointly, the embeddings of tokens t+1..t+L
 (``LoopedLM.denoise_draft``), so the denoised object has dependent coordinates and K
