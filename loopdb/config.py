@@ -55,17 +55,17 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    sigma_data: float = 0.0         # 0 = match the unit-norm targets: 1/sqrt(d_model) (METHOD 2.1); paper: 0.5
+    sigma_data: float = 0.0         # 0 = match the unit-norm targets: 1/sqrt(d_model) (docs/method.md#target-scale); paper: 0.5
     p_mean: float = -1.2
     p_std: float = 1.2
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    loss_weight: str = "unit"       # unit (METHOD 5: sane gradients, slightly better) | edm (paper)
+    loss_weight: str = "unit"       # unit (docs/method.md#scoring: sane gradients, slightly better) | edm (paper)
     loss_weight_clamp: float = 0.0  # cap on the edm weight; 0 = none
     grid: str = "equiprob"          # sampler grid: equiprob | karras | geometric (even in log sigma)
     solver: str = "euler"           # euler | heun
     grid_sigma_last: float = 0.0    # last sigma of the sampler grid; 0 = sigma_min (the LM presets use 1.0: README study)
-    # -- remedies for loops that do not pay (METHOD 5); every default is "off" --
+    # -- remedies for loops that do not pay (docs/method.md#scoring); every default is "off" --
     target_norm: float = 1.0        # norm of the target embeddings; 0 = sigma_data * sqrt(d_model) (per-dim scale sigma_data)
     estimate: str = "soft"          # Dhat from logits: soft (softmax @ table) | argmax | sample
     train_grid_fraction: float = 0.0  # share of sequences trained at a sigma of the inference grid (K in 1..16; LM presets: 0.3)
@@ -78,7 +78,7 @@ class DiffusionConfig:
     sigma_sampling: str = "lognormal"  # training sigmas: lognormal (p_mean, p_std) | loguniform (even in log sigma)
     position_sigma_fraction: float = 0.0  # share of training sequences whose positions draw their own sigma
     wavefront: float = 0.0          # sampler: width W of the wavefront across positions (0 = one sigma for all)
-    # -- stacked DiffusionBlocks (METHOD 2, 3.2) --
+    # -- stacked DiffusionBlocks (docs/method.md#partition) --
     partition: str = "equiprob"     # noise ranges of the blocks: equiprob (paper) | uniform (in log sigma; ablation)
     block_overlap: float = 0.1      # widen each block's training range by this x its log-width per side
     # -- vision (families vit, dit) --

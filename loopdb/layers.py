@@ -3,7 +3,7 @@
 RMSNorm, rotary positions, the MLP, attention (PyTorch SDPA, or xformers on CUDA
 after a probe), the sigma embedder and one transformer block that is either plain
 or AdaLN-Zero conditioned (DiT). Attention masks for the two-stream
-``[noisy ; clean]`` layout (METHOD 3.1) are built here, once, from positions.
+``[noisy ; clean]`` layout (docs/method.md#looped-lm) are built here, once, from positions.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """Rotary position embedding; cos/sin looked up by explicit positions, so the
-    noisy and clean copies of a token share a position (METHOD pitfall 3)."""
+    noisy and clean copies of a token share a position (docs/method.md#pitfall-3)."""
 
     def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0):
         super().__init__()
@@ -157,8 +157,8 @@ def clean_context_mask(query_positions: torch.Tensor, context_positions: torch.T
     """Mask of the NOISY stream over keys [clean context ; noisy rows].
 
     A noisy row at position t sees clean keys at positions <= t and itself, never
-    another noisy row (METHOD 3.1). Every row sees at least itself, so no row is
-    ever fully masked (METHOD pitfall 2). With ``pad`` (B,) the batch is left-padded and
+    another noisy row (docs/method.md#looped-lm). Every row sees at least itself, so no row is
+    ever fully masked (docs/method.md#pitfall-2). With ``pad`` (B,) the batch is left-padded and
     the arguments are slot indices: (B, 1, Tq, Tk) that also hides the padding keys.
     """
     to_self = torch.eye(len(query_positions), dtype=torch.bool, device=query_positions.device)

@@ -9,7 +9,7 @@ the data cache root (loopdb.data.storage.cache_root).
 # the training objectives of the looped and stacked LMs (loopdb.objectives.next_token.make_objective)
 OBJECTIVES = ("diffusion", "bptt", "ouro", "dense")
 
-# how a token's log-likelihood is read from the loops (loopdb.readouts.scoring.token_logprobs; METHOD 5)
+# how a token's log-likelihood is read from the loops (loopdb.readouts.scoring.token_logprobs; docs/method.md#scoring)
 READOUTS = ("predictive", "last", "elbo", "elbo_continuous", "anchor")
 LOOP_FREE_READOUTS = ("anchor",)  # the dense anchor head: one clean pass, whatever K
 BLOCK_READOUTS = ("block_elbo",)  # drafting runs: the K-step bound on L-token blocks (loopdb.readouts.drafting)

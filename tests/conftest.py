@@ -83,7 +83,7 @@ def data_dir(tmp_path_factory):
 
 
 def assert_only_block_has_gradients(blocks, trained: int) -> None:
-    """DiffusionBlocks locality (METHOD pitfall 4): ``blocks`` is a list of parameter lists; after
+    """DiffusionBlocks locality (docs/method.md#pitfall-4): ``blocks`` is a list of parameter lists; after
     a backward pass only block ``trained`` holds gradients, the others' .grad stays None."""
     for index, params in enumerate(blocks):
         grads = [p.grad for p in params]

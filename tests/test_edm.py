@@ -16,7 +16,7 @@ SCHEDULE = edm.NoiseSchedule()
     [
         (2, [0.002, 0.3012, 80.0]),
         (3, [0.002, 0.1796, 0.5050, 80.0]),
-        (4, [0.002, 0.1341, 0.3012, 0.6766, 80.0]),  # METHOD section 2
+        (4, [0.002, 0.1341, 0.3012, 0.6766, 80.0]),  # docs/method.md#edm
     ],
 )
 def test_equiprobability_boundaries(num_blocks, expected):

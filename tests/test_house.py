@@ -69,3 +69,20 @@ def test_the_command_line_starts_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=ROOT.parent, env={"PYTHONPATH": str(ROOT.parent), "PATH": ""})
     assert result.stdout.strip() == "False"
+
+
+def test_every_citation_of_the_method_reference_names_a_section_that_exists():
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    anchors = set(re.findall(r'id="([^"]+)"', (root / "docs" / "method.md").read_text()))
+    cited = {}
+    for folder in ("loopdb", "tests", "eval", "docs"):
+        for path in (root / folder).rglob("*"):
+            if path.suffix in (".py", ".md", ".yaml") and path.is_file():
+                for anchor in re.findall(r"method\.md#([\w-]+)", path.read_text()):
+                    cited.setdefault(anchor, path.relative_to(root).as_posix())
+    for anchor in re.findall(r"method\.md#([\w-]+)", (root / "README.md").read_text()):
+        cited.setdefault(anchor, "README.md")
+    missing = {anchor: where for anchor, where in cited.items() if anchor not in anchors}
+    assert cited and not missing, missing

@@ -20,11 +20,11 @@ def test_clean_context_mask_layout():
     clean, noisy = mask[:, :4], mask[:, 4:]
     assert torch.equal(clean, torch.tril(torch.ones(4, 4, dtype=torch.bool)))
     assert torch.equal(noisy, torch.eye(4, dtype=torch.bool))  # never another noisy row
-    assert mask.any(dim=1).all()  # no fully masked row (METHOD pitfall 2)
+    assert mask.any(dim=1).all()  # no fully masked row (docs/method.md#pitfall-2)
 
 
 def test_noisy_row_ignores_future_clean_tokens_and_other_noisy_rows(model):
-    """Perturb a masked-out key (METHOD pitfall 2): nothing it must not reach may change."""
+    """Perturb a masked-out key (docs/method.md#pitfall-2): nothing it must not reach may change."""
     x = tokens(1, 12)
     z = torch.randn(1, 12, 32)
     base = model.denoise(z, 0.7, model.encode(x))
@@ -55,7 +55,7 @@ def test_clean_stream_never_sees_noisy_rows(model):
 def test_noisy_and_clean_copies_share_positions(model):
     """Shifting everything by one position must change outputs only through the
     rotary phases, which are shared: a noisy row at t sees its clean row at t with
-    relative distance zero (METHOD pitfall 3)."""
+    relative distance zero (docs/method.md#pitfall-3)."""
     x = tokens(1, 6)
     z = torch.randn(1, 6, 32)
     context = model.encode(x)

@@ -1,4 +1,4 @@
-"""The masked diffusion LM (loopdb.models.masked, objectives.masked, readouts.masked; METHOD 3.3): ELBO, partition, block locality, sampler, CLI."""
+"""The masked diffusion LM (loopdb.models.masked, objectives.masked, readouts.masked; docs/method.md#masked-diffusion): ELBO, partition, block locality, sampler, CLI."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Readouts of a looped diffusion LM (METHOD 5): predictive, last, and the diffusion ELBO."""
+"""Readouts of a looped diffusion LM (docs/method.md#scoring): predictive, last, and the diffusion ELBO."""
 
 import pytest
 import torch

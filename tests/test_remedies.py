@@ -1,4 +1,4 @@
-"""Remedies for loops that do not pay (METHOD 5): each is a config key, each switched
+"""Remedies for loops that do not pay (docs/method.md#scoring): each is a config key, each switched
 off reproduces the plain model exactly, each switched on changes what it should."""
 
 import math

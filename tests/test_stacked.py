@@ -1,4 +1,4 @@
-"""The stacked LM in B DiffusionBlocks (METHOD 3.2): block-wise training, layout, inference."""
+"""The stacked LM in B DiffusionBlocks (docs/method.md#stacked-lm): block-wise training, layout, inference."""
 
 import pytest
 import torch
@@ -122,7 +122,7 @@ def test_a_block_input_is_the_noisy_embedding_never_an_earlier_block_output():
 
 
 def test_masked_out_keys_change_nothing():
-    """Perturb a key the mask hides (METHOD pitfall 2): noisy row t sees clean rows <= t and itself."""
+    """Perturb a key the mask hides (docs/method.md#pitfall-2): noisy row t sees clean rows <= t and itself."""
     model = stacked_model()
     x, z = tokens(1, 12), torch.randn(1, 12, D_MODEL) * 0.3
     for sigma in (20.0, 0.01):  # each block

@@ -1,4 +1,4 @@
-"""The vision families (METHOD 3.4): ViT classifier and DiT generator with DiffusionBlocks."""
+"""The vision families (docs/method.md#vision): ViT classifier and DiT generator with DiffusionBlocks."""
 
 import json
 

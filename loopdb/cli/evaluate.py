@@ -24,7 +24,7 @@ def add_parser(commands) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--samples", type=int, default=4, help="noise draws averaged per token")
     p.add_argument("--readout", choices=READOUTS, default="predictive",
-                   help="how a token's log-likelihood is read from the loops (METHOD 5); anchor: the dense anchor head")
+                   help="how a token's log-likelihood is read from the loops (docs/method.md#scoring); anchor: the dense anchor head")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stderr", action="store_true", help="compute standard errors (bootstrap for non-mean metrics)")
     p.add_argument("--device", default="auto")

@@ -1,5 +1,5 @@
 """``loopdb bench memory``: peak memory of a few training steps of the same stacked LM,
-trained end to end or block-wise (METHOD pitfall 8: a measurement, against a baseline
+trained end to end or block-wise (docs/method.md#pitfall-8: a measurement, against a baseline
 with activation checkpointing too).
 
 Each configuration runs in its OWN process (a fresh ``python -m loopdb.evaluation.bench``), so

@@ -13,7 +13,7 @@ see ``scoring.token_logprobs``), ``seed`` (default 0),
 ``batch_size`` (default 16), ``device`` (``cpu``, ``cuda``, ``auto``; default ``cpu``), ``exit``
 (sequence-recurrent runs: an adaptive exit rule for generate_until, e.g. ``kl:5e-4``; loopdb.maths.exit).
 
-How a loopdb model answers the harness (METHOD 5: the "predictive" readout):
+How a loopdb model answers the harness (docs/method.md#scoring: the "predictive" readout):
 
 - The model is used ONLY through ``loopdb.runs.folder.load_model`` and ``loopdb.readouts``
   (``predictive_distribution`` for scoring, ``generate`` for generation), so every model
@@ -125,7 +125,7 @@ class LoopDBLM(TemplateLM):
             raise EvalError(str(error).replace("--exit", "exit")) from None
         self.generation_loops = []  # loops each generated token used (mean_loops of the report)
         if readout not in READOUTS:
-            raise EvalError(f"readout={readout!r} is not available; choose one of {', '.join(READOUTS)} (METHOD 5)")
+            raise EvalError(f"readout={readout!r} is not available; choose one of {', '.join(READOUTS)} (docs/method.md#scoring)")
         self.readout = readout
         self.num_loops = num_loops
         self.samples = _positive_int("samples", samples)

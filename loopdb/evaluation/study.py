@@ -1,4 +1,4 @@
-"""``loopdb study``: which training recipe makes more loops pay (METHOD 5)?
+"""``loopdb study``: which training recipe makes more loops pay (docs/method.md#scoring)?
 
 Trains each variant of a variants file (a JSON object: name -> config overrides,
 optionally with "seeds": [...]) at equal training time (or equal steps), each in

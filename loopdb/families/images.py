@@ -1,4 +1,4 @@
-"""The vision families (METHOD 3.4): the ViT classifier and the DiT generator on images
+"""The vision families (docs/method.md#vision): the ViT classifier and the DiT generator on images
 (scikit-learn's 8x8 digits by default; loopdb.images)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The language-model families: looped (METHOD 3.1), stacked (3.2) and the masked diffusion
+"""The language-model families: looped (docs/method.md#looped-lm), stacked (3.2) and the masked diffusion
 LM mdm (3.3), with their data side for the trainer (token windows of a prepared corpus)."""
 
 from __future__ import annotations

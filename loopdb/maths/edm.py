@@ -1,11 +1,11 @@
-"""EDM machinery shared by every loopdb model (METHOD section 2).
+"""EDM machinery shared by every loopdb model (docs/method.md#edm).
 
 Noise levels, the training noise distribution, the block partition of the noise
 range, preconditioning, loss weights, sampler grids and sampler steps. Nothing
 here knows about a network: a denoiser is any callable ``(z, sigma) -> Dhat``.
 
 Grids are computed from the step count on every call and never stored, so a
-checkpoint runs at any number of steps (METHOD pitfall 6).
+checkpoint runs at any number of steps (docs/method.md#pitfall-6).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def euler_step(z: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next
     """One Euler step of the probability-flow ODE dz/dsigma = (z - D) / sigma.
 
     Moving to a smaller sigma moves z TOWARD the denoised estimate
-    (METHOD 2: the paper's printed sign is flipped).
+    (docs/method.md#edm: the paper's printed sign is flipped).
     """
     return z + (sigma_next - sigma) * (z - denoised) / sigma
 

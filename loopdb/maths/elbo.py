@@ -1,4 +1,4 @@
-"""The diffusion variational bound on -log p(x) for discrete targets (METHOD 5, "ELBO").
+"""The diffusion variational bound on -log p(x) for discrete targets (docs/method.md#scoring, "ELBO").
 
 Forward process (variance exploding): z_sigma = y + sigma * eps, y the unit-norm
 embedding of the token. For the ancestral sampler on a descending grid

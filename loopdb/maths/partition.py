@@ -4,7 +4,7 @@ of the EDM families (stacked LM, ViT, DiT; widths measured in log sigma) and the
 of the masked diffusion LM (widths measured in t).
 
 Block 0 is nearest the INPUT, the first to run when sampling, and owns the HIGHEST
-range (most noise, or most masked) (METHOD 2).
+range (most noise, or most masked) (docs/method.md#edm).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DiT generator on pixels trained with DiffusionBlocks (METHOD 3.4), and its end-to-end baseline.
+"""DiT generator on pixels trained with DiffusionBlocks (docs/method.md#vision), and its end-to-end baseline.
 
 Design:
 - EDM denoiser: D = c_skip*z + c_out*F(c_in*z; sigma, class), images in [-1, 1];

@@ -1,6 +1,6 @@
 """Looped (recurrent-depth) language model whose loop is a diffusion denoiser.
 
-Design (METHOD 3.1; [ours] where the paper is silent):
+Design (docs/method.md#looped-lm; [ours] where the paper is silent):
 - prelude P: plain causal layers on the token embeddings, giving e = P(x);
 - core R: ``n_core`` sigma-conditioned (adaLN-Zero) layers, shared by every loop;
 - coda C: plain layers after the denoiser output, then the final norm and head.
@@ -92,7 +92,7 @@ class NextTokenDenoiser:
         return F.embedding(next_tokens, self.target_table())
 
     def soft_denoised(self, logits: torch.Tensor) -> torch.Tensor:
-        """Dhat = softmax(logits) @ normalize(E) (METHOD 2, discrete targets)."""
+        """Dhat = softmax(logits) @ normalize(E) (docs/method.md#edm, discrete targets)."""
         table = self.target_table()
         return torch.softmax(logits.float(), dim=-1).to(table.dtype) @ table
 
@@ -228,7 +228,7 @@ class LoopedLM(NextTokenDenoiser, nn.Module):
     def _denoise_rows(self, z, sigma, context: CleanContext, anchors, slots, previous=None):
         """D and logits for noisy rows z (B, R, C); row r belongs to clean position anchors[r]
         (absolute) as slot slots[r]. It sees clean keys <= its position and the rows of its own
-        position (METHOD 3.1; for one slot per position: itself)."""
+        position (docs/method.md#looped-lm; for one slot per position: itself)."""
         batch = z.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).expand(batch)
         pre = precondition(sigma, self.sigma_data)

@@ -1,6 +1,6 @@
-"""Masked diffusion language model (MD4) trained with DiffusionBlocks (METHOD 3.3).
+"""Masked diffusion language model (MD4) trained with DiffusionBlocks (docs/method.md#masked-diffusion).
 
-Design choices ([ours] where METHOD and the paper are silent):
+Design choices ([ours] where docs/method.md and the paper are silent):
 - Absorbing-state diffusion: a masked token becomes [MASK], id ``vocab_size`` (one extra
   embedding row; the head predicts only the real vocabulary). Linear schedule
   alpha(t) = 1 - t: at time t each position is masked independently with probability t.

@@ -1,4 +1,4 @@
-"""Recurrent-depth language model with sequence recurrence (Huginn, Ouro; METHOD 3.1).
+"""Recurrent-depth language model with sequence recurrence (Huginn, Ouro; docs/method.md#looped-lm).
 
 Design (the looped family with ``recurrence=sequence``, the default for bptt and ouro):
 - prelude P: plain causal layers on the token embeddings, e = P(x);

@@ -1,11 +1,11 @@
-"""Stacked (untied) language model in B DiffusionBlocks (METHOD 3.2).
+"""Stacked (untied) language model in B DiffusionBlocks (docs/method.md#stacked-lm).
 
 Design choices ([ours] where the paper is silent; each is a config key or documented here):
 - ``n_layers`` distinct sigma-conditioned (adaLN-Zero) layers in ``num_blocks`` contiguous
   blocks. Shared by all blocks: the token embedding (also the target table), the sigma
   embedder, the final norm and the (tied by default) head. Each block owns its layers, a
   learned "clean" conditioning, its input projection (``injection``) and its denoiser output.
-- Layout [ours]: the NEXT-token form of the looped model (METHOD 3.1), not the
+- Layout [ours]: the NEXT-token form of the looped model (docs/method.md#looped-lm), not the
   "noisy t sees clean < t" form: the noisy row t is a noisy estimate of
   normalize(E[x_{t+1}]) and attends to clean keys at positions <= t and to itself only
   (``layers.clean_context_mask``, the looped model's mask; no row is ever fully masked).
@@ -13,10 +13,10 @@ Design choices ([ours] where the paper is silent; each is a config key or docume
 - DiffusionBlocks proper: block b is a whole denoiser on its own. Its clean stream
   starts from the token embedding e = E[x] and runs through block b's layers only; its
   noisy stream starts from inject(c_in * z, e), NEVER from another block's output
-  (METHOD pitfall 4). Training a block runs only that block's layers.
+  (docs/method.md#pitfall-4). Training a block runs only that block's layers.
 - Block b (b = 0 nearest the input) owns the b-th HIGHEST noise range of the
   ``partition`` (equi-probability by default); training sigmas come from that range
-  widened by ``block_overlap`` (0.1 for text, METHOD 2). At inference each sampler step
+  widened by ``block_overlap`` (0.1 for text, docs/method.md#edm). At inference each sampler step
   uses the block owning its sigma (no overlap): with T = B equi-probability steps each
   block runs once.
 - EDM preconditioning as in the looped model: D = c_skip*z + c_out*out_b(norm_b(h));

@@ -1,7 +1,7 @@
 """What the two vision families (vit, dit) share: patches, the layer stack split into
 DiffusionBlocks, and the block <-> noise-range assignment used by training AND sampling.
 
-Design (METHOD 2 and 3.4; [ours] where the paper is silent):
+Design (docs/method.md#vision; [ours] where the paper is silent):
 - ``n_layers`` adaLN-Zero layers in ``num_blocks`` contiguous blocks; block 0 is
   nearest the input and owns the HIGHEST noise range (equi-probability partition of
   the training log-normal, loopdb.maths.partition).

@@ -1,11 +1,11 @@
-"""ViT classifier trained with DiffusionBlocks (METHOD 3.4), and its end-to-end baseline.
+"""ViT classifier trained with DiffusionBlocks (docs/method.md#vision), and its end-to-end baseline.
 
 Design:
 - Patch embedding (linear on p x p patches) plus learned absolute positions; the token
   in front of the patches is the noisy label embedding z (it replaces the CLS token).
 - Label targets y = rows of the L2-normalised label table scaled to ``target_norm``
-  (default sigma_data * sqrt(d): per-dimension scale sigma_data, METHOD 2.1), exactly
-  like the looped LM's targets. Dhat = softmax(logits) @ that SAME table (METHOD 2).
+  (default sigma_data * sqrt(d): per-dimension scale sigma_data, docs/method.md#target-scale), exactly
+  like the looped LM's targets. Dhat = softmax(logits) @ that SAME table (docs/method.md#edm).
 - Denoiser (EDM): D = c_skip*z + c_out*out(norm(h_0)), h_0 the label token after the
   block's layers; logits = head(D / target_scale); loss w(sigma) * CE(logits, label).
 - diffusion: B blocks, one per step, sigma from its range; inference with T steps,

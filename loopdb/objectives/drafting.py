@@ -2,7 +2,7 @@
 
 At position t the model denoises L slots jointly, the embeddings of tokens t+1..t+L
 (``LoopedLM.denoise_draft``), so the denoised object has dependent coordinates and K
-loops can pay (METHOD 3.1, last point). Training is still ONE forward/backward pass:
+loops can pay (docs/method.md#looped-lm, last point). Training is still ONE forward/backward pass:
 
     loss = w(sigma) * mean over drafting positions and slots of CE(slot logits, token)
          + anchor_weight * CE(head(C(clean stream)), x_{t+1})

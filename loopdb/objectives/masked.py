@@ -1,4 +1,4 @@
-"""Objectives of the masked diffusion LM (MD4, METHOD 3.3): DiffusionBlocks over t, or the
+"""Objectives of the masked diffusion LM (MD4, docs/method.md#masked-diffusion): DiffusionBlocks over t, or the
 end-to-end baseline. The loss and the block <-> t assignment are documented in loopdb.models.masked."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 What K loops mean at inference is the sampler's (loopdb.sampling), which the diffusion rollout and
 the recurrent objectives call for their grids and initial states.
 
-- diffusion (DiffusionBlocks, METHOD 3.1): one sigma per sequence, ONE
+- diffusion (DiffusionBlocks, docs/method.md#looped-lm): one sigma per sequence, ONE
   forward/backward pass, w(sigma) * CE(head(C(D)), x_{t+1}).
 - bptt (Huginn, baseline 1): random initial state, r iterations of the core with a
   Poisson-log-normal r (mean r_bar), gradients through the last k only, CE at the
@@ -61,7 +61,7 @@ def mean_cross_entropy(logits, targets) -> torch.Tensor:
 
 
 def weighted_cross_entropy(model, logits, next_tokens, sigma):
-    """w(sigma) * CE(logits, next token), one sigma per sequence (METHOD 2); returns (loss, stats)."""
+    """w(sigma) * CE(logits, next token), one sigma per sequence (docs/method.md#edm); returns (loss, stats)."""
     diffusion = model.diffusion
     cross_entropy = _cross_entropy(logits, next_tokens)  # one value per sequence, i.e. per sigma
     weight = loss_weight(sigma, model.sigma_data, diffusion.loss_weight, diffusion.loss_weight_clamp or None)
@@ -73,7 +73,7 @@ GRID_SIZES = (1, 2, 4, 8, 16)  # inference grids whose sigmas train_grid_fractio
 
 
 class DiffusionObjective:
-    """DiffusionBlocks for the looped LM, with the remedies of METHOD 5 as config keys
+    """DiffusionBlocks for the looped LM, with the remedies of docs/method.md#scoring as config keys
     (``model.diffusion``); with every remedy off it is exactly the plain method."""
 
     def loss(self, model, tokens: torch.Tensor, generator: torch.Generator, step: int = 0):
@@ -250,5 +250,5 @@ def make_objective(train_config) -> "DiffusionObjective | BPTTObjective | OuroOb
 
 
 def diffusion_blocks_loss(model, tokens, generator):
-    """The DiffusionBlocks loss of METHOD 3.1 (kept as a function for direct use)."""
+    """The DiffusionBlocks loss of docs/method.md#looped-lm (kept as a function for direct use)."""
     return DiffusionObjective().loss(model, tokens, generator)

@@ -1,4 +1,4 @@
-"""Objectives of the vision families (METHOD 3.4): the ViT classifier and the DiT generator,
+"""Objectives of the vision families (docs/method.md#vision): the ViT classifier and the DiT generator,
 each trained with DiffusionBlocks (one block per step, sigma from its range) or end to end."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ model's sampler (loopdb.sampling) says what a loop is, so every family is
 scored and sampled here through the same functions. The clean stream is encoded
 once per sequence (or once per new token with the cache) and shared by every loop.
 
-Scoring (METHOD 5, "predictive"): a deterministic sampler commits to one token per
+Scoring (docs/method.md#scoring, "predictive"): a deterministic sampler commits to one token per
 noise draw, so the last step's distribution for ONE draw is not the model's
 predictive distribution. We estimate log p(x_{t+1}) by log-mean-exp of the last
 step's probability over N noise draws and always report N.
@@ -60,7 +60,7 @@ def predictive_logprobs(model, windows: torch.Tensor, num_loops: int, samples: i
 
 def predictive_core(model, context, num_loops: int, samples: int, draw_state, loop_generator,
                     sampler=None) -> torch.Tensor:
-    """THE predictive readout (METHOD 5), shared by ``loopdb score``, the lm-eval adapter and the
+    """THE predictive readout (docs/method.md#scoring), shared by ``loopdb score``, the lm-eval adapter and the
     study: log of the mean over ``samples`` draws of the last loop's next-token distribution,
     (B, T, V), against ONE encoding ``context`` of the clean stream. ``draw_state()`` gives a draw's
     initial state (None for a model that draws no noise: evaluated once); the draws are accumulated
@@ -110,7 +110,7 @@ def elbo_logprobs(model, windows: torch.Tensor, num_loops: int | None, samples: 
 
 def token_logprobs(model, windows: torch.Tensor, num_loops: int, readout: str, samples: int,
                    generator: torch.Generator) -> torch.Tensor:
-    """(B, T) log-likelihood of each next token under a named readout (METHOD 5):
+    """(B, T) log-likelihood of each next token under a named readout (docs/method.md#scoring):
         predictive       log of the last loop's probability averaged over ``samples`` noise draws;
         last             the last loop's log-probability averaged over draws (one draw: the biased readout);
         elbo             minus the K-step diffusion ELBO (a bound: never above the true log p);

@@ -4,7 +4,7 @@ The model's ``loop`` setting (fixed when the family builds it from the run's con
 sampler; ``sampler_of(model)`` looks it up. A sampler holds no weights and no state: its
 settings are the model's (``model.diffusion``), so one instance serves every model.
 
-- diffusion (DiffusionBlocks, METHOD 3.1): K loops = K steps of the ODE solver on a sigma grid
+- diffusion (DiffusionBlocks, docs/method.md#looped-lm): K loops = K steps of the ODE solver on a sigma grid
   computed from K (never stored), from the marginal at the top of the grid. With draft width
   L > 1 each step denoises the L slots of every position together and the logits are slot 0's.
 - recurrent (Huginn, Ouro): K iterations of the core from a random state, then the coda.

@@ -1,4 +1,4 @@
-"""Samplers of the vision families (METHOD 3.4): the ViT's label after T steps and the DiT's
+"""Samplers of the vision families (docs/method.md#vision): the ViT's label after T steps and the DiT's
 class-conditional images after T steps, each step run by the block that owns its sigma
 (DiffusionBlocks, ``model.blockwise``) or by every layer (the end-to-end baseline)."""
 
