@@ -20,6 +20,17 @@ from ..runs.folder import load_model, run_data_dir
 from .args import parse_loops
 
 
+def sampler_settings(config) -> dict:
+    """The inference settings a score depends on (loopdb.runs.folder.SAMPLER_KEYS), as the run uses them."""
+    from ..runs.folder import SAMPLER_KEYS
+
+    return {key: getattr(config.diffusion, key) for key in SAMPLER_KEYS}
+
+
+def _describe(settings: dict) -> str:
+    return "sampler " + " ".join(f"{key}={value}" for key, value in settings.items())
+
+
 def score(args, sampler) -> int:
     """`loopdb score` of a next-token LM: bits per byte per loop count under a readout."""
     if args.readout == "block_elbo":  # a drafting run's bound on whole blocks (loopdb.cli.drafting)
@@ -51,11 +62,13 @@ def score(args, sampler) -> int:
                 raise UsageError(str(error)) from None
     meta = load_meta(data_dir)
     report = {"bpb": results, "readout": args.readout, "samples": args.samples, "split": args.split,
-              "seed": args.seed, "windows": len(windows), "unigram_bpb": meta["unigram_test_bpb"]}
+              "seed": args.seed, "windows": len(windows), "unigram_bpb": meta["unigram_test_bpb"],
+              "sampler": sampler_settings(config)}
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{args.split} bits per byte ({args.readout}, {args.samples} noise draw(s), {len(windows)} windows):")
+        print(f"{args.split} bits per byte ({args.readout}, {args.samples} noise draw(s), {len(windows)} windows, "
+              f"{_describe(sampler_settings(config))}):")
         for num_loops, value in results.items():
             print(f"  K={num_loops:>3}  {value:.4f}")
         print(f"  unigram (test) {meta['unigram_test_bpb']:.4f}")
@@ -75,7 +88,7 @@ def _score_task(args, model, config, loops, device) -> int:
     report = {"accuracy": {}, "accuracy_beyond": {}, "accuracy_by_difficulty": {}, "mean_loops": {},
               "task": task.name, "split": args.split, "exit": None if exit_rule is None else str(exit_rule),
               "objective": config.train.objective, "recurrence": config.recurrence, "samples": args.samples,
-              "examples_per_difficulty": count, "trained_difficulties": sorted(trained),
+              "sampler": sampler_settings(config), "examples_per_difficulty": count, "trained_difficulties": sorted(trained),
               "baselines": task.baselines([e for e in examples if e.difficulty in trained])}
     for num_loops in tqdm(loops, desc="score", disable=args.json or args.quiet, leave=False):
         try:
@@ -98,7 +111,8 @@ def _score_task(args, model, config, loops, device) -> int:
         print(json.dumps(report))
         return 0
     print(f"{args.split} accuracy on {task.name} ({count} examples per difficulty, objective {config.train.objective}, "
-          f"recurrence {config.recurrence}{', exit ' + str(exit_rule) if exit_rule else ''}):")
+          f"recurrence {config.recurrence}, {_describe(report['sampler'])}"
+          f"{', exit ' + str(exit_rule) if exit_rule else ''}):")
     for key in report["accuracy"]:
         beyond = report["accuracy_beyond"][key]
         print(f"  K={key:>3}  trained {report['accuracy'][key]:.3f}"
