@@ -398,3 +398,15 @@ def test_cli_eval_user_errors_are_one_line_exit_2(tiny_run, tmp_path, capsys, mo
     code, _, err = run_cli(capsys, "eval", tiny_run, "--tasks", "shakespeare_bpb", "--output", output)
     assert code == 2 and 'pip install -e ".[eval]"' in err and len(err.strip().splitlines()) == 1
     assert not output.exists()
+
+
+def test_a_metric_reported_per_difficulty_is_one_panel_against_difficulty(tmp_path):
+    from loopdb.evaluation.lm_eval_sweep import metric_panels, plot_metrics
+
+    summary = {"s3_x": {"exact_match": {"1": 0.4, "16": 0.9},
+                        **{f"exact_match_d{d}": {"1": 1.0 / d, "16": 1.0} for d in (2, 3, 12)}},
+               "text": {"bits_per_byte": {"1": 2.5, "16": 2.6}}}
+    panels = metric_panels(summary)
+    assert [(task, metric) for task, metric, _, _ in panels] == [("s3_x", "exact_match"), ("text", "bits_per_byte")]
+    assert sorted(panels[0][3]) == [2, 3, 12] and panels[1][3] is None
+    assert plot_metrics(summary, [1, 16], tmp_path / "plot.png").stat().st_size > 0

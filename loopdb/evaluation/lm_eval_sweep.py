@@ -111,27 +111,62 @@ def format_table(summary: dict, loops: list[int], stderrs: dict | None = None) -
     return "\n".join(lines)
 
 
+PER_DIFFICULTY = re.compile(r"^(?P<base>.+)_d(?P<difficulty>\d+)$")  # e.g. exact_match_d12 (loopdb.tasks folders)
+BOUNDED = ("acc", "exact_match")  # metrics in [0, 1]: drawn on a 0-1 axis, so a small change looks small
+
+
+def metric_panels(summary: dict) -> list[tuple]:
+    """The panels of the plot, (task, metric, by_loops, by_difficulty): a metric also reported per
+    difficulty (``metric_dN``) is ONE panel of the metric against difficulty with a line per K
+    (by_difficulty: {difficulty: {K: value}}); every other metric is a panel against K (None)."""
+    panels = []
+    for task, metrics in summary.items():
+        per_difficulty = {}
+        for metric, by_loops in metrics.items():
+            match = PER_DIFFICULTY.match(metric)
+            if match and match["base"] in metrics:
+                per_difficulty.setdefault(match["base"], {})[int(match["difficulty"])] = by_loops
+        for metric, by_loops in metrics.items():
+            match = PER_DIFFICULTY.match(metric)
+            if not (match and match["base"] in per_difficulty):
+                panels.append((task, metric, by_loops, per_difficulty.get(metric)))
+    return panels
+
+
 def plot_metrics(summary: dict, loops: list[int], path: Path) -> Path:
-    """One panel per task/metric against the loop count (log2 axis); saved as a PNG."""
+    """One panel per task/metric against the loop count (log2 axis), or, for a metric reported per
+    difficulty, against difficulty with one line per K; saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(task, metric, by_loops) for task, metrics in summary.items() for metric, by_loops in metrics.items()]
+    panels = metric_panels(summary)
     columns = min(3, max(1, len(panels)))
     rows = max(1, math.ceil(len(panels) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    for axis, (task, metric, by_loops) in zip(axes.flat, panels):
-        xs = [k for k in loops if by_loops.get(str(k)) is not None]
-        ys = [by_loops[str(k)] for k in xs]
-        axis.plot(xs, ys, marker="o")
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(loops, [str(k) for k in loops])
-        if "perplexity" in metric and ys and min(ys) > 0:
-            axis.set_yscale("log")
+    figure, axes = plt.subplots(rows, columns, figsize=(4.8 * columns, 3.4 * rows), squeeze=False)
+    for axis, (task, metric, by_loops, by_difficulty) in zip(axes.flat, panels):
+        if by_difficulty:
+            difficulties = sorted(by_difficulty)
+            for k in loops:
+                xs = [d for d in difficulties if by_difficulty[d].get(str(k)) is not None]
+                overall = by_loops.get(str(k))
+                label = f"K={k}" + (f" (all: {overall:.3f})" if overall is not None else "")
+                axis.plot(xs, [by_difficulty[d][str(k)] for d in xs], marker="o", markersize=3, label=label)
+            axis.set_xlabel("difficulty")
+            axis.legend(fontsize=7)
+        else:
+            xs = [k for k in loops if by_loops.get(str(k)) is not None]
+            ys = [by_loops[str(k)] for k in xs]
+            axis.plot(xs, ys, marker="o")
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(loops, [str(k) for k in loops])
+            if "perplexity" in metric and ys and min(ys) > 0:
+                axis.set_yscale("log")
+            axis.set_xlabel("loops K")
+        if metric.startswith(BOUNDED):
+            axis.set_ylim(-0.02, 1.02)
         axis.set_title(f"{task}\n{metric}", fontsize=9)
-        axis.set_xlabel("loops K")
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
