@@ -355,12 +355,12 @@ def test_the_folder_holds_what_a_hub_model_holds(runs):
     out = runs["diffusion"][1]
     names = {path.name for path in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-            "README.md", "hf_modeling.py", "hf_configuration.py"} <= names
+            "README.md", "hf_modeling.py", "hf_layers.py", "hf_generation.py", "hf_configuration.py"} <= names
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "hf_modeling.LoopDBForCausalLM"
     card = (out / "README.md").read_text()
     assert "num_loops" in card and "| 1 |" in card and "lm_eval --model hf" in card
-    for name in ("hf_modeling.py", "hf_configuration.py"):  # the code imports torch and transformers only
+    for name in ("hf_modeling.py", "hf_layers.py", "hf_generation.py", "hf_configuration.py"):  # torch + transformers only
         imports = [line.split()[1] for line in (out / name).read_text().splitlines()
                    if line.startswith(("import ", "from "))]
         assert all(module.split(".")[0] in ("__future__", "math", "statistics", "torch", "transformers", "")

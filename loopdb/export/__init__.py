@@ -3,12 +3,13 @@
 DIR loads with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` where loopdb is not installed:
 
-  config.json, hf_configuration.py, hf_modeling.py   the model code (torch + transformers only), via auto_map
+  config.json, hf_configuration.py, hf_layers.py, hf_generation.py, hf_modeling.py
+                                                    the model code (torch + transformers only), via auto_map
   model.safetensors                                    the run's newest weights, under loopdb's own names
   tokenizer.json, tokenizer_config.json                 the run's sentencepiece BPE as a tokenizers BPE
   generation_config.json, README.md                    greedy decoding defaults; the model card
 
-hf_modeling.py and hf_configuration.py are real modules of this package, copied verbatim.
+The hf_*.py files are real modules of this package, copied verbatim.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .card import model_card
 from .tokenizer import newline_id, transformers_tokenizer
 
 HERE = Path(__file__).resolve().parent
-CODE_FILES = ("hf_configuration.py", "hf_modeling.py")
+CODE_FILES = ("hf_configuration.py", "hf_layers.py", "hf_generation.py", "hf_modeling.py")
 AUTO_MAP = {"AutoConfig": "hf_configuration.LoopDBConfig", "AutoModelForCausalLM": "hf_modeling.LoopDBForCausalLM"}
 DEFAULT_LOOPS = 4
 
