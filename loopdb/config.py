@@ -36,7 +36,7 @@ class ModelConfig:
     injection: str = "concat"       # concat: Linear([c_in*z ; e]) (Huginn's adapter) | add: c_in*z + e
     tie_head: bool = True
     draft_width: int = 1            # looped: L noisy slots per position, the embeddings of tokens t+1..t+L (1 = one next token)
-    # looped family: how a loop iteration sees the sequence (README "Recurrent depth")
+    # looped family: how a loop iteration sees the sequence (docs/method.md#recurrent-depth)
     recurrence: str = "auto"        # sequence: every state attends to all earlier states each loop (Huginn, Ouro)
     #                                 position: a state attends to the clean stream only (DiffusionBlocks; ablation)
     #                                 auto: sequence for bptt and ouro, position for diffusion and dense
@@ -64,7 +64,7 @@ class DiffusionConfig:
     loss_weight_clamp: float = 0.0  # cap on the edm weight; 0 = none
     grid: str = "equiprob"          # sampler grid: equiprob | karras | geometric (even in log sigma)
     solver: str = "euler"           # euler | heun
-    grid_sigma_last: float = 0.0    # last sigma of the sampler grid; 0 = sigma_min (the LM presets use 1.0: README study)
+    grid_sigma_last: float = 0.0    # last sigma of the sampler grid; 0 = sigma_min (LM presets: 1.0, docs/method.md#defaults)
     # -- remedies for loops that do not pay (docs/method.md#scoring); every default is "off" --
     target_norm: float = 1.0        # norm of the target embeddings; 0 = sigma_data * sqrt(d_model) (per-dim scale sigma_data)
     estimate: str = "soft"          # Dhat from logits: soft (softmax @ table) | argmax | sample
@@ -307,7 +307,7 @@ def _parse(raw: str, kind: type, name: str):
 
 
 def _looped_lm_recipe() -> DiffusionConfig:
-    """The looped-LM presets' recipe, the winner of the README study ("Making loops pay"): the sampler
+    """The looped-LM presets' recipe, the winner of the study in docs/results/loops-on-text.md: the sampler
     grid stops at sigma = 1 (below it the Euler steps commit to one token and every readout got worse),
     and 30% of the training sequences take a sigma of an inference grid, sigma_max (where K=1 reads
     out, almost never drawn from the log-normal) included."""
@@ -405,7 +405,7 @@ def _demo_draft() -> Config:
     about the noisy rows of L=1), with the dense anchor head on."""
     config = _demo()
     config.model.draft_width = 4
-    # the slots' own evidence in the logits: without it the block ELBO explodes below sigma = 1 (docs/drafting.md)
+    # the slots' own evidence in the logits: without it the block ELBO explodes below sigma = 1 (docs/results/drafting.md)
     config.diffusion.likelihood_logits = True
     config.train.anchor_weight, config.train.draft_fraction = 1.0, 0.25
     return config
@@ -413,7 +413,7 @@ def _demo_draft() -> Config:
 
 def _depth_tiny() -> Config:
     """Sequence-recurrent BPTT on the S3 word problem (state tracking), length 12, scored 2-24:
-    the task where more loops pay (README "Recurrent depth"): 14 minutes on 2 CPU cores (2,000 steps
+    the task where more loops pay (docs/results/recurrent-depth.md): 14 minutes on 2 CPU cores (2,000 steps
     learn the task at fixed depth; the loops start to pay after about 4,000; 6,000 pay more)."""
     config = Config()
     config.model = ModelConfig(context=32, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1)

@@ -1,4 +1,4 @@
-"""Recurrent depth (README "Recurrent depth"): Huginn's sequence recurrence, BPTT and Ouro's
+"""Recurrent depth (docs/method.md#recurrent-depth): Huginn's sequence recurrence, BPTT and Ouro's
 objective on it, adaptive exit, and runs on a reasoning task."""
 
 import json

@@ -1,4 +1,4 @@
-"""Adaptive per-token exit from a loop (README "Recurrent depth").
+"""Adaptive per-token exit from a loop (docs/method.md#adaptive-exit).
 
 A rule is ``kind:threshold``:
   kl:EPS     Huginn: stop once KL(p_k || p_{k-1}) between successive next-token distributions < EPS;
