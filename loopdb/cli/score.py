@@ -42,9 +42,10 @@ def family_commands(run):
     """The module of score/sample bodies for this run's family (its ``commands``)."""
     from ..families import family_of
     from ..runs.folder import open_run
-    from . import images, masked, text
+    import importlib
 
-    return {"text": text, "masked": masked, "images": images}[family_of(open_run(run)[0]).commands]
+    # the family's body module by name (loopdb.cli.text | masked | images), imported only when used
+    return importlib.import_module(f"{__package__}.{family_of(open_run(run)[0]).commands}")
 
 
 def run(args, sampler) -> int:

@@ -9,7 +9,7 @@ spaced) and ``tokens`` new tokens each:
 - parallel, per K: L tokens per K loops at temperature 1, tokens/s, the generative
   perplexity of the samples under a judge (a dense run's, or by default the run's own anchor
   head) and distinct-2; ``anchor_sampled`` is the same for the anchor head's own samples.
-Times are wall-clock on this machine (single process; note the machine's load).
+Times are wall-clock on the machine that runs it (single process; note its load and CPU model beside them).
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ print(tokenizer.decode(new[0], skip_special_tokens=False))
 ```
 
 - The tokenizer is a plain tokenizers BPE (no custom code); transformers still reads `config.json` when it
-  loads, so an interactive session may ask about the model's code: answer N, or pass `trust_remote_code=True`.
+  loads, so an interactive prompt may ask about the model's code: answer N, or pass `trust_remote_code=True`.
 - `num_loops` (default {loops}): loops per call; an argument of `forward` and `generate`, and a config field
   that `from_pretrained(..., num_loops=K)` overrides.
 - `noise_seed` (default {values.get('noise_seed', 0)}): the seed of the initial states; each row of a batch
