@@ -344,6 +344,12 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)), kv
 
 
+def inject(injection: nn.Module | None, state: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+    """Input injection of a looped model: Huginn's adapter Linear([state ; e]), or state + e without one."""
+    state = state.to(embedded.dtype)
+    return injection(torch.cat([state, embedded], -1)) if injection is not None else state + embedded
+
+
 def run_clean_layers(layers, hidden, cos, sin, past=None, cond=None, mask=None, call=None):
     """Run a clean (context) stream through ``layers``; ``past``: per layer the cached (k, v)
     of earlier positions, or None. Returns (hidden, per-layer (k, v) over past and new positions).

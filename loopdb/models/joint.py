@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DiffusionConfig, ModelConfig
-from ..layers import Block, SigmaEmbedder, RMSNorm, Rotary, causal_mask, run_clean_layers
+from ..layers import Block, inject, SigmaEmbedder, RMSNorm, Rotary, causal_mask, run_clean_layers
 from ..maths.edm import NoiseSchedule, precondition
 from .looped import NextTokenDenoiser
 
@@ -165,5 +165,4 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         return cos, sin, torch.cat([prefix[None, :] < queries[:, None], own], dim=1)
 
     def _inject(self, state, embedded):
-        state = state.to(embedded.dtype)
-        return self.injection(torch.cat([state, embedded], -1)) if self.injection is not None else state + embedded
+        return inject(self.injection, state, embedded)

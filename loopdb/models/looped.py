@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..config import DiffusionConfig, ModelConfig
 from ..maths.edm import NoiseSchedule, precondition
-from ..layers import (Block, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, init_linears,
+from ..layers import (Block, inject, RMSNorm, Rotary, SigmaEmbedder, causal_mask, clean_context_mask, init_linears,
                       padded_causal_mask, padded_positions, run_clean_layers)
 
 
@@ -200,8 +200,7 @@ class LoopedLM(NextTokenDenoiser, nn.Module):
         return self.logits_from(hidden)
 
     def _inject(self, state, embedded):
-        state = state.to(embedded.dtype)
-        return self.injection(torch.cat([state, embedded], -1)) if self.injection is not None else state + embedded
+        return inject(self.injection, state, embedded)
 
     def denoise(self, z: torch.Tensor, sigma, context: CleanContext, previous: torch.Tensor | None = None):
         """DiffusionBlocks: logits of the denoiser at noise level sigma for the LAST

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..layers import Block, RMSNorm, Rotary, causal_mask, init_linears, run_clean_layers
+from ..layers import Block, inject, RMSNorm, Rotary, causal_mask, init_linears, run_clean_layers
 from ..maths.exit import ExitRule, ExitTracker
 
 
@@ -200,8 +200,7 @@ class RecurrentDepthLM(nn.Module):
         return cos, sin, mask
 
     def _inject(self, state, embedded):
-        state = state.to(embedded.dtype)
-        return self.injection(torch.cat([state, embedded], -1)) if self.injection is not None else state + embedded
+        return inject(self.injection, state, embedded)
 
     def _logits(self, hidden):
         hidden = self.final_norm(hidden)

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .next_token import mean_cross_entropy, split_batch
+from .next_token import mean_cross_entropy, noised_targets, split_batch
 
 
 def training_sigmas(diffusion, schedule, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -40,8 +40,6 @@ class JointDiffusionObjective:
     def loss(self, model, batch, generator: torch.Generator, step: int = 0):
         inputs, targets = split_batch(batch)
         sigma = training_sigmas(model.diffusion, model.schedule, tuple(inputs.shape), generator).to(inputs.device)
-        clean = model.targets(targets.clamp(min=0))  # unscored positions (IGNORE_INDEX) get some target
-        noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
-        noisy = clean + sigma[..., None].to(clean.dtype) * noise
+        noisy = noised_targets(model, targets, sigma, generator)
         cross_entropy = mean_cross_entropy(model(inputs, noisy, sigma), targets)
         return cross_entropy, {"ce": cross_entropy.detach(), "sigma_median": sigma.median().detach()}

@@ -46,10 +46,11 @@ def _cross_entropy(logits, targets) -> torch.Tensor:
 
 
 def noised_targets(model, next_tokens, sigma, generator) -> torch.Tensor:
-    """z_sigma = y + sigma * eps for the next tokens' target embeddings; (B, T, C)."""
+    """z_sigma = y + sigma * eps for the next tokens' target embeddings, (B, T, C); sigma: one per
+    sequence (B,) or one per position (B, T)."""
     targets = model.targets(next_tokens.clamp(min=0))  # unscored positions (IGNORE_INDEX) get some target
     noise = torch.randn(targets.shape, generator=generator).to(targets.device, targets.dtype)
-    return targets + sigma[:, None, None] * noise
+    return targets + sigma.view(sigma.shape[0], -1, 1) * noise
 
 
 def mean_cross_entropy(logits, targets) -> torch.Tensor:
