@@ -1,7 +1,8 @@
 """`loopdb export`: a run as a transformers folder that from_pretrained, generate and lm-eval's hf model use.
 
 Runs of 20 steps of the tiny and tiny-stacked presets shrunk to SMALL_RUN (16-token window,
-d_model 32) for each objective. Tolerance of logits against loopdb's own: 1e-5 absolute (float32, the same
+d_model 32) for each objective, and of sequence-joint DiffusionBlocks (``joint``: a sigma per position,
+the wavefront sampler on a geometric grid). Tolerance of logits against loopdb's own: 1e-5 absolute (float32, the same
 operations in the same order up to the attention kernel).
 """
 
@@ -21,20 +22,23 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "eval" / "tasks"
-OBJECTIVES = ("diffusion", "bptt", "ouro", "dense", "stacked-diffusion", "stacked-dense")
+OBJECTIVES = ("diffusion", "bptt", "ouro", "dense", "stacked-diffusion", "stacked-dense", "joint")
 ATOL = 1e-5
+JOINT = ("--objective=diffusion", "--recurrence=sequence", "--wavefront=1", "--position_sigma_fraction=0.5",
+         "--sigma_sampling=loguniform", "--grid=geometric", "--train_grid_fraction=0")
 
 
 def train_and_export(data_dir, folder: Path, name: str, *extra) -> tuple[Path, Path]:
-    """A 20-step run of the tiny preset (``stacked-*``: tiny-stacked) shrunk to SMALL_RUN, and its export
-    (3 noise draws by default)."""
+    """A 20-step run of the tiny preset (``stacked-*``: tiny-stacked; ``joint``: sequence-joint) shrunk to
+    SMALL_RUN, and its export (3 noise draws by default)."""
     from loopdb.cli import main
 
     family, _, objective = name.rpartition("-")
     preset = "tiny-stacked" if family == "stacked" else "tiny"
+    flags = JOINT if name == "joint" else (f"--objective={objective}",)
     run, out = folder / name, folder / f"{name}-hf"
     assert main(["train", "--preset", preset, "--data", str(data_dir), "--out", str(run), "--quiet", *SMALL_RUN,
-                 "--max_steps=20", f"--objective={objective}", "--max_loops=3", "--mean_depth=3", *extra]) == 0
+                 "--max_steps=20", *flags, "--max_loops=3", "--mean_depth=3", *extra]) == 0
     assert main(["export", str(run), "--out", str(out), "--samples", "3"]) == 0
     return run, out
 
@@ -46,14 +50,15 @@ def runs(data_dir, tmp_path_factory):
     return {objective: train_and_export(data_dir, folder, objective) for objective in OBJECTIVES}
 
 
-@pytest.fixture(scope="module")
-def depth_run(tmp_path_factory):
-    """20 steps of the depth-tiny preset (sequence-recurrent BPTT on the S3 task, its word tokenizer), exported."""
+@pytest.fixture(scope="module", params=["depth-tiny", "depth-db-tiny"])
+def depth_run(tmp_path_factory, request):
+    """20 steps of a depth preset on the S3 task with its word tokenizer, exported: depth-tiny (sequence-recurrent
+    BPTT) or depth-db-tiny (sequence-joint DiffusionBlocks, every position denoised jointly, the wavefront)."""
     from loopdb.cli import main
 
     folder = tmp_path_factory.mktemp("depth")
     run, out = folder / "run", folder / "hf"
-    assert main(["train", "--preset", "depth-tiny", "--out", str(run), "--quiet", "--max_steps=20", "--d_model=32",
+    assert main(["train", "--preset", request.param, "--out", str(run), "--quiet", "--max_steps=20", "--d_model=32",
                  "--batch_size=8", "--eval_loops=1,2", "--eval_examples=2", "--test_difficulties=2,3"]) == 0
     assert main(["export", str(run), "--out", str(out)]) == 0
     return run, out
@@ -103,7 +108,7 @@ def test_the_initial_states_scale_is_the_runs(runs, data_dir):
     assert torch.allclose(theirs, ours, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion", "joint"])
 def test_one_draw_readout_equals_loopdbs_last_loop_logits(runs, data_dir, objective):
     from loopdb.readouts import scoring
 
@@ -117,7 +122,7 @@ def test_one_draw_readout_equals_loopdbs_last_loop_logits(runs, data_dir, object
     assert torch.allclose(theirs, ours, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "joint"])
 def test_the_noise_seed_makes_a_call_reproducible_and_matters(runs, data_dir, objective):
     exported = load_pair(runs, objective)[1]
     inputs = play_windows(data_dir, 2, 16)
@@ -128,7 +133,7 @@ def test_the_noise_seed_makes_a_call_reproducible_and_matters(runs, data_dir, ob
     assert not torch.allclose(first, other)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "joint"])
 def test_a_left_padded_row_gives_what_it_gives_alone(runs, data_dir, objective):
     exported = load_pair(runs, objective)[1]
     inputs = play_windows(data_dir, 2, 12)
@@ -151,13 +156,13 @@ def test_num_loops_is_a_load_time_default(runs, data_dir):
         assert not torch.allclose(exported(inputs).logits, exported(inputs, num_loops=4).logits)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt", "dense"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "dense", "joint"])
 def test_hidden_states_are_the_prelude_output_and_one_state_per_loop(runs, data_dir, objective):
     exported = load_pair(runs, objective)[1]
     with torch.no_grad():
         states = exported(play_windows(data_dir, 1, 16), num_loops=3, output_hidden_states=True).hidden_states
     # diffusion: the sampler's state after each step but the last (the last loop is read out)
-    expected = {"diffusion": 3, "bptt": 4, "dense": 2}[objective]
+    expected = {"diffusion": 3, "bptt": 4, "dense": 2, "joint": 3}[objective]
     assert len(states) == expected
     assert all(state.shape == (1, 16, 32) for state in states)
 
@@ -209,7 +214,7 @@ def test_cached_and_recomputed_generation_agree(runs, objective):
                                                  use_cache=False))
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion", "joint"])
 def test_sampled_generate_equals_loopdbs(runs, objective):
     from loopdb.readouts.generation import generate
 
@@ -247,6 +252,8 @@ def test_exit_errors_are_clear(runs):
         load_pair(runs, "bptt")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, exit="gate:0.5")
     with pytest.raises(ValueError, match="expected kl:EPS"):
         load_pair(runs, "bptt")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, exit="kl")
+    with pytest.raises(ValueError, match="sequence-recurrent"):
+        load_pair(runs, "joint")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, exit="kl:1e-3")
 
 
 def test_sampler_settings_are_call_arguments(runs, data_dir):
@@ -267,6 +274,33 @@ def test_sampler_settings_are_call_arguments(runs, data_dir):
         exported(inputs, solver="rk4")
 
 
+@pytest.mark.parametrize("settings", [{"wavefront": "0"}, {"solver": "ancestral", "grid": "karras"},
+                                      {"grid_sigma_last": "0.5", "estimate": "argmax"}])
+def test_the_sequence_joint_samplers_settings_are_call_arguments(runs, data_dir, settings):
+    """The wavefront width, the solver, the grid, where the grid ends (and the known positions sit) and
+    the estimate, each as loopdb's run with the setting changed."""
+    from loopdb.readouts import scoring
+    from loopdb.runs.folder import load_model
+
+    run, _ = runs["joint"]
+    exported = load_pair(runs, "joint")[1]
+    model = load_model(run, sampler=settings)[0]
+    inputs = play_windows(data_dir, 2, 16)
+    with torch.no_grad():
+        ours = scoring.predictive_distribution(model, inputs, 3, 3, [torch.Generator().manual_seed(0) for _ in range(2)])
+        theirs = exported(inputs, num_loops=3, **settings).logits
+        default = exported(inputs, num_loops=3).logits
+    assert torch.allclose(theirs, ours, atol=ATOL, rtol=0) and not torch.allclose(default, ours, atol=ATOL, rtol=0)
+    prompt = [3, 100, 200, 17]
+    generated = exported.generate(torch.tensor([prompt]), max_new_tokens=12, num_loops=3, noise_seed=2, do_sample=True,
+                                  **settings)[0, 4:].tolist()
+    from loopdb.readouts.generation import generate
+
+    assert generated == generate(model, prompt, 12, 3, seed=2)
+    with pytest.raises(ValueError, match="euler or ancestral"):
+        exported(inputs, solver="heun")
+
+
 def test_a_stopped_row_is_padded_and_generation_ends_when_all_stop(runs):
     exported = load_pair(runs, "dense")[1]
     prompt = torch.tensor([[3, 100, 200], [3, 101, 201]])
@@ -283,7 +317,7 @@ def test_a_stopped_row_is_padded_and_generation_ends_when_all_stop(runs):
 
 @pytest.mark.parametrize("num_loops", [1, 4])
 def test_a_task_run_exports_with_its_word_tokenizer(depth_run, num_loops, capsys):
-    """depth-tiny: logits as loopdb's scoring readout, greedy tokens as `loopdb sample`, words as the task's."""
+    """Logits as loopdb's scoring readout, greedy tokens as `loopdb sample`, words as the task's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loopdb.cli import main
@@ -355,12 +389,13 @@ def test_the_folder_holds_what_a_hub_model_holds(runs):
     out = runs["diffusion"][1]
     names = {path.name for path in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-            "README.md", "hf_modeling.py", "hf_layers.py", "hf_generation.py", "hf_configuration.py"} <= names
+            "README.md", "hf_modeling.py", "hf_layers.py", "hf_generation.py", "hf_joint.py", "hf_configuration.py"} <= names
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "hf_modeling.LoopDBForCausalLM"
     card = (out / "README.md").read_text()
     assert "num_loops" in card and "| 1 |" in card and "lm_eval --model hf" in card
-    for name in ("hf_modeling.py", "hf_layers.py", "hf_generation.py", "hf_configuration.py"):  # torch + transformers only
+    for name in ("hf_modeling.py", "hf_layers.py", "hf_generation.py", "hf_joint.py",
+                 "hf_configuration.py"):  # torch + transformers only
         imports = [line.split()[1] for line in (out / name).read_text().splitlines()
                    if line.startswith(("import ", "from "))]
         assert all(module.split(".")[0] in ("__future__", "math", "statistics", "torch", "transformers", "")
@@ -390,7 +425,7 @@ def test_the_export_loads_where_loopdb_is_not_importable(runs, data_dir, tmp_pat
         assert torch.equal(torch.load(tmp_path / "logits.pt"), exported(inputs, num_loops=2).logits)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion", "joint"])
 def test_save_pretrained_round_trips_unchanged(runs, data_dir, tmp_path, objective):
     from transformers import AutoModelForCausalLM
 
@@ -415,7 +450,7 @@ def test_export_refuses_what_it_cannot_write(runs, tmp_path):
 
     with pytest.raises(UsageError, match="not empty"):
         export_run(runs["dense"][0], runs["dense"][1])
-    for name, message in (("tiny-mdm", "family 'mdm'"), ("tiny-draft", "drafting"), ("depth-db-tiny", "sequence-joint")):
+    for name, message in (("tiny-mdm", "family 'mdm'"), ("tiny-draft", "drafting")):
         with pytest.raises(UsageError, match=message):
             hf_config_values(preset(name))
 

@@ -3,7 +3,7 @@
 DIR loads with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` where loopdb is not installed:
 
-  config.json, hf_configuration.py, hf_layers.py, hf_generation.py, hf_modeling.py
+  config.json, hf_configuration.py, hf_layers.py, hf_generation.py, hf_joint.py, hf_modeling.py
                                                     the model code (torch + transformers only), via auto_map
   model.safetensors                                    the run's newest weights, under loopdb's own names
   tokenizer.json, tokenizer_config.json                 the run's sentencepiece BPE as a tokenizers BPE
@@ -24,7 +24,7 @@ from .card import model_card
 from .tokenizer import newline_id, transformers_tokenizer
 
 HERE = Path(__file__).resolve().parent
-CODE_FILES = ("hf_configuration.py", "hf_layers.py", "hf_generation.py", "hf_modeling.py")
+CODE_FILES = ("hf_configuration.py", "hf_layers.py", "hf_generation.py", "hf_joint.py", "hf_modeling.py")
 AUTO_MAP = {"AutoConfig": "hf_configuration.LoopDBConfig", "AutoModelForCausalLM": "hf_modeling.LoopDBForCausalLM"}
 DEFAULT_LOOPS = 4
 
@@ -44,9 +44,6 @@ def hf_config_values(config) -> dict:
         raise UsageError(f"loopdb export writes the looped and stacked language models; this run is family {m.family!r}")
     if m.draft_width > 1 or t.anchor_weight > 0:
         raise UsageError("loopdb export does not write drafting models (draft_width > 1 or anchor_weight > 0)")
-    if m.family == "looped" and t.objective == "diffusion" and config.recurrence == "sequence":
-        raise UsageError("loopdb export does not yet write sequence-joint DiffusionBlocks runs "
-                         "(objective=diffusion with recurrence=sequence); score them with loopdb score or loopdb eval")
     stacked = m.family == "stacked"
     return {
         "family": m.family, "n_layers": m.n_layers, "num_blocks": m.num_blocks, "partition": d.partition,
@@ -57,7 +54,7 @@ def hf_config_values(config) -> dict:
         "sigma_data": d.sigma_data, "target_norm": d.target_norm, "p_mean": d.p_mean, "p_std": d.p_std,
         "sigma_min": d.sigma_min, "sigma_max": d.sigma_max, "grid": d.grid, "grid_sigma_last": d.grid_sigma_last,
         "solver": d.solver, "estimate": d.estimate, "self_condition": d.self_condition,
-        "likelihood_logits": d.likelihood_logits,
+        "likelihood_logits": d.likelihood_logits, "known_prefix": not t.task, "wavefront": d.wavefront,
         # K = num_blocks runs each stacked block once (`loopdb sample`'s default)
         "num_loops": 1 if t.objective == "dense" else m.num_blocks if stacked else DEFAULT_LOOPS,
     }

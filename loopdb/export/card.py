@@ -16,6 +16,9 @@ OBJECTIVES = {
     "ouro": "every loop's loss weighted by a learned exit distribution (Ouro): a loop is one recurrent "
             "iteration from a random initial state",
     "dense": "the same layers applied once as a plain causal transformer (the loop count is ignored)",
+    "joint": "sequence-joint DiffusionBlocks: a loop is one step of an EDM sampler whose denoiser is the looped "
+             "core over every position's noisy state at once, with a sigma per position (a wavefront of width "
+             "`wavefront` lets earlier positions run ahead), trained in one pass per step",
 }
 
 
@@ -70,13 +73,15 @@ def model_card(run_dir, config, values: dict, parameters: int, out: Path) -> str
     prompt = "".join(" " + word for word in load_tokenizer(data_dir).words[1:4]) if t.task else "To be, or not"
     tasks = f"{t.task}_seed1000_d2-12" if t.task else "shakespeare_bpb,shakespeare_cloze"
     loops = values["num_loops"]
+    joint = t.objective == "diffusion" and values["recurrence"] == "sequence"
     if m.family == "stacked":
         title = f"loopdb stacked DiffusionBlocks language model ({t.objective})"
         what = (f"A stack of {m.n_layers} distinct layers in {m.num_blocks} DiffusionBlocks trained with loopdb: each block "
                 f"is the denoiser of its own noise range, and a sampler step of K (chosen per call) runs the block\n"
                 f"owning its noise level (K = {m.num_blocks} runs each block once)")
     else:
-        title = f"loopdb looped language model ({t.objective}, {values['recurrence']} recurrence)"
+        kind = "sequence-joint DiffusionBlocks" if joint else f"{t.objective}, {values['recurrence']} recurrence"
+        title = f"loopdb looped language model ({kind})"
         what = (f"A looped (recurrent-depth) transformer trained with loopdb: a prelude of {m.n_prelude} layer(s), a core "
                 f"of\n{m.n_core} layer(s) applied K times (the loop count, chosen per call), a coda of {m.n_coda} layer(s)")
     return f"""---
@@ -87,7 +92,7 @@ tags: [loopdb, looped-transformer, recurrent-depth]
 
 {what};
 d_model {m.d_model}, {m.n_heads} heads, a window of {m.context} tokens, {parameters:,} parameters.
-Training objective: {OBJECTIVES[t.objective]}.
+Training objective: {OBJECTIVES["joint" if joint else t.objective]}.
 
 ## Use
 

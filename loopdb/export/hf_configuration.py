@@ -17,7 +17,8 @@ class LoopDBConfig(PretrainedConfig):
                  mlp_ratio=4.0, injection="concat", tie_head=True, recurrence="position", sandwich_norm=False, state_std=1.0,
                  exit_gate=False, objective="diffusion", sigma_data=0.0, target_norm=1.0, p_mean=-1.2, p_std=1.2,
                  sigma_min=0.002, sigma_max=80.0, grid="equiprob", grid_sigma_last=0.0, solver="euler",
-                 estimate="soft", self_condition=False, likelihood_logits=False, num_loops=4, noise_seed=0,
+                 estimate="soft", self_condition=False, likelihood_logits=False, known_prefix=True, wavefront=0.0,
+                 num_loops=4, noise_seed=0,
                  readout="predictive", num_samples=4, exit=None, **kwargs):
         # the architecture (loopdb's ModelConfig). family looped: prelude, core looped K times, coda;
         # recurrence position (a loop sees the clean stream only) or sequence (a loop attends over every
@@ -34,6 +35,10 @@ class LoopDBConfig(PretrainedConfig):
         self.sigma_min, self.sigma_max, self.grid, self.grid_sigma_last = sigma_min, sigma_max, grid, grid_sigma_last
         self.solver, self.estimate = solver, estimate
         self.self_condition, self.likelihood_logits = self_condition, likelihood_logits
+        # sequence-joint DiffusionBlocks (objective diffusion with sequence recurrence): ``known_prefix``
+        # (a text LM: every position but the newest has a known target, the token after it), and the
+        # wavefront width of the sampler across positions (0: one sigma for all; also a call argument)
+        self.known_prefix, self.wavefront = known_prefix, wavefront
         # inference defaults, each also an argument of forward() and generate()
         self.num_loops, self.noise_seed, self.readout, self.num_samples = num_loops, noise_seed, readout, num_samples
         self.exit = exit  # generate with sequence recurrence: an adaptive exit rule, e.g. "kl:5e-4"
@@ -43,3 +48,8 @@ class LoopDBConfig(PretrainedConfig):
         self.max_position_embeddings = context
         kwargs.setdefault("tie_word_embeddings", False)  # a tied head reads the embedding table itself
         super().__init__(**kwargs)
+
+    @property
+    def joint(self) -> bool:
+        """Sequence-joint DiffusionBlocks: the loop denoises every position's state at once, a sigma per position."""
+        return self.family == "looped" and self.recurrence == "sequence" and self.objective == "diffusion"

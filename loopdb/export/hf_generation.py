@@ -50,10 +50,11 @@ class _BatchStream:
 
 
 class _RowStreams:
-    """The rows of ``generate`` one after another (sequence recurrence: per-loop caches, as loopdb's)."""
+    """The rows of ``generate`` one after another (sequence recurrence: per-loop caches, as loopdb's;
+    sequence-joint: hf_joint.JointRow), each row a ``_RowStream`` or a ``JointRow``."""
 
-    def __init__(self, model, prompts, seed, num_loops, use_cache: bool, exit_rule):
-        self.rows = [_RowStream(model, prompt, seed, num_loops, use_cache, exit_rule) for prompt in prompts]
+    def __init__(self, rows):
+        self.rows = rows
 
     @property
     def loops_used(self) -> list:

@@ -15,8 +15,8 @@ from transformers.cache_utils import DynamicCache
 from .hf_configuration import LoopDBConfig
 
 READOUTS = ("predictive", "draw")
-SAMPLER_CHOICES = {"grid": ("equiprob", "karras"), "solver": ("euler", "heun", "ancestral"),
-                   "estimate": ("soft", "argmax", "sample"), "grid_sigma_last": None}
+SAMPLER_CHOICES = {"grid": ("equiprob", "karras", "geometric"), "solver": ("euler", "heun", "ancestral"),
+                   "estimate": ("soft", "argmax", "sample"), "grid_sigma_last": None, "wavefront": None}
 EXIT_KINDS = ("kl", "delta", "gate")
 
 
@@ -147,28 +147,62 @@ def padded_positions(index, pad):
 
 
 # -- EDM (loopdb.maths.edm) -----------------------------------------------------------------------------
-def sigma_grid(config: LoopDBConfig, num_loops: int, sampler: dict) -> list[float]:
-    """The descending sampler grid of ``num_loops`` steps (equiprob: equal steps in the training
-    distribution's quantiles; karras: rho = 7); one step: a single evaluation at sigma_max."""
-    if num_loops < 1:
-        raise ValueError(f"num_loops must be >= 1, got {num_loops}")
-    hi, lo = config.sigma_max, sampler["grid_sigma_last"] or config.sigma_min
-    if num_loops == 1:
-        return [hi]
-    fractions = [i / (num_loops - 1) for i in range(num_loops)]
-    if sampler["grid"] == "equiprob":
+def grid_curve(config: LoopDBConfig, kind: str, sigma_last: float):
+    """The sigma a grid of kind ``kind`` reaches at progress f in [0, 1] (0: sigma_max, 1: sigma_last):
+    equiprob (equal steps in the training distribution's quantiles), karras (rho = 7) or geometric
+    (equal steps in log sigma)."""
+    hi, lo = config.sigma_max, sigma_last
+    if kind == "equiprob":
         normal = NormalDist()
 
         def cdf(sigma):
             return normal.cdf((math.log(sigma) - config.p_mean) / config.p_std)
 
         q_hi, q_lo = cdf(hi), cdf(lo)
-        grid = [math.exp(config.p_mean + config.p_std * normal.inv_cdf(q_hi + f * (q_lo - q_hi))) for f in fractions]
-    else:
+        return lambda f: math.exp(config.p_mean + config.p_std * normal.inv_cdf(q_hi + f * (q_lo - q_hi)))
+    if kind == "karras":
         a, b = hi ** (1 / 7.0), lo ** (1 / 7.0)
-        grid = [(a + f * (b - a)) ** 7.0 for f in fractions]
+        return lambda f: (a + f * (b - a)) ** 7.0
+    log_hi, log_lo = math.log(hi), math.log(lo)
+    return lambda f: math.exp(log_hi + f * (log_lo - log_hi))
+
+
+def sigma_last(config: LoopDBConfig, sampler: dict) -> float:
+    """Where the sampler ends (and where the known positions of a sequence-joint model sit)."""
+    return sampler["grid_sigma_last"] or config.sigma_min
+
+
+def sigma_grid(config: LoopDBConfig, num_loops: int, sampler: dict) -> list[float]:
+    """The descending sampler grid of ``num_loops`` steps; one step: a single evaluation at sigma_max."""
+    if num_loops < 1:
+        raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+    hi, lo = config.sigma_max, sigma_last(config, sampler)
+    if num_loops == 1:
+        return [hi]
+    curve = grid_curve(config, sampler["grid"], lo)
+    grid = [curve(i / (num_loops - 1)) for i in range(num_loops)]
     grid[0], grid[-1] = hi, lo
     return grid
+
+
+def position_sigmas(config: LoopDBConfig, num_loops: int, length: int, sampler: dict) -> torch.Tensor:
+    """(K, T) float32: the sigma of every position at every loop of a sequence-joint model
+    (loopdb.maths.schedules). Wavefront width W: at loop i position t has progress
+    clamp(i/(K-1) (1 + W) - W t/(T-1), 0, 1) along the grid curve (W = 0 or one position: the grid)."""
+    width = float(sampler["wavefront"])
+    if num_loops == 1:
+        progress = torch.zeros(1, length, dtype=torch.float64)
+    else:
+        loop = torch.arange(num_loops, dtype=torch.float64)[:, None] / (num_loops - 1)
+        position = torch.arange(length, dtype=torch.float64)[None, :] / max(length - 1, 1)
+        if width == 0 or length == 1:
+            progress = loop.expand(num_loops, length).clone()
+        else:
+            progress = (loop * (1 + width) - width * position).clamp(0.0, 1.0)
+    hi, lo = config.sigma_max, sigma_last(config, sampler)
+    curve = grid_curve(config, sampler["grid"], lo)
+    table = {value: hi if value == 0.0 else lo if value == 1.0 else curve(value) for value in progress.unique().tolist()}
+    return torch.tensor([[table[value] for value in row] for row in progress.tolist()], dtype=torch.float32)
 
 
 def block_owner(config: LoopDBConfig, sigma: float) -> int:
@@ -254,12 +288,14 @@ class LoopDBCache(DynamicCache):
     """Keys/values of the positions decoded so far, one slot per layer of the prelude and the coda and,
     for the core, per layer of the clean stream (position recurrence: one set whatever the loop
     count) or per loop and layer (sequence recurrence: loop k of a new token attends to loop k of
-    the earlier ones); for a stacked model, per block and layer. ``length``: the positions cached."""
+    the earlier ones); for a stacked model, per block and layer. A sequence-joint model keeps one set
+    too: its core and coda slots hold the known positions, at their clean targets (hf_joint.py).
+    ``length``: the positions cached."""
 
     def __init__(self, config: LoopDBConfig, num_loops: int):
         super().__init__()
         self.length = 0
-        core_sets = num_loops if config.recurrence == "sequence" else 1
+        core_sets = num_loops if config.recurrence == "sequence" and not config.joint else 1
         self.first = {"prelude": 0, "core": config.n_prelude, "coda": config.n_prelude + core_sets * config.n_core,
                       "block": 0}
         self.group_size = {"core": config.n_core, "block": config.n_layers // config.num_blocks}

@@ -12,6 +12,8 @@ the export's tests check the logits and the generated tokens against loopdb's ow
   clean keys at positions <= its own and to itself.
 - ``recurrence="sequence"`` (Huginn, Ouro): a loop updates the whole latent sequence,
   s_k = norm(core(inject(s_{k-1}, prelude(x)))); the coda and head read the last state.
+- ``objective="diffusion"`` with ``recurrence="sequence"``: sequence-joint DiffusionBlocks (hf_joint.py),
+  a loop is one sampler step over every position's state at once, with a sigma per position.
 - ``family="stacked"``: ``n_layers`` distinct sigma-conditioned layers in ``num_blocks`` DiffusionBlocks;
   block b has its own clean stream from the token embeddings and is the denoiser of the b-th highest
   noise range, so a sampler step runs the block owning its sigma (K = num_blocks: each block once).
@@ -39,7 +41,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from .hf_configuration import LoopDBConfig
-from .hf_generation import _BatchStream, _RowStreams, _left_padding
+from .hf_generation import _BatchStream, _RowStream, _RowStreams, _left_padding
+from .hf_joint import JointRow, joint_encode, joint_loops
 from .hf_layers import READOUTS, SAMPLER_CHOICES, RMSNorm, rotary_angles, Block, SigmaEmbedder, inject, padded_causal_mask, padded_positions, sigma_grid, block_owner, DiffusionBlock, log_mean_exp, ExitTracker, LoopDBCache
 
 # -- the model ----------------------------------------------------------------------------------------------
@@ -73,6 +76,16 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             self.post_init()
             return
         self.prelude = blocks(config.n_prelude)
+        if config.joint:  # loopdb.models.joint: a sigma-conditioned core over the states, no clean stream
+            self.core, self.coda = blocks(config.n_core, conditioned=True), blocks(config.n_coda)
+            self.sigma_embedder = SigmaEmbedder(dim)
+            self.injection = nn.Linear(2 * dim, dim, bias=False) if config.injection == "concat" else None
+            self.final_norm = RMSNorm(dim)
+            self.head = None if config.tie_head else nn.Linear(dim, config.vocab_size, bias=False)
+            self.self_condition = None
+            self.target_norm = config.target_norm or self.sigma_data * dim**0.5
+            self.post_init()
+            return
         self.core = blocks(config.n_core, conditioned=position, sandwich=config.sandwich_norm and not position)
         self.coda = blocks(config.n_coda)
         self.injection = nn.Linear(2 * dim, dim, bias=False) if config.injection == "concat" else None
@@ -345,6 +358,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                 return self._readout(self._recur(torch.zeros_like(clean["embedded"]), clean), clean)
             states.append(clean["final_hidden"])
             return self._logits(clean["final_hidden"])
+        if objective == "diffusion" and self.config.joint:
+            return joint_loops(self, clean, z, num_loops, generator, states, sampler)
         if objective == "diffusion":
             return self._diffusion_loops(clean, z, num_loops, generator, states, sampler)
         for _ in range(num_loops):
@@ -360,7 +375,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                 continue
             if SAMPLER_CHOICES[key] is not None and value not in SAMPLER_CHOICES[key]:
                 raise ValueError(f"{key}={value!r}; choose one of {', '.join(SAMPLER_CHOICES[key])}")
-            settings[key] = float(value) if key == "grid_sigma_last" else value
+            settings[key] = float(value) if key in ("grid_sigma_last", "wavefront") else value
         return settings
 
     def _draws_along_the_way(self, sampler) -> bool:
@@ -383,14 +398,15 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                 num_samples: int | None = None, labels: torch.LongTensor | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None, grid: str | None = None,
                 solver: str | None = None, grid_sigma_last: float | None = None, estimate: str | None = None,
-                **unused):
+                wavefront: float | None = None, **unused):
         """Next-token logits at every position after ``num_loops`` loops (config defaults for every None).
 
         ``attention_mask`` (B, T): left padding (zeros first) is hidden and each row's positions
         start at its first real token. ``readout="predictive"``: log of the mean over ``num_samples``
         draws of the last loop's distribution; ``"draw"``: one draw's raw logits. ``hidden_states``:
         the prelude output, then the state after each loop (of the first draw). ``grid``, ``solver``,
-        ``grid_sigma_last``, ``estimate``: the diffusion sampler's settings for this call (default: the config's)."""
+        ``grid_sigma_last``, ``estimate``, ``wavefront`` (sequence-joint): the diffusion sampler's settings for
+        this call (default: the config's)."""
         config = self.config
         # int(): lm-eval's --model_args may hand the load-time overrides over as text
         num_loops = int(config.num_loops if num_loops is None else num_loops)
@@ -401,17 +417,16 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"readout={readout!r}; choose one of {', '.join(READOUTS)}")
         if num_loops < 1 or samples < 1:
             raise ValueError(f"num_loops and num_samples must be >= 1, got {num_loops} and {samples}")
-        sampler = self._sampler(grid=grid, solver=solver, grid_sigma_last=grid_sigma_last, estimate=estimate)
+        sampler = self._sampler(grid=grid, solver=solver, grid_sigma_last=grid_sigma_last, estimate=estimate,
+                               wavefront=wavefront)
         pad = _left_padding(attention_mask)
+        if config.joint and pad is not None:  # loopdb's sequence-joint model takes no padding: each row alone
+            return self._rows_alone(input_ids, pad, labels, num_loops, seed, readout, samples, output_hidden_states,
+                                    sampler)
         if self._draws_along_the_way(sampler) and input_ids.shape[0] > 1:  # a row's draws must not depend on the batch
-            rows = [self(input_ids[row:row + 1], None if attention_mask is None else attention_mask[row:row + 1],
-                         num_loops, seed, readout, samples, output_hidden_states=output_hidden_states, **sampler)
-                    for row in range(input_ids.shape[0])]
-            logits = torch.cat([row.logits for row in rows])
-            hidden = None if not output_hidden_states else tuple(
-                torch.cat(states) for states in zip(*(row.hidden_states for row in rows)))
-            return self._output(logits, labels, hidden)
-        clean = self._encode(input_ids, pad)
+            return self._rows_alone(input_ids, pad, labels, num_loops, seed, readout, samples, output_hidden_states,
+                                    sampler)
+        clean = joint_encode(self, input_ids, sampler) if config.joint else self._encode(input_ids, pad)
         generators = [torch.Generator().manual_seed(seed) for _ in range(input_ids.shape[0])]
         draws, states = [], []
         for _ in range(1 if readout == "draw" else samples):
@@ -427,6 +442,21 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = (clean["embedded"], *states) if output_hidden_states else None
         return self._output(logits, labels, hidden)
 
+    def _rows_alone(self, input_ids, pad, labels, num_loops, seed, readout, samples, output_hidden_states, sampler):
+        """forward of each row by itself, over its real (unpadded) positions; a padded slot's outputs are zeros."""
+        logits, hidden = None, None
+        for row in range(input_ids.shape[0]):
+            start = 0 if pad is None else int(pad[row])
+            alone = self(input_ids[row:row + 1, start:], None, num_loops, seed, readout, samples,
+                         output_hidden_states=output_hidden_states, **sampler)
+            if logits is None:
+                logits = alone.logits.new_zeros(input_ids.shape[0], input_ids.shape[1], alone.logits.shape[-1])
+                hidden = [state.new_zeros(input_ids.shape[0], *state.shape[1:]) for state in alone.hidden_states or ()]
+            logits[row, start:] = alone.logits[0]
+            for states, state in zip(hidden, alone.hidden_states or ()):
+                states[row, start:] = state[0]
+        return self._output(logits, labels, tuple(hidden) if output_hidden_states else None)
+
     def _output(self, logits, labels, hidden_states):
         loss = None
         if labels is not None:
@@ -440,7 +470,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                  noise_seed: int | None = None, stopping_criteria=None, pad_token_id: int | None = None,
                  eos_token_id: int | list | None = None, generation_config=None, use_cache: bool = True,
                  exit: str | None = None, grid: str | None = None, solver: str | None = None,
-                 grid_sigma_last: float | None = None, estimate: str | None = None, **unused) -> torch.LongTensor:
+                 grid_sigma_last: float | None = None, estimate: str | None = None, wavefront: float | None = None,
+                 **unused) -> torch.LongTensor:
         """Batched generation, K = ``num_loops`` loops per new token; returns (B, T + new) token ids.
 
         Rows may be left-padded (``attention_mask``). The rows of a model with position recurrence (and
@@ -472,18 +503,21 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         if num_loops < 1:
             raise ValueError(f"num_loops must be >= 1, got {num_loops}")
         exit = getattr(self.config, "exit", None) if exit is None else exit
-        if exit and self.config.recurrence != "sequence":
+        if exit and (self.config.recurrence != "sequence" or self.config.joint):
             raise ValueError("adaptive exit applies to sequence-recurrent models (objective bptt or ouro)")
         ExitTracker(exit, (1,), input_ids.device)  # a bad rule fails here, before any work
         if exit and str(exit).startswith("gate") and getattr(self, "exit_gate", None) is None:
             raise ValueError("exit=gate:Q needs the learned exit gate of a model trained with objective=ouro")
-        sampler = self._sampler(grid=grid, solver=solver, grid_sigma_last=grid_sigma_last, estimate=estimate)
+        sampler = self._sampler(grid=grid, solver=solver, grid_sigma_last=grid_sigma_last, estimate=estimate,
+                               wavefront=wavefront)
         pad = _left_padding(attention_mask)
         prompts = [input_ids[row, 0 if pad is None else int(pad[row]):].tolist() for row in range(input_ids.shape[0])]
         if any(not prompt for prompt in prompts):
             raise ValueError("generation needs non-empty prompts (the model predicts the token after each position)")
-        if self.config.recurrence == "sequence":
-            streams = _RowStreams(self, prompts, seed, num_loops, use_cache, exit)
+        if self.config.joint:  # as loopdb's generate_batch: one row after another, each from its own seed
+            streams = _RowStreams([JointRow(self, prompt, seed, num_loops, use_cache, sampler) for prompt in prompts])
+        elif self.config.recurrence == "sequence":
+            streams = _RowStreams([_RowStream(self, prompt, seed, num_loops, use_cache, exit) for prompt in prompts])
         else:
             streams = _BatchStream(self, prompts, seed, num_loops, use_cache, sampler)
         output, done = input_ids, torch.zeros(len(prompts), dtype=torch.bool, device=input_ids.device)
