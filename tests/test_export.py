@@ -256,18 +256,19 @@ def test_exit_errors_are_clear(runs):
         load_pair(runs, "joint")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, exit="kl:1e-3")
 
 
-def test_sampler_settings_are_call_arguments(runs, data_dir):
+@pytest.mark.parametrize("settings", [{"solver": "heun", "grid": "karras", "grid_sigma_last": "0.5"},
+                                      {"grid": "geometric"}])
+def test_sampler_settings_are_call_arguments(runs, data_dir, settings):
     from loopdb.readouts import scoring
     from loopdb.runs.folder import load_model
 
     run, _ = runs["diffusion"]
     exported = load_pair(runs, "diffusion")[1]
-    settings = {"solver": "heun", "grid": "karras", "grid_sigma_last": "0.5"}
     model = load_model(run, sampler=settings)[0]
     inputs = play_windows(data_dir, 2, 16)
     with torch.no_grad():
         ours = scoring.predictive_distribution(model, inputs, 3, 3, [torch.Generator().manual_seed(0) for _ in range(2)])
-        theirs = exported(inputs, num_loops=3, solver="heun", grid="karras", grid_sigma_last=0.5).logits
+        theirs = exported(inputs, num_loops=3, **settings).logits
         default = exported(inputs, num_loops=3).logits
     assert torch.allclose(theirs, ours, atol=ATOL, rtol=0) and not torch.allclose(default, ours, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="solver='rk4'"):
