@@ -71,11 +71,33 @@ def test_the_command_line_starts_without_torch():
     assert result.stdout.strip() == "False"
 
 
+MARKDOWN_LINK = r"!?\[[^\]]*\]\(([^)\s]+)\)"
+
+
+def anchors_of(path: Path) -> set[str]:
+    """The anchors a link into a markdown file may name: its explicit ``id="..."`` and GitHub's
+    heading slugs (lower case, punctuation dropped, spaces as hyphens; a repeated heading gets -1, -2 ...)."""
+    import re
+
+    text = path.read_text()
+    anchors, seen = set(re.findall(r'id="([^"]+)"', text)), {}
+    inside_code = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside_code = not inside_code
+        elif not inside_code and line.startswith("#"):
+            title = re.sub(r"<[^>]+>", "", line.lstrip("#").strip())
+            slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+            anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
 def test_every_citation_of_the_method_reference_names_a_section_that_exists():
     import re
 
     root = Path(__file__).resolve().parent.parent
-    anchors = set(re.findall(r'id="([^"]+)"', (root / "docs" / "method.md").read_text()))
+    anchors = anchors_of(root / "docs" / "method.md")
     cited = {}
     for folder in ("loopdb", "tests", "eval", "docs"):
         for path in (root / folder).rglob("*"):
@@ -86,3 +108,27 @@ def test_every_citation_of_the_method_reference_names_a_section_that_exists():
         cited.setdefault(anchor, "README.md")
     missing = {anchor: where for anchor, where in cited.items() if anchor not in anchors}
     assert cited and not missing, missing
+
+
+def test_every_link_of_the_readme_and_docs_resolves():
+    """Each relative link (and image) of README.md, docs/, eval/ and data/ names a file that exists, and
+    its #anchor a heading or an id of that file (or of the same file)."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md")), *sorted((root / "eval").rglob("*.md")),
+             *sorted((root / "data").rglob("*.md"))]
+    broken, checked = [], 0
+    for page in pages:
+        for target in re.findall(MARKDOWN_LINK, page.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto: ...
+                continue
+            checked += 1
+            name, _, anchor = target.partition("#")
+            linked = (page.parent / name).resolve() if name else page
+            where = f"{page.relative_to(root)}: {target}"
+            if not linked.exists():
+                broken.append(f"{where} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors_of(linked):
+                broken.append(f"{where} (no such anchor)")
+    assert checked > 20 and not broken, broken
