@@ -245,6 +245,49 @@ def test_adaptive_exit_generates_as_loopdbs(runs, objective, rule):
     assert min(loops) < 6 or rule.startswith("gate")  # the rule stopped some token early
 
 
+@pytest.mark.parametrize("objective, rule", [("bptt", None), ("ouro", None), ("ouro", "gate:0.5"), ("bptt", "kl:1e-3")])
+def test_the_last_loop_cache_generates_as_loopdbs(runs, objective, rule):
+    """Ouro's shortcut: one cache set of each position's last loop (30 new tokens: the window slides)."""
+    from loopdb.maths.exit import parse_exit
+    from loopdb.readouts.generation import generate
+
+    model, exported = load_pair(runs, objective)
+    prompt = [3, 100, 200, 17, 5]
+    ours = generate(model, prompt, 30, 4, temperature=0, seed=1, exit_rule=parse_exit(rule) if rule else None,
+                    last_cache_only=True)
+    every_loop = generate(model, prompt, 30, 4, temperature=0, seed=1, exit_rule=parse_exit(rule) if rule else None)
+    for use_cache in (True, False):
+        theirs = exported.generate(torch.tensor([prompt]), max_new_tokens=30, num_loops=4, noise_seed=1, exit=rule,
+                                   last_loop_cache=True, use_cache=use_cache)[0, 5:].tolist()
+        assert theirs == ours
+    at_load = load_pair(runs, objective, last_loop_cache=True)[1]
+    assert at_load.generate(torch.tensor([prompt]), max_new_tokens=30, num_loops=4, noise_seed=1,
+                            exit=rule)[0, 5:].tolist() == ours
+    default = exported.generate(torch.tensor([prompt]), max_new_tokens=30, num_loops=4, noise_seed=1, exit=rule)
+    assert default[0, 5:].tolist() == every_loop
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "dense", "stacked-diffusion", "joint"])
+def test_generate_returns_each_new_tokens_states_on_request(runs, data_dir, objective):
+    """Per new token: the prelude output of the position it was predicted from, then one state per loop,
+    as many as forward's hidden states; the prelude output is forward's at that position."""
+    exported = load_pair(runs, objective)[1]
+    prompts = play_windows(data_dir, 2, 6)
+    plain = exported.generate(prompts, max_new_tokens=5, num_loops=3, noise_seed=3)
+    result = exported.generate(prompts, max_new_tokens=5, num_loops=3, noise_seed=3, output_hidden_states=True,
+                               return_dict_in_generate=True)
+    assert torch.equal(result.sequences, plain) and len(result.hidden_states) == 5
+    with torch.no_grad():
+        forward = exported(plain[:, :-1], num_loops=3, noise_seed=3, output_hidden_states=True).hidden_states
+    for step, states in enumerate(result.hidden_states):
+        assert len(states) == len(forward) and all(state.shape == (2, 1, 32) for state in states)
+        position = 5 + step  # the position the new token was predicted from
+        assert torch.allclose(states[0][:, 0], forward[0][:, position], atol=ATOL, rtol=0)
+    if objective == "dense":  # no noise: every state is forward's
+        assert all(torch.allclose(state[:, 0], whole[:, 9], atol=ATOL, rtol=0)
+                   for state, whole in zip(result.hidden_states[-1], forward))
+
+
 def test_exit_errors_are_clear(runs):
     with pytest.raises(ValueError, match="sequence-recurrent"):
         load_pair(runs, "diffusion")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, exit="kl:1e-3")
@@ -254,6 +297,8 @@ def test_exit_errors_are_clear(runs):
         load_pair(runs, "bptt")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, exit="kl")
     with pytest.raises(ValueError, match="sequence-recurrent"):
         load_pair(runs, "joint")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, exit="kl:1e-3")
+    with pytest.raises(ValueError, match="last-loop cache applies"):
+        load_pair(runs, "diffusion")[1].generate(torch.tensor([[3, 4]]), max_new_tokens=2, last_loop_cache=True)
 
 
 @pytest.mark.parametrize("settings", [{"solver": "heun", "grid": "karras", "grid_sigma_last": "0.5"},

@@ -1,9 +1,9 @@
 """Configuration of an exported loopdb language model (written next to the weights by `loopdb export`).
 
 Self-contained: imports transformers only, so the export loads where loopdb is not installed.
-Every field but the inference defaults (``num_loops``, ``noise_seed``, ``readout``,
-``num_samples``, ``exit``) is fixed by training; the inference defaults can be overridden at load time,
-e.g. ``from_pretrained(DIR, trust_remote_code=True, num_loops=8)``.
+Every field but the inference defaults (``num_loops``, ``noise_seed``, ``readout``, ``num_samples``,
+``exit``, ``last_loop_cache`` and the sampler's settings) is fixed by training; the inference defaults
+can be overridden at load time, e.g. ``from_pretrained(DIR, trust_remote_code=True, num_loops=8)``.
 """
 
 from transformers import PretrainedConfig
@@ -19,7 +19,7 @@ class LoopDBConfig(PretrainedConfig):
                  sigma_min=0.002, sigma_max=80.0, grid="equiprob", grid_sigma_last=0.0, solver="euler",
                  estimate="soft", self_condition=False, likelihood_logits=False, known_prefix=True, wavefront=0.0,
                  num_loops=4, noise_seed=0,
-                 readout="predictive", num_samples=4, exit=None, **kwargs):
+                 readout="predictive", num_samples=4, exit=None, last_loop_cache=False, **kwargs):
         # the architecture (loopdb's ModelConfig). family looped: prelude, core looped K times, coda;
         # recurrence position (a loop sees the clean stream only) or sequence (a loop attends over every
         # earlier position's state: Huginn, Ouro). family stacked: n_layers distinct layers in num_blocks
@@ -42,6 +42,7 @@ class LoopDBConfig(PretrainedConfig):
         # inference defaults, each also an argument of forward() and generate()
         self.num_loops, self.noise_seed, self.readout, self.num_samples = num_loops, noise_seed, readout, num_samples
         self.exit = exit  # generate with sequence recurrence: an adaptive exit rule, e.g. "kl:5e-4"
+        self.last_loop_cache = last_loop_cache  # generate with sequence recurrence: Ouro's one-set cache
         # transformers' generic names for the same numbers (lm-eval reads max_position_embeddings)
         self.hidden_size, self.num_attention_heads = d_model, n_heads
         self.num_hidden_layers = n_layers if family == "stacked" else n_prelude + n_core + n_coda

@@ -10,7 +10,9 @@ from .hf_layers import LoopDBCache
 
 class _BatchStream:
     """Every row of ``generate`` at once (position recurrence, stacked): left-padded slots, one cache,
-    and per row a generator for its initial states and token draws (loopdb's ``generate_batch``)."""
+    and per row a generator for its initial states and token draws (loopdb's ``generate_batch``).
+    A stream's ``hidden`` after each token: (B, 1, C) states of the newest position, its prelude output
+    and then its state after each loop, as ``forward``'s ``hidden_states``."""
 
     def __init__(self, model, prompts, seed, num_loops, use_cache: bool, sampler):
         self.model, self.num_loops, self.use_cache, self.sampler = model, num_loops, use_cache, sampler
@@ -36,7 +38,9 @@ class _BatchStream:
         if model.config.objective != "dense":  # only the last position's noisy row decides the next token
             z = torch.cat([model._initial_state((1, 1, width), self.num_loops, generator, self.device)
                            for generator in self.generators])
-        logits = model._loop_logits(clean, z, self.num_loops, self.generators[0], [], self.sampler)[:, -1]
+        states = []
+        logits = model._loop_logits(clean, z, self.num_loops, self.generators[0], states, self.sampler)[:, -1]
+        self.hidden = (clean["embedded"][:, -1:], *(state[:, -1:] for state in states))
         tokens = [_choose(logits[row], temperature, top_k, generator) for row, generator in enumerate(self.generators)]
         for used, stop in zip(self.loops_used, done):
             if not stop:
@@ -54,7 +58,7 @@ class _RowStreams:
     sequence-joint: hf_joint.JointRow), each row a ``_RowStream`` or a ``JointRow``."""
 
     def __init__(self, rows):
-        self.rows = rows
+        self.rows, self.hidden = rows, None
 
     @property
     def loops_used(self) -> list:
@@ -68,15 +72,18 @@ class _RowStreams:
                 token = _choose(row.next_logits(), temperature, top_k, row.generator)
                 row.append(token)
             tokens.append(token)
+        live = next(row.hidden for row, stop in zip(self.rows, done) if not stop)
+        self.hidden = tuple(torch.cat([torch.zeros_like(state) if stop else row.hidden[index]
+                                       for row, stop in zip(self.rows, done)]) for index, state in enumerate(live))
         return tokens
 
 
 class _RowStream:
     """One row of a sequence-recurrent model: its window of tokens and its generator."""
 
-    def __init__(self, model, prompt, seed, num_loops, use_cache: bool, exit_rule):
+    def __init__(self, model, prompt, seed, num_loops, use_cache: bool, exit_rule, last_only: bool = False):
         self.model, self.num_loops, self.seed, self.use_cache = model, num_loops, seed, use_cache
-        self.exit_rule, self.loops_used = exit_rule, []
+        self.exit_rule, self.last_only, self.loops_used, self.hidden = exit_rule, last_only, [], None
         self.generator = torch.Generator().manual_seed(seed)
         self.window = list(prompt[-model.config.context:])
         self.cache = None  # LoopDBCache of the window's positions but the last
@@ -87,18 +94,19 @@ class _RowStream:
         seeded state, so a position starts the same however it is decoded."""
         model, device, width = self.model, self.model.embedding.weight.device, self.model.config.d_model
         if self.cache is None or not self.use_cache:
-            self.cache, pending = LoopDBCache(model.config, self.num_loops), self.window
+            self.cache, pending = LoopDBCache(model.config, self.num_loops, self.last_only), self.window
         else:
             pending = self.window[-1:]
         start = len(self.window) - len(pending)
-        clean = model._encode(torch.tensor([pending], device=device), None, self.cache)
+        clean, states = model._encode(torch.tensor([pending], device=device), None, self.cache), []
         if model.config.objective == "dense":  # the layers once, from a zero state
-            logits, used = model._decode_sequence(clean, torch.zeros_like(clean["embedded"]), 1)
+            logits, used = model._decode_sequence(clean, torch.zeros_like(clean["embedded"]), 1, None, states)
         else:
             z = torch.stack([torch.randn(width, generator=torch.Generator().manual_seed(
                 (self.seed * 1_000_003 + position) % 2**63)) for position in range(start, len(self.window))])[None]
             z = z * model.config.state_std
-            logits, used = model._decode_sequence(clean, z.to(device), self.num_loops, self.exit_rule)
+            logits, used = model._decode_sequence(clean, z.to(device), self.num_loops, self.exit_rule, states)
+        self.hidden = (clean["embedded"][:, -1:], *(state[:, -1:] for state in states))
         self.cache.length = len(self.window)
         self.loops_used.append(int(used[0, -1]))
         return logits[0, -1]

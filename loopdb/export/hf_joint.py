@@ -122,7 +122,7 @@ class JointRow:
 
     def __init__(self, model, prompt, seed, num_loops, use_cache: bool, sampler: dict):
         self.model, self.num_loops, self.use_cache, self.sampler = model, num_loops, use_cache, sampler
-        self.generator, self.loops_used = torch.Generator().manual_seed(seed), []
+        self.generator, self.loops_used, self.hidden = torch.Generator().manual_seed(seed), [], None
         self.tokens = list(prompt)
         self.start = max(0, len(self.tokens) - model.config.context)
         self.context = self._encode_window()
@@ -137,7 +137,10 @@ class JointRow:
         z = model._initial_state((1, rows, model.config.d_model), self.num_loops, self.generator,
                                  model.embedding.weight.device)
         self.loops_used.append(self.num_loops)
-        return joint_loops(model, self.context, z, self.num_loops, self.generator, [], self.sampler)[0, -1]
+        states = []
+        logits = joint_loops(model, self.context, z, self.num_loops, self.generator, states, self.sampler)
+        self.hidden = (self.context["embedded"][:, -1:], *(state[:, -1:] for state in states))
+        return logits[0, -1]
 
     def append(self, token: int) -> None:
         self.tokens.append(token)

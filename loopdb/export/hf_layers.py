@@ -290,12 +290,14 @@ class LoopDBCache(DynamicCache):
     count) or per loop and layer (sequence recurrence: loop k of a new token attends to loop k of
     the earlier ones); for a stacked model, per block and layer. A sequence-joint model keeps one set
     too: its core and coda slots hold the known positions, at their clean targets (hf_joint.py).
+    ``last_only`` (sequence recurrence): one core set holding each position's last loop, which every
+    loop of later tokens attends to (Ouro's shortcut: memory independent of K, an approximation).
     ``length``: the positions cached."""
 
-    def __init__(self, config: LoopDBConfig, num_loops: int):
+    def __init__(self, config: LoopDBConfig, num_loops: int, last_only: bool = False):
         super().__init__()
-        self.length = 0
-        core_sets = num_loops if config.recurrence == "sequence" and not config.joint else 1
+        self.length, self.last_only = 0, last_only
+        core_sets = num_loops if config.recurrence == "sequence" and not config.joint and not last_only else 1
         self.first = {"prelude": 0, "core": config.n_prelude, "coda": config.n_prelude + core_sets * config.n_core,
                       "block": 0}
         self.group_size = {"core": config.n_core, "block": config.n_layers // config.num_blocks}

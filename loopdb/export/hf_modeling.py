@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutput
 
 from .hf_configuration import LoopDBConfig
@@ -304,19 +305,22 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             hidden, _ = self._run(self.coda, state, cos, sin, None, clean["coda_kv"], mask)
         return self._logits(hidden)
 
-    def _decode_sequence(self, clean, state, num_loops: int, exit_rule: str | None = None):
+    def _decode_sequence(self, clean, state, num_loops: int, exit_rule: str | None = None, states=None):
         """Generation with sequence recurrence: the new positions of ``clean`` (after the cached ones) run
-        up to ``num_loops`` loops from ``state``, loop k attending to loop k of the cached positions;
+        up to ``num_loops`` loops from ``state``, loop k attending to loop k of the cached positions
+        (with a last-loop cache, ``cache.last_only``, to the cached positions' last loop: Ouro's shortcut);
         then the coda. Returns the logits and extends the cache (``clean["cache"]``). A position that
         exits early keeps its state, and its cache entries for the loops it skips repeat its last
-        loop's keys/values (Huginn's KV sharing), so later tokens find an entry at every loop."""
+        loop's keys/values (Huginn's KV sharing), so later tokens find an entry at every loop.
+        ``states`` (a list) receives the state after each of the ``num_loops`` loops."""
         cache, rows = clean["cache"], state.shape[1]
         cos, sin, mask = self._cached_positions(rows, None, cache, state.device)
         tracker = ExitTracker(exit_rule, state.shape[:2], state.device)
         coda_prefixes = [cache.past(cache.slot("coda", index)) for index in range(len(self.coda))]
         produced = []  # per loop: per layer (k, v) of the new positions
         for loop in range(num_loops):
-            prefixes = [cache.past(cache.slot("core", index, loop)) for index in range(len(self.core))]
+            group = 0 if cache.last_only else loop
+            prefixes = [cache.past(cache.slot("core", index, group)) for index in range(len(self.core))]
             hidden, layer_kv = self._run(self.core, inject(self.injection, state, clean["embedded"]), cos, sin,
                                          prefixes=prefixes, mask=mask)
             new_state = self.core_norm(hidden)
@@ -331,11 +335,15 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                 layer_kv = [tuple(torch.where(active[:, None], new, old) for new, old in zip(kv, last))
                             for kv, last in zip(layer_kv, produced[-1])]
             produced.append(layer_kv)
+            if states is not None:
+                states.append(state)
             tracker.update(old_state, state, logits, gate)
             if tracker.kind is not None and not bool(tracker.active.any()):
                 break
+        if states is not None:  # every position exited: the state stays for the loops left
+            states += [state] * (num_loops - len(states))
         produced += [produced[-1]] * (num_loops - len(produced))
-        for loop, layer_kv in enumerate(produced):
+        for loop, layer_kv in enumerate(produced[-1:] if cache.last_only else produced):
             for index, kv in enumerate(layer_kv):
                 cache.update(*kv, cache.slot("core", index, loop))
         coda_slots = [cache.slot("coda", index) for index in range(len(self.coda))]
@@ -471,7 +479,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                  eos_token_id: int | list | None = None, generation_config=None, use_cache: bool = True,
                  exit: str | None = None, grid: str | None = None, solver: str | None = None,
                  grid_sigma_last: float | None = None, estimate: str | None = None, wavefront: float | None = None,
-                 **unused) -> torch.LongTensor:
+                 last_loop_cache: bool | None = None, output_hidden_states: bool | None = None,
+                 return_dict_in_generate: bool | None = None, **unused):
         """Batched generation, K = ``num_loops`` loops per new token; returns (B, T + new) token ids.
 
         Rows may be left-padded (``attention_mask``). The rows of a model with position recurrence (and
@@ -484,8 +493,12 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         of the earlier positions, else the window is recomputed (the same tokens, slower); when the
         window is full it slides by half and the cache is rebuilt, as loopdb's generation does.
         ``exit`` (sequence recurrence; default the config's): stop each token's loops early, ``kl:EPS``,
-        ``delta:EPS`` or ``gate:Q`` (``self.loops_used`` then holds each new token's loops); ``grid``, ``solver``, ``grid_sigma_last``,
-        ``estimate``: the diffusion sampler's settings."""
+        ``delta:EPS`` or ``gate:Q`` (``self.loops_used`` then holds each new token's loops); ``last_loop_cache``
+        (sequence recurrence; default the config's): Ouro's one-set cache of each position's last loop.
+        ``grid``, ``solver``, ``grid_sigma_last``, ``estimate``, ``wavefront``: the diffusion sampler's settings.
+        ``return_dict_in_generate``: a ``GenerateDecoderOnlyOutput`` whose ``hidden_states`` (with
+        ``output_hidden_states``) hold per new token a tuple of (B, 1, C) states of the position it was
+        predicted from: its prelude output, then its state after each loop (as ``forward``'s)."""
         settings = generation_config if generation_config is not None else self.generation_config
         num_loops = int(self.config.num_loops if num_loops is None else num_loops)
         seed = int(self.config.noise_seed if noise_seed is None else noise_seed)
@@ -508,6 +521,9 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         ExitTracker(exit, (1,), input_ids.device)  # a bad rule fails here, before any work
         if exit and str(exit).startswith("gate") and getattr(self, "exit_gate", None) is None:
             raise ValueError("exit=gate:Q needs the learned exit gate of a model trained with objective=ouro")
+        last_only = bool(self.config.last_loop_cache if last_loop_cache is None else last_loop_cache)
+        if last_only and (self.config.recurrence != "sequence" or self.config.joint):
+            raise ValueError("the last-loop cache applies to sequence-recurrent models (objective bptt or ouro)")
         sampler = self._sampler(grid=grid, solver=solver, grid_sigma_last=grid_sigma_last, estimate=estimate,
                                wavefront=wavefront)
         pad = _left_padding(attention_mask)
@@ -517,12 +533,16 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         if self.config.joint:  # as loopdb's generate_batch: one row after another, each from its own seed
             streams = _RowStreams([JointRow(self, prompt, seed, num_loops, use_cache, sampler) for prompt in prompts])
         elif self.config.recurrence == "sequence":
-            streams = _RowStreams([_RowStream(self, prompt, seed, num_loops, use_cache, exit) for prompt in prompts])
+            streams = _RowStreams([_RowStream(self, prompt, seed, num_loops, use_cache, exit, last_only)
+                                   for prompt in prompts])
         else:
             streams = _BatchStream(self, prompts, seed, num_loops, use_cache, sampler)
         output, done = input_ids, torch.zeros(len(prompts), dtype=torch.bool, device=input_ids.device)
+        hidden = []
         for _ in range(max_new_tokens):
             column = streams.next_tokens(temperature if do_sample else 0.0, top_k, done.tolist())
+            if output_hidden_states:
+                hidden.append(streams.hidden)
             filler = pad_token_id if pad_token_id is not None else 0  # what a stopped row appends
             column = [filler if stop else token for token, stop in zip(column, done.tolist())]
             column = torch.tensor(column, device=input_ids.device)[:, None]
@@ -534,4 +554,6 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             if bool(done.all()):
                 break
         self.loops_used = streams.loops_used
+        if return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=output, hidden_states=tuple(hidden) if output_hidden_states else None)
         return output
