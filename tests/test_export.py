@@ -525,7 +525,7 @@ def _lm_eval(model, model_args, tasks, limit):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective, num_loops", [("dense", 1), ("diffusion", 2), ("bptt", 2), ("ouro", 2),
-                                                      ("stacked-diffusion", 2)])
+                                                      ("stacked-diffusion", 2), ("joint", 2)])
 def test_lm_eval_hf_scores_the_export_as_lm_eval_loopdb_scores_the_run(data_dir, tmp_path, offline_hf, objective,
                                                                        num_loops):
     """The likelihood tasks, 10 documents each, at a loop count other than the export's default (4), so

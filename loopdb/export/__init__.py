@@ -41,9 +41,11 @@ def hf_config_values(config) -> dict:
     """The LoopDBConfig fields of a run's config, or UsageError for a model the export cannot express."""
     m, d, t = config.model, config.diffusion, config.train
     if m.family not in ("looped", "stacked"):
-        raise UsageError(f"loopdb export writes the looped and stacked language models; this run is family {m.family!r}")
+        raise UsageError(f"loopdb export writes the looped and stacked next-token language models, not family "
+                         f"{m.family!r}; score and sample this run with loopdb score and loopdb sample")
     if m.draft_width > 1 or t.anchor_weight > 0:
-        raise UsageError("loopdb export does not write drafting models (draft_width > 1 or anchor_weight > 0)")
+        raise UsageError("loopdb export does not write drafting models (draft_width > 1 or anchor_weight > 0); "
+                         "score and sample them with loopdb score, loopdb eval and loopdb sample")
     stacked = m.family == "stacked"
     return {
         "family": m.family, "n_layers": m.n_layers, "num_blocks": m.num_blocks, "partition": d.partition,
