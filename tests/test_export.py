@@ -1,8 +1,9 @@
 """`loopdb export`: a run as a transformers folder that from_pretrained, generate and lm-eval's hf model use.
 
 Runs of 20 steps of the tiny and tiny-stacked presets shrunk to SMALL_RUN (16-token window,
-d_model 32) for each objective, and of sequence-joint DiffusionBlocks (``joint``: a sigma per position,
-the wavefront sampler on a geometric grid). Tolerance of logits against loopdb's own: 1e-5 absolute (float32, the same
+d_model 32) for each objective, of sequence-joint DiffusionBlocks (``joint``: a sigma per position,
+the wavefront sampler on a geometric grid) and of the tiny-draft preset (``draft``: 4 slots per position
+with the likelihood evidence in the logits, and the anchor head). Tolerance of logits against loopdb's own: 1e-5 absolute (float32, the same
 operations in the same order up to the attention kernel).
 """
 
@@ -22,20 +23,20 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "eval" / "tasks"
-OBJECTIVES = ("diffusion", "bptt", "ouro", "dense", "stacked-diffusion", "stacked-dense", "joint")
+OBJECTIVES = ("diffusion", "bptt", "ouro", "dense", "stacked-diffusion", "stacked-dense", "joint", "draft")
 ATOL = 1e-5
 JOINT = ("--objective=diffusion", "--recurrence=sequence", "--wavefront=1", "--position_sigma_fraction=0.5",
          "--sigma_sampling=loguniform", "--grid=geometric", "--train_grid_fraction=0")
 
 
 def train_and_export(data_dir, folder: Path, name: str, *extra) -> tuple[Path, Path]:
-    """A 20-step run of the tiny preset (``stacked-*``: tiny-stacked; ``joint``: sequence-joint) shrunk to
-    SMALL_RUN, and its export (3 noise draws by default)."""
+    """A 20-step run of the tiny preset (``stacked-*``: tiny-stacked; ``joint``: sequence-joint; ``draft``:
+    tiny-draft) shrunk to SMALL_RUN, and its export (3 noise draws by default)."""
     from loopdb.cli import main
 
     family, _, objective = name.rpartition("-")
-    preset = "tiny-stacked" if family == "stacked" else "tiny"
-    flags = JOINT if name == "joint" else (f"--objective={objective}",)
+    preset = "tiny-stacked" if family == "stacked" else "tiny-draft" if name == "draft" else "tiny"
+    flags = JOINT if name == "joint" else ("--objective=diffusion",) if name == "draft" else (f"--objective={objective}",)
     run, out = folder / name, folder / f"{name}-hf"
     assert main(["train", "--preset", preset, "--data", str(data_dir), "--out", str(run), "--quiet", *SMALL_RUN,
                  "--max_steps=20", *flags, "--max_loops=3", "--mean_depth=3", *extra]) == 0
@@ -108,7 +109,7 @@ def test_the_initial_states_scale_is_the_runs(runs, data_dir):
     assert torch.allclose(theirs, ours, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion", "joint"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion", "joint", "draft"])
 def test_one_draw_readout_equals_loopdbs_last_loop_logits(runs, data_dir, objective):
     from loopdb.readouts import scoring
 
@@ -214,7 +215,7 @@ def test_cached_and_recomputed_generation_agree(runs, objective):
                                                  use_cache=False))
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion", "joint"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion", "joint", "draft"])
 def test_sampled_generate_equals_loopdbs(runs, objective):
     from loopdb.readouts.generation import generate
 
@@ -286,6 +287,24 @@ def test_generate_returns_each_new_tokens_states_on_request(runs, data_dir, obje
     if objective == "dense":  # no noise: every state is forward's
         assert all(torch.allclose(state[:, 0], whole[:, 9], atol=ATOL, rtol=0)
                    for state, whole in zip(result.hidden_states[-1], forward))
+
+
+def test_a_drafting_runs_anchor_head_is_a_readout(runs, data_dir):
+    """readout="anchor": the clean stream's next-token log-probabilities, as loopdb's anchor readout; a model
+    trained without the anchor head refuses it."""
+    from loopdb.readouts import scoring
+    from loopdb.sampling import anchor_sampler
+
+    model, exported = load_pair(runs, "draft")
+    inputs = play_windows(data_dir, 2, 16)
+    with torch.no_grad():
+        ours = scoring.predictive_distribution(model, inputs, 1, 1, [torch.Generator() for _ in range(2)],
+                                               sampler=anchor_sampler(model))
+        theirs = exported(inputs, readout="anchor").logits
+        assert torch.allclose(theirs, ours, atol=ATOL, rtol=0)
+        assert not torch.allclose(theirs, exported(inputs, num_loops=4).logits, atol=ATOL, rtol=0)
+        with pytest.raises(ValueError, match="anchor_weight > 0"):
+            load_pair(runs, "diffusion")[1](inputs, readout="anchor")
 
 
 def test_exit_errors_are_clear(runs):
@@ -471,7 +490,7 @@ def test_the_export_loads_where_loopdb_is_not_importable(runs, data_dir, tmp_pat
         assert torch.equal(torch.load(tmp_path / "logits.pt"), exported(inputs, num_loops=2).logits)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion", "joint"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "stacked-diffusion", "joint", "draft"])
 def test_save_pretrained_round_trips_unchanged(runs, data_dir, tmp_path, objective):
     from transformers import AutoModelForCausalLM
 
@@ -496,7 +515,7 @@ def test_export_refuses_what_it_cannot_write(runs, tmp_path):
 
     with pytest.raises(UsageError, match="not empty"):
         export_run(runs["dense"][0], runs["dense"][1])
-    for name, message in (("tiny-mdm", "family 'mdm'"), ("tiny-draft", "drafting")):
+    for name, message in (("tiny-mdm", "family 'mdm'"), ("tiny-vit", "family 'vit'")):
         with pytest.raises(UsageError, match=message):
             hf_config_values(preset(name))
 
@@ -525,7 +544,7 @@ def _lm_eval(model, model_args, tasks, limit):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective, num_loops", [("dense", 1), ("diffusion", 2), ("bptt", 2), ("ouro", 2),
-                                                      ("stacked-diffusion", 2), ("joint", 2)])
+                                                      ("stacked-diffusion", 2), ("joint", 2), ("draft", 2)])
 def test_lm_eval_hf_scores_the_export_as_lm_eval_loopdb_scores_the_run(data_dir, tmp_path, offline_hf, objective,
                                                                        num_loops):
     """The likelihood tasks, 10 documents each, at a loop count other than the export's default (4), so

@@ -43,9 +43,6 @@ def hf_config_values(config) -> dict:
     if m.family not in ("looped", "stacked"):
         raise UsageError(f"loopdb export writes the looped and stacked next-token language models, not family "
                          f"{m.family!r}; score and sample this run with loopdb score and loopdb sample")
-    if m.draft_width > 1 or t.anchor_weight > 0:
-        raise UsageError("loopdb export does not write drafting models (draft_width > 1 or anchor_weight > 0); "
-                         "score and sample them with loopdb score, loopdb eval and loopdb sample")
     stacked = m.family == "stacked"
     return {
         "family": m.family, "n_layers": m.n_layers, "num_blocks": m.num_blocks, "partition": d.partition,
@@ -57,6 +54,7 @@ def hf_config_values(config) -> dict:
         "sigma_min": d.sigma_min, "sigma_max": d.sigma_max, "grid": d.grid, "grid_sigma_last": d.grid_sigma_last,
         "solver": d.solver, "estimate": d.estimate, "self_condition": d.self_condition,
         "likelihood_logits": d.likelihood_logits, "known_prefix": not t.task, "wavefront": d.wavefront,
+        "draft_width": m.draft_width, "anchor_head": t.anchor_weight > 0,
         # K = num_blocks runs each stacked block once (`loopdb sample`'s default)
         "num_loops": 1 if t.objective == "dense" else m.num_blocks if stacked else DEFAULT_LOOPS,
     }

@@ -74,6 +74,10 @@ def model_card(run_dir, config, values: dict, parameters: int, out: Path) -> str
     tasks = f"{t.task}_seed1000_d2-12" if t.task else "shakespeare_bpb,shakespeare_cloze"
     loops = values["num_loops"]
     joint = t.objective == "diffusion" and values["recurrence"] == "sequence"
+    drafting = (f" Drafting: a loop denoises the {m.draft_width} noisy slots of a position jointly (slot j "
+                f"predicts token t+1+j); the next token is slot 0." if m.draft_width > 1 else "")
+    anchor = ", or `anchor` (the trained dense anchor head: the clean stream's next-token distribution)" \
+        if values["anchor_head"] else ""
     if m.family == "stacked":
         title = f"loopdb stacked DiffusionBlocks language model ({t.objective})"
         what = (f"A stack of {m.n_layers} distinct layers in {m.num_blocks} DiffusionBlocks trained with loopdb: each block "
@@ -92,7 +96,7 @@ tags: [loopdb, looped-transformer, recurrent-depth]
 
 {what};
 d_model {m.d_model}, {m.n_heads} heads, a window of {m.context} tokens, {parameters:,} parameters.
-Training objective: {OBJECTIVES["joint" if joint else t.objective]}.
+Training objective: {OBJECTIVES["joint" if joint else t.objective]}.{drafting}
 
 ## Use
 
@@ -114,7 +118,7 @@ print(tokenizer.decode(new[0], skip_special_tokens=False))
 - `noise_seed` (default {values.get('noise_seed', 0)}): the seed of the initial states; each row of a batch
   draws from its own generator seeded by it, so a call is reproducible and a row does not depend on the batch.
 - `readout`: `predictive` (default: log of the mean over `num_samples` draws of the last loop's distribution)
-  or `draw` (one draw's raw logits).
+  or `draw` (one draw's raw logits){anchor}.
 - `output_hidden_states=True`: the prelude output, then the state after each loop.
 - `generate`: left-padded batches (pass `attention_mask`), greedy or `do_sample=True` with `temperature` and
   `top_k`; a key/value cache (`LoopDBCache`, a transformers `DynamicCache` with one slot per layer, and per

@@ -17,7 +17,8 @@ class LoopDBConfig(PretrainedConfig):
                  mlp_ratio=4.0, injection="concat", tie_head=True, recurrence="position", sandwich_norm=False, state_std=1.0,
                  exit_gate=False, objective="diffusion", sigma_data=0.0, target_norm=1.0, p_mean=-1.2, p_std=1.2,
                  sigma_min=0.002, sigma_max=80.0, grid="equiprob", grid_sigma_last=0.0, solver="euler",
-                 estimate="soft", self_condition=False, likelihood_logits=False, known_prefix=True, wavefront=0.0,
+                 estimate="soft", self_condition=False, likelihood_logits=False, draft_width=1, anchor_head=False,
+                 known_prefix=True, wavefront=0.0,
                  num_loops=4, noise_seed=0,
                  readout="predictive", num_samples=4, exit=None, last_loop_cache=False, **kwargs):
         # the architecture (loopdb's ModelConfig). family looped: prelude, core looped K times, coda;
@@ -35,6 +36,9 @@ class LoopDBConfig(PretrainedConfig):
         self.sigma_min, self.sigma_max, self.grid, self.grid_sigma_last = sigma_min, sigma_max, grid, grid_sigma_last
         self.solver, self.estimate = solver, estimate
         self.self_condition, self.likelihood_logits = self_condition, likelihood_logits
+        # drafting: the noisy slots per position (slot j predicts token t+1+j; the next token is slot 0), and
+        # whether the clean stream's next-token logits were trained (readout="anchor")
+        self.draft_width, self.anchor_head = draft_width, anchor_head
         # sequence-joint DiffusionBlocks (objective diffusion with sequence recurrence): ``known_prefix``
         # (a text LM: every position but the newest has a known target, the token after it), and the
         # wavefront width of the sampler across positions (0: one sigma for all; also a call argument)

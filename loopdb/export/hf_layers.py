@@ -14,7 +14,7 @@ from transformers.cache_utils import DynamicCache
 
 from .hf_configuration import LoopDBConfig
 
-READOUTS = ("predictive", "draw")
+READOUTS = ("predictive", "draw", "anchor")
 SAMPLER_CHOICES = {"grid": ("equiprob", "karras", "geometric"), "solver": ("euler", "heun", "ancestral"),
                    "estimate": ("soft", "argmax", "sample"), "grid_sigma_last": None, "wavefront": None}
 EXIT_KINDS = ("kl", "delta", "gate")

@@ -97,6 +97,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             self.sigma_embedder = SigmaEmbedder(dim)
             self.clean_condition = nn.Parameter(torch.zeros(dim))
             self.self_condition = nn.Linear(dim, dim, bias=False) if config.self_condition else None
+            # drafting: the L noisy slots of a position (slot j predicts token t+1+j) told apart by a learned row
+            self.slot_embedding = nn.Parameter(torch.zeros(config.draft_width, dim)) if config.draft_width > 1 else None
             self.denoiser_out = nn.Linear(dim, dim, bias=False)
             self.target_norm = config.target_norm or self.sigma_data * dim**0.5
             self.target_scale = self.target_norm / dim**0.5
@@ -198,37 +200,50 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         return {"embedded": embedded, "pad": pad, "length": start + input_ids.shape[1], "cache": cache,
                 "block_kv": block_kv, "final_hidden": hidden}
 
-    def _noisy_positions(self, rows: int, clean):
-        """cos, sin and mask of ``rows`` noisy rows (the last positions): clean keys <= own position, and itself."""
+    def _noisy_positions(self, rows: int, clean, width: int = 1):
+        """cos, sin and mask of the noisy rows of the last ``rows`` positions, ``width`` slots each (ordered
+        position, slot; slot j at rotary position t + j): clean keys <= own position, and its own slots."""
         length, pad = clean["length"], clean["pad"]
         device = clean["embedded"].device
-        anchors, keys = torch.arange(length - rows, length, device=device), torch.arange(length, device=device)
+        anchors = torch.arange(length - rows, length, device=device).repeat_interleave(width)
+        slots, keys = torch.arange(width, device=device).repeat(rows), torch.arange(length, device=device)
         itself = anchors[:, None] == anchors[None, :]
-        head_dim, context = self.config.d_model // self.config.n_heads, self.config.context
+        head_dim, context = self.config.d_model // self.config.n_heads, self.config.context + self.config.draft_width - 1
         if pad is None:
-            cos, sin = rotary_angles(anchors, head_dim, context)
+            cos, sin = rotary_angles(anchors + slots, head_dim, context)
             return cos, sin, torch.cat([keys[None, :] <= anchors[:, None], itself], dim=1)
-        cos, sin = rotary_angles(padded_positions(anchors, pad), head_dim, context)
+        cos, sin = rotary_angles(padded_positions(anchors, pad) + slots, head_dim, context)
         mask = torch.cat([padded_causal_mask(anchors, keys, pad), itself.expand(len(pad), 1, -1, -1)], dim=-1)
         return cos, sin, mask
 
     def _denoise(self, z, sigma: float, clean, previous=None):
-        """Logits of the denoiser at noise level sigma for noisy rows z (B, R, C) (the last R positions)."""
-        rows = z.shape[1]
+        """Logits of the denoiser at noise level sigma for noisy rows z (B, R, C) (the last R positions), or
+        for a drafting model's slots z (B, R, L, C), denoised jointly -> (B, R, L, V)."""
+        if z.dim() == 4:
+            batch, rows, width = z.shape[:3]
+            embedded = clean["embedded"][:, -rows:].repeat_interleave(width, dim=1)
+            logits = self._denoise_rows(z.reshape(batch, rows * width, -1), sigma, clean, embedded, previous, width)
+            return logits.view(batch, rows, width, -1)
+        return self._denoise_rows(z, sigma, clean, clean["embedded"][:, -z.shape[1]:], previous)
+
+    def _denoise_rows(self, z, sigma: float, clean, embedded, previous=None, width: int = 1):
+        rows = z.shape[1] // width
         sigma_t = torch.full((z.shape[0],), float(sigma), device=z.device)
         variance = sigma_t**2 + self.sigma_data**2
         c_skip = (self.sigma_data**2 / variance)[:, None, None]
         c_out = (sigma_t * self.sigma_data / variance.sqrt())[:, None, None]
         c_in = (1.0 / variance.sqrt())[:, None, None]
-        cos, sin, mask = self._noisy_positions(rows, clean)
+        cos, sin, mask = self._noisy_positions(rows, clean, width)
         if self.config.family == "stacked":  # the block owning sigma is the denoiser
             owner = block_owner(self.config, float(sigma))
-            block, embedded = self.blocks[owner], clean["embedded"][:, -rows:]
+            block = self.blocks[owner]
             hidden = inject(block.injection, c_in * z, embedded)
             cond = self.sigma_embedder(torch.log(sigma_t) / 4)
             hidden, _ = self._run(block.layers, hidden, cos, sin, cond, clean["block_kv"][owner], mask)
             return self._logits((c_skip * z + c_out * block.denoiser_out(block.norm(hidden))) / self.target_scale)
-        hidden = inject(self.injection, c_in * z, clean["embedded"][:, -rows:])
+        hidden = inject(self.injection, c_in * z, embedded)
+        if self.slot_embedding is not None:
+            hidden = hidden + self.slot_embedding.repeat(rows, 1).to(hidden.dtype)
         if self.self_condition is not None and previous is not None:
             hidden = hidden + self.self_condition((previous / self.target_scale).to(hidden.dtype))
         cond = self.sigma_embedder(torch.log(sigma_t) / 4)
@@ -353,6 +368,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
     # -- one draw ------------------------------------------------------------------------------------------------------
     def _initial_state(self, shape, num_loops, generator, device):
         """The state a draw starts from: noise at the top of the grid (diffusion), or N(0, 1) (bptt, ouro)."""
+        if self.config.objective == "diffusion" and self.config.draft_width > 1:  # L slots per position
+            shape = (*shape[:-1], self.config.draft_width, shape[-1])
         noise = torch.randn(shape, generator=generator).to(device)
         if self.config.objective == "diffusion":
             return noise * math.sqrt(self.sigma_data**2 + self.config.sigma_max**2)
@@ -369,7 +386,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         if objective == "diffusion" and self.config.joint:
             return joint_loops(self, clean, z, num_loops, generator, states, sampler)
         if objective == "diffusion":
-            return self._diffusion_loops(clean, z, num_loops, generator, states, sampler)
+            logits = self._diffusion_loops(clean, z, num_loops, generator, states, sampler)
+            return logits[:, :, 0] if logits.dim() == 4 else logits  # drafting: the next token is slot 0
         for _ in range(num_loops):
             z = self._recur(z, clean)
             states.append(z)
@@ -391,13 +409,16 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
                                                          or sampler["estimate"] == "sample")
 
     def _row_states(self, generators, rows: int, width: int, num_loops: int, pad, device):
-        """(B, rows, C) initial states; row b's from generators[b], for its real (unpadded) positions."""
+        """(B, rows, C) initial states ((B, rows, L, C) drafting); row b's from generators[b], for its real
+        (unpadded) positions."""
         if self.config.objective == "dense":
             return None
-        state = torch.zeros(len(generators), rows, width, device=device)
-        for row, generator in enumerate(generators):
-            start = 0 if pad is None else int(pad[row])
-            state[row, start:] = self._initial_state((1, rows - start, width), num_loops, generator, device)[0]
+        starts = [0 if pad is None else int(pad[row]) for row in range(len(generators))]
+        draws = [self._initial_state((1, rows - start, width), num_loops, generator, device)[0]
+                 for generator, start in zip(generators, starts)]
+        state = draws[0].new_zeros(len(generators), rows, *draws[0].shape[1:])
+        for row, (draw, start) in enumerate(zip(draws, starts)):
+            state[row, start:] = draw
         return state
 
     # -- transformers API ---------------------------------------------------------------------------------------------
@@ -411,7 +432,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
 
         ``attention_mask`` (B, T): left padding (zeros first) is hidden and each row's positions
         start at its first real token. ``readout="predictive"``: log of the mean over ``num_samples``
-        draws of the last loop's distribution; ``"draw"``: one draw's raw logits. ``hidden_states``:
+        draws of the last loop's distribution; ``"draw"``: one draw's raw logits; ``"anchor"`` (a drafting
+        model trained with an anchor head): the clean stream's next-token log-probabilities. ``hidden_states``:
         the prelude output, then the state after each loop (of the first draw). ``grid``, ``solver``,
         ``grid_sigma_last``, ``estimate``, ``wavefront`` (sequence-joint): the diffusion sampler's settings for
         this call (default: the config's)."""
@@ -428,6 +450,12 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         sampler = self._sampler(grid=grid, solver=solver, grid_sigma_last=grid_sigma_last, estimate=estimate,
                                wavefront=wavefront)
         pad = _left_padding(attention_mask)
+        if readout == "anchor":  # a drafting run's dense anchor head: the clean stream's own next-token logits
+            if not config.anchor_head:
+                raise ValueError("readout='anchor' needs the anchor head of a model trained with anchor_weight > 0")
+            clean = self._encode(input_ids, pad)
+            logits = torch.log_softmax(self._logits(clean["final_hidden"]).float(), dim=-1)
+            return self._output(logits, labels, (clean["embedded"], clean["final_hidden"]) if output_hidden_states else None)
         if config.joint and pad is not None:  # loopdb's sequence-joint model takes no padding: each row alone
             return self._rows_alone(input_ids, pad, labels, num_loops, seed, readout, samples, output_hidden_states,
                                     sampler)
