@@ -544,7 +544,7 @@ def _lm_eval(model, model_args, tasks, limit):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective, num_loops", [("dense", 1), ("diffusion", 2), ("bptt", 2), ("ouro", 2),
-                                                      ("stacked-diffusion", 2), ("joint", 2), ("draft", 2)])
+                                                      ("stacked-diffusion", 2), ("joint", 2), ("draft-anchor", 2)])
 def test_lm_eval_hf_scores_the_export_as_lm_eval_loopdb_scores_the_run(data_dir, tmp_path, offline_hf, objective,
                                                                        num_loops):
     """The likelihood tasks, 10 documents each, at a loop count other than the export's default (4), so
@@ -556,14 +556,17 @@ def test_lm_eval_hf_scores_the_export_as_lm_eval_loopdb_scores_the_run(data_dir,
     5%, accuracies within 0.1 (one document of 10). The generation task is left out: loopdb's model
     generates in chunks of 16 tokens with the prompt truncated to context - 16, lm-eval's hf model
     truncates it to context - max_gen_toks. A 64-token window: lm-eval's hf model refuses a
-    continuation longer than the window (a cloze line), which loopdb's scores in several windows."""
+    continuation longer than the window (a cloze line), which loopdb's scores in several windows.
+    ``draft-anchor``: a drafting run under its anchor readout on both sides, which draws no noise either."""
     tasks = ["shakespeare_bpb", "shakespeare_cloze"]
-    run, out = train_and_export(data_dir, tmp_path, objective, "--context=64")
-    ours = _lm_eval("loopdb", f"run={run},num_loops={num_loops},samples=3", tasks, limit=10)
-    theirs = _lm_eval("hf", f"pretrained={out},trust_remote_code=True,num_loops={num_loops}", tasks, limit=10)
+    name = objective.removesuffix("-anchor")
+    readout = ",readout=anchor" if name != objective else ""
+    run, out = train_and_export(data_dir, tmp_path, name, "--context=64")
+    ours = _lm_eval("loopdb", f"run={run},num_loops={num_loops},samples=3{readout}", tasks, limit=10)
+    theirs = _lm_eval("hf", f"pretrained={out},trust_remote_code=True,num_loops={num_loops}{readout}", tasks, limit=10)
     assert ours.keys() == theirs.keys() and len(ours) >= 5
     for (task, metric), value in ours.items():
-        if objective == "dense":
+        if objective in ("dense", "draft-anchor"):
             expected = pytest.approx(value, rel=1e-6)
         elif metric == "bits_per_byte":
             expected = pytest.approx(value, rel=1e-2)
