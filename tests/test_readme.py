@@ -1,12 +1,12 @@
 """The README's commands run as written.
 
 Every ``loopdb ...`` and ``python -m loopdb...`` command of README.md's bash blocks is read from the file
-itself, so a command the README shows and loopdb no longer accepts fails here; those of eval/, data/
-and docs/ are checked to parse. The fast ones (scoring,
-sampling, writing a task folder) run as written against small stand-ins of the run folders they name: a
-20-step run of the preset the README's own ``loopdb train`` line gives that folder, shrunk (16- or 32-token
-window, d_model 32) and on a small prepared corpus. The training and lm-eval commands take minutes: they
-run in the slow tests (``-m slow``), the training ones exactly as written.
+itself, so a command the README shows and loopdb no longer accepts fails here; those of eval/, data/ and
+docs/ are checked to parse. The README's fast commands (scoring, sampling, writing a task folder) run as
+written against small stand-ins of the run folders they name: a 20-step run of the preset the README's
+own ``loopdb train`` line gives that folder, shrunk (d_model 32; a text run with a 64-token window on a
+small prepared corpus). The training and lm-eval commands take minutes: they run in the slow tests
+(``-m slow``), the training ones exactly as written.
 """
 
 import os
@@ -22,9 +22,8 @@ from conftest import SMALL_RUN
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_COMMANDS = ("train", "eval")
 CUT_CHARACTERS = 8_000  # minutes each (a whole training run; lm-eval over whole tasks)
-# what shrinks a stand-in run of each preset the README trains (the depth task keeps its own corpus)
-SHRINK = {"depth-tiny": ["--d_model=32", "--batch_size=8", "--eval_loops=1,2", "--eval_examples=2",
-                         "--test_difficulties=2,3"]}
+# what shrinks the stand-in of a reasoning-task run (it keeps its own generated corpus)
+TASK_SHRINK = ["--d_model=32", "--batch_size=8", "--eval_loops=1,2", "--eval_examples=2", "--test_difficulties=2,3"]
 
 
 def readme_commands(path: Path = ROOT / "README.md") -> list[list[str]]:
@@ -108,6 +107,7 @@ def stand_ins(tmp_path_factory):
     text runs read three plays cut to their first CUT_CHARACTERS characters (scoring a whole play at
     K = 1..16 with 4 draws takes minutes even for a small model)."""
     from loopdb.cli import main
+    from loopdb.config import preset
     from loopdb.data.corpus import default_corpus_files
     from loopdb.data.preparation import prepare
     from loopdb.errors import DataError
@@ -123,7 +123,7 @@ def stand_ins(tmp_path_factory):
     data = cwd / "plays"
     prepare(data, corpus=sorted((cwd / "corpus").iterdir()), vocab_size=400, show_progress=False)
     for folder, name in run_folders(readme_commands()).items():
-        shrink = SHRINK.get(name, [*SMALL_RUN, "--context=64", "--data", str(data)])
+        shrink = TASK_SHRINK if preset(name).train.task else [*SMALL_RUN, "--context=64", "--data", str(data)]
         assert main(["train", "--preset", name, "--out", str(cwd / folder), "--quiet", "--max_steps=20", *shrink]) == 0
     return cwd
 

@@ -14,6 +14,8 @@ the export's tests check the logits and the generated tokens against loopdb's ow
   s_k = norm(core(inject(s_{k-1}, prelude(x)))); the coda and head read the last state.
 - ``objective="diffusion"`` with ``recurrence="sequence"``: sequence-joint DiffusionBlocks (hf_joint.py),
   a loop is one sampler step over every position's state at once, with a sigma per position.
+- ``draft_width`` L > 1 (drafting): a position's noisy state is L slots (slot j predicts token t+1+j),
+  denoised jointly; the next token is slot 0. ``readout="anchor"`` reads the trained anchor head instead.
 - ``family="stacked"``: ``n_layers`` distinct sigma-conditioned layers in ``num_blocks`` DiffusionBlocks;
   block b has its own clean stream from the token embeddings and is the denoiser of the b-th highest
   noise range, so a sampler step runs the block owning its sigma (K = num_blocks: each block once).
