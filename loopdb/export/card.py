@@ -119,11 +119,14 @@ print(tokenizer.decode(new[0], skip_special_tokens=False))
   draws from its own generator seeded by it, so a call is reproducible and a row does not depend on the batch.
 - `readout`: `predictive` (default: log of the mean over `num_samples` draws of the last loop's distribution)
   or `draw` (one draw's raw logits){anchor}.
-- `output_hidden_states=True`: the prelude output, then the state after each loop.
+- `output_hidden_states=True`: the prelude output, then the state after each loop; with
+  `generate(..., return_dict_in_generate=True)` the same for each new token.
 - `generate`: left-padded batches (pass `attention_mask`), greedy or `do_sample=True` with `temperature` and
   `top_k`; a key/value cache (`LoopDBCache`, a transformers `DynamicCache` with one slot per layer, and per
   loop and layer of the core when every loop attends over the sequence). Rows decode together (as loopdb's
-  `generate_batch`: when the window fills it slides for every row) or, with sequence recurrence, one after another.
+  `generate_batch`: when the window fills it slides for every row) or, with sequence recurrence, one after another
+  (then `exit="kl:5e-4"` stops a token's loops early, and `last_loop_cache=True` keeps one cache set of each
+  position's last loop).
   The newline is the beginning/end-of-text token but not a stop token; decode with `skip_special_tokens=False`
   to keep newlines.
 
