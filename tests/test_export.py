@@ -423,7 +423,7 @@ def test_a_character_tokenizer_converts(tmp_path):
         assert theirs.decode(ours.encode(text), skip_special_tokens=False) == text
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "bptt"])
+@pytest.mark.parametrize("objective", ["diffusion", "bptt", "joint", "draft"])
 def test_bfloat16_weights_run_with_float32_sampler_states(runs, data_dir, objective):
     from transformers import AutoModelForCausalLM
 
