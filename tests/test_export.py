@@ -54,13 +54,15 @@ def runs(data_dir, tmp_path_factory):
 @pytest.fixture(scope="module", params=["depth-tiny", "depth-db-tiny"])
 def depth_run(tmp_path_factory, request):
     """20 steps of a depth preset on the S3 task with its word tokenizer, exported: depth-tiny (sequence-recurrent
-    BPTT) or depth-db-tiny (sequence-joint DiffusionBlocks, every position denoised jointly, the wavefront)."""
+    BPTT, with the prelude output normalized before the injection; the other BPTT runs here inject it as it is)
+    or depth-db-tiny (sequence-joint DiffusionBlocks, every position denoised jointly, the wavefront)."""
     from loopdb.cli import main
 
     folder = tmp_path_factory.mktemp("depth")
     run, out = folder / "run", folder / "hf"
+    extra = ["--embedded_norm=true"] if request.param == "depth-tiny" else []
     assert main(["train", "--preset", request.param, "--out", str(run), "--quiet", "--max_steps=20", "--d_model=32",
-                 "--batch_size=8", "--eval_loops=1,2", "--eval_examples=2", "--test_difficulties=2,3"]) == 0
+                 "--batch_size=8", "--eval_loops=1,2", "--eval_examples=2", "--test_difficulties=2,3", *extra]) == 0
     assert main(["export", str(run), "--out", str(out)]) == 0
     return run, out
 

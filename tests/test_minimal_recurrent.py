@@ -1,6 +1,7 @@
 """The minimal Huginn model (loopdb.evaluation.minimal_recurrent) is the same architecture as loopdb's
 sequence-recurrent model: same parameters, same function given the same weights, same task batches."""
 
+import pytest
 import torch
 
 from loopdb.readouts.scoring import loop_logits
@@ -44,11 +45,13 @@ def test_minimal_model_has_loopdbs_parameters_and_learned_positions_add_one_tabl
     assert extra == config.model.context * config.model.d_model
 
 
-def test_minimal_model_computes_loopdbs_function_from_the_same_weights_and_state():
+@pytest.mark.parametrize("embedded_norm", [False, True])
+def test_minimal_model_computes_loopdbs_function_from_the_same_weights_and_state(embedded_norm):
     config = depth_tiny()
+    config.model.embedded_norm = embedded_norm
     torch.manual_seed(0)
     loopdb_model = build_model(config).eval()
-    minimal = minimal_like(config, positions="rotary").eval()
+    minimal = minimal_like(config, positions="rotary", embedded_norm=embedded_norm).eval()
     minimal.load_state_dict({renamed(name): value for name, value in loopdb_model.state_dict().items()})
     tokens = torch.randint(config.model.vocab_size, (3, 12))
     state = torch.randn(3, 12, config.model.d_model)
