@@ -85,3 +85,13 @@ def test_the_comparison_trains_both_sides_and_scores_every_loop_count():
         assert result["updates"] == 2
         assert sorted(result["scores"]) == sorted(LOOPS)
         assert all(0 <= score["final"] <= 1 and 0 <= score["positions"] <= 1 for score in result["scores"].values())
+
+
+def test_the_comparison_reads_true_and_false_for_switches_and_refuses_anything_else():
+    from loopdb.evaluation import bptt_compare
+
+    with pytest.raises(SystemExit, match="true or false"):
+        bptt_compare.run_minimal({"embedded_norm": "yes"}, steps=1, seconds=0, count=1)
+    result = bptt_compare.run_minimal({"embedded_norm": "False", "batch_size": "2"}, steps=1, seconds=0, count=1)
+    with_norm = bptt_compare.run_minimal({"embedded_norm": "true", "batch_size": "2"}, steps=1, seconds=0, count=1)
+    assert with_norm["parameters"] - result["parameters"] == MinimalSettings().d_model  # one RMSNorm weight

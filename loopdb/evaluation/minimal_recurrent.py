@@ -187,7 +187,7 @@ def train_minimal(settings: MinimalSettings, task_name: str = "s3", steps: int =
         optimizer.step()
         updates += 1
         if log is not None and updates % 100 == 0:
-            log(f"minimal step {updates} loss {float(loss):.4f}")
+            log(f"minimal step {updates} loss {float(loss.detach()):.4f}")
     return model, updates, time.perf_counter() - start
 
 
