@@ -80,3 +80,9 @@ def test_bptt_expected_step_lies_between_its_shallow_and_deep_steps():
 def test_analytic_flops_refuses_what_it_does_not_cover():
     with pytest.raises(ConfigError, match="self-conditioning"):
         analytic_step_flops(member_config("diffusion", self_condition="true"))
+
+
+def test_a_short_context_counts_the_few_query_attention_of_the_noisy_rows(data_dir):
+    # at most 16 noisy rows attend to the clean prefix with plain matmuls: 4 backward products, not 5
+    config = member_config("diffusion", context=16)
+    assert counted_step_flops(config, data_dir) == analytic_step_flops(config)

@@ -5,7 +5,8 @@ only. A linear layer on ``rows`` rows is 2 * rows * fan_in * fan_out forward; it
 again for the weight gradient and again for the input gradient where the input needs one (not for
 the sigma embedder's first layer, whose sinusoidal features are constants). Attention is its two
 products, 2 * 2 * B * Tq * Tk * d forward as if unmasked (a causal mask halves the useful work;
-neither count credits it), and five in the backward, which recomputes the scores. Norms,
+neither count credits it), and five in the backward, which recomputes the scores (four where at most
+FEW_QUERIES rows attend to a cached prefix: loopdb.layers.few_query_attention, plain matmuls). Norms,
 activations, the softmax, the loss and the optimizer are not counted (each is O(d) per row, not
 O(d^2)). A layer whose output reaches no loss (the clean stream's last layer of the per-position
 model, which only provides keys and values) has no backward beyond its key/value projection.
@@ -28,6 +29,7 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError
+from ..layers import FEW_QUERIES
 
 SIGMA_FEATURES = 256  # the sigma embedder's sinusoidal features (loopdb.layers.SigmaEmbedder)
 EXPECTATION_DRAWS = 4096  # depth draws averaged for BPTT's expected step (seeded: the same every time)
@@ -38,22 +40,25 @@ def linear_flops(rows: int, fan_in: int, fan_out: int, backward: bool = True, in
     return forward + (forward * (2 if input_grad else 1) if backward else 0)
 
 
-def attention_flops(batch: int, queries: int, keys: int, dim: int, backward: bool = True) -> int:
+def attention_flops(batch: int, queries: int, keys: int, dim: int, backward: bool = True,
+                    recomputed: bool = True) -> int:
+    """``recomputed``: the fused kernel's backward recomputes the scores (5 products, else 4)."""
     product = 2 * batch * queries * keys * dim  # one of QK^T or AV, all heads together
-    return 2 * product + (5 * product if backward else 0)
+    return 2 * product + ((5 if recomputed else 4) * product if backward else 0)
 
 
 def block_flops(batch: int, length: int, keys: int, dim: int, hidden: int, cond_rows: int = 0,
                 backward: bool = True, output_used: bool = True) -> int:
-    """One transformer block on ``length`` rows of each of ``batch`` windows attending to ``keys`` keys;
-    ``cond_rows``: rows of adaLN conditioning (0 = a plain block); ``output_used`` False: only its keys
-    and values are read downstream."""
+    """One transformer block on ``length`` rows of each of ``batch`` windows attending to ``keys`` keys
+    (more keys than rows: a cached prefix before them); ``cond_rows``: rows of adaLN conditioning
+    (0 = a plain block); ``output_used`` False: only its keys and values are read downstream."""
+    recomputed = keys == length or length > FEW_QUERIES
     rows = batch * length
     total = linear_flops(rows, dim, 3 * dim, backward) + linear_flops(cond_rows, dim, 6 * dim, backward)
     rest = (attention_flops(batch, length, keys, dim, False) + linear_flops(rows, dim, dim, False)
             + linear_flops(rows, dim, hidden, False) + linear_flops(rows, hidden, dim, False))
     if output_used and backward:
-        rest = (attention_flops(batch, length, keys, dim) + linear_flops(rows, dim, dim)
+        rest = (attention_flops(batch, length, keys, dim, recomputed=recomputed) + linear_flops(rows, dim, dim)
                 + linear_flops(rows, dim, hidden) + linear_flops(rows, hidden, dim))
     return total + rest
 
@@ -156,3 +161,12 @@ def counted_step_flops(config: Config, data_dir) -> int:
 
             release_run_folder(trainer.run_dir)
     return counter.get_total_flops()
+
+
+def step_flops(config: Config, data_dir) -> dict:
+    """A member's FLOPs per training step both ways: ``analytic`` (BPTT: expected over its depth sampler)
+    and ``counted`` by FlopCounterMode over a real step (BPTT: at exactly its mean depth)."""
+    counted = copy.deepcopy(config)
+    if counted.train.objective == "bptt":
+        counted.train.depth_sampler = "fixed"
+    return {"analytic": analytic_step_flops(config), "counted": counted_step_flops(counted, data_dir)}
