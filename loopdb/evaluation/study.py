@@ -326,6 +326,8 @@ def markdown_tables(results: dict, loops) -> str:
             lines.append(f"{name[0].upper() + name[1:]}, scored the same way: MAUVE {quality['mauve']:.3f}, "
                          f"generative perplexity {quality['gen_ppl']:.1f}, distinct-2 {quality['distinct2']:.3f}.")
     lines += _training_table(results)
+    if results.get("judge"):
+        lines += _per_member_table(results, loops)
     for title, metric in _metrics(results).items():
         curves = _curves(results, metric)
         lines += ["", f"### {title}", "", "| variant | seeds | " + " | ".join(f"K={k}" for k in loops) + " |",
@@ -336,6 +338,26 @@ def markdown_tables(results: dict, loops) -> str:
                      for k in loops]
             lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _per_member_table(results: dict, loops) -> list[str]:
+    """One row per variant and K with the sample-quality columns beside bits per byte and steps."""
+    metrics = _metrics(results)
+    columns = [title for title in ("predictive bits per byte", "MAUVE", "generative perplexity", "distinct-2")
+               if title in metrics]
+    curves = {title: _curves(results, metrics[title]) for title in columns}
+    lines = ["", "### per member and K", "", "| variant | K | steps | " + " | ".join(columns) + " |",
+             "|" + "---|" * (3 + len(columns))]
+    for name, variant in results["variants"].items():
+        steps = statistics.fmean(member["train"]["steps"] for member in variant["seeds"].values())
+        for k in loops:
+            cells = [curves[title].get(name, {}).get(k) for title in columns]
+            if all(cell is None for cell in cells):
+                continue
+            lines.append(f"| {name} | {k} | {steps:.0f} | " + " | ".join(
+                "" if cell is None else f"{cell[0]:.3f}" + (f" +- {cell[1]:.3f}" if cell[1] else "") for cell in cells)
+                + " |")
+    return lines
 
 
 def _training_table(results: dict) -> list[str]:
