@@ -386,7 +386,8 @@ def _plots(results: dict, out: Path, loops) -> None:
         curves = {name: {k: mean for k, (mean, _) in curve.items()} for name, curve in _curves(results, metric).items()}
         filename = title.replace(" ", "_").replace("-", "") + "_vs_loops.png"
         try:
-            plot_against_loops(curves, out / filename, title, title=f"study: {results['preset']}")
+            plot_against_loops(curves, out / filename, title,
+                               title=f"{results['preset']}, {_budget_words(results['budget'])} per member")
         except PlotUnavailable as error:
             print(f"[study] no plots: {error}", file=sys.stderr)
             return
