@@ -93,6 +93,22 @@ def test_study_budgets_are_checked_before_any_training(capsys, data_dir, tmp_pat
     assert not (tmp_path / "s" / "dense-s0").exists()
 
 
+def test_one_study_command_trains_at_equal_time_and_at_equal_flops(data_dir, tmp_path):
+    small = {arg[2:].split("=")[0]: arg.split("=")[1] for arg in SMALL_RUN}
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"dense": {**small, "objective": "dense"}}))
+    out = tmp_path / "s"
+    assert main(["study", "--preset", "tiny", "--data", str(data_dir), "--out", str(out), "--variants", str(variants),
+                 "--budget-minutes", "0.002", "--budget-clock", "cpu", "--budget-flops", "5e8", "--readouts",
+                 "predictive", "--loops", "1", "--max-windows", "2", "--samples", "1"]) == 0
+    by_flops = json.loads((out / "equal-flops" / "results.json").read_text())
+    member = member_of(by_flops, "dense")
+    assert member["train"]["steps"] == int(5e8 // by_flops["variants"]["dense"]["flops"]["analytic"])
+    assert json.loads((out / "equal-time" / "results.json").read_text())["budget"]["minutes"] == 0.002
+    page = (out / "results.md").read_text()
+    assert "## Equal training time" in page and "## Equal training FLOPs" in page and "5e+08 training FLOPs" in page
+
+
 def test_distinct_n():
     assert quality.distinct_n([[1, 2, 3, 4]], 2) == 1.0
     assert quality.distinct_n([[1, 1, 1, 1]], 2) == 1 / 3
