@@ -42,6 +42,8 @@ class ModelConfig:
     #                                 auto: sequence for bptt and ouro, position for diffusion and dense
     sandwich_norm: bool = False     # sequence recurrence: Huginn's norms after each residual add, as well as before
     state_std: float = 1.0          # bptt, ouro: std of the random initial state (Huginn's)
+    embedded_norm: bool = False     # sequence recurrence: unit-RMS prelude output e before the injection (Huginn's
+    #                                 sandwich norm gives it; without it, small init injects e at ~1/50 of the state)
     init: str = "small"             # sequence recurrence: small (N(0, 0.02) linears and embeddings) | torch (PyTorch's defaults)
     attention: str = "auto"         # auto (xformers on CUDA when its probe passes, else SDPA) | sdpa | xformers
     n_layers: int = 8               # stacked / mdm / vit / dit: distinct layers in all

@@ -48,13 +48,15 @@ def runs(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def depth_run(tmp_path_factory):
-    """20 steps of the depth-tiny preset (sequence-recurrent BPTT on the S3 task, its word tokenizer), exported."""
+    """20 steps of the depth-tiny preset (sequence-recurrent BPTT on the S3 task, its word tokenizer), exported;
+    with the prelude output normalized before the injection (the other BPTT runs here inject it as it is)."""
     from loopdb.cli import main
 
     folder = tmp_path_factory.mktemp("depth")
     run, out = folder / "run", folder / "hf"
     assert main(["train", "--preset", "depth-tiny", "--out", str(run), "--quiet", "--max_steps=20", "--d_model=32",
-                 "--batch_size=8", "--eval_loops=1,2", "--eval_examples=2", "--test_difficulties=2,3"]) == 0
+                 "--batch_size=8", "--eval_loops=1,2", "--eval_examples=2", "--test_difficulties=2,3",
+                 "--embedded_norm=true"]) == 0
     assert main(["export", str(run), "--out", str(out)]) == 0
     return run, out
 

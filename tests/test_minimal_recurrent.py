@@ -1,6 +1,7 @@
 """The minimal Huginn model (loopdb.evaluation.minimal_recurrent) is the same architecture as loopdb's
 sequence-recurrent model: same parameters, same function given the same weights, same task batches."""
 
+import pytest
 import torch
 
 from loopdb.readouts.scoring import loop_logits
@@ -44,11 +45,13 @@ def test_minimal_model_has_loopdbs_parameters_and_learned_positions_add_one_tabl
     assert extra == config.model.context * config.model.d_model
 
 
-def test_minimal_model_computes_loopdbs_function_from_the_same_weights_and_state():
+@pytest.mark.parametrize("embedded_norm", [False, True])
+def test_minimal_model_computes_loopdbs_function_from_the_same_weights_and_state(embedded_norm):
     config = depth_tiny()
+    config.model.embedded_norm = embedded_norm
     torch.manual_seed(0)
     loopdb_model = build_model(config).eval()
-    minimal = minimal_like(config, positions="rotary").eval()
+    minimal = minimal_like(config, positions="rotary", embedded_norm=embedded_norm).eval()
     minimal.load_state_dict({renamed(name): value for name, value in loopdb_model.state_dict().items()})
     tokens = torch.randint(config.model.vocab_size, (3, 12))
     state = torch.randn(3, 12, config.model.d_model)
@@ -82,3 +85,13 @@ def test_the_comparison_trains_both_sides_and_scores_every_loop_count():
         assert result["updates"] == 2
         assert sorted(result["scores"]) == sorted(LOOPS)
         assert all(0 <= score["final"] <= 1 and 0 <= score["positions"] <= 1 for score in result["scores"].values())
+
+
+def test_the_comparison_reads_true_and_false_for_switches_and_refuses_anything_else():
+    from loopdb.evaluation import bptt_compare
+
+    with pytest.raises(SystemExit, match="true or false"):
+        bptt_compare.run_minimal({"embedded_norm": "yes"}, steps=1, seconds=0, count=1)
+    result = bptt_compare.run_minimal({"embedded_norm": "False", "batch_size": "2"}, steps=1, seconds=0, count=1)
+    with_norm = bptt_compare.run_minimal({"embedded_norm": "true", "batch_size": "2"}, steps=1, seconds=0, count=1)
+    assert with_norm["parameters"] - result["parameters"] == MinimalSettings().d_model  # one RMSNorm weight

@@ -63,7 +63,9 @@ def run_minimal(overrides: dict, steps: int, seconds: float, count: int) -> dict
         if key not in fields:
             raise SystemExit(f"unknown minimal setting {key!r}; known: {', '.join(fields)}")
         kind = type(getattr(MinimalSettings(), key))
-        values[key] = raw if kind is str else kind(raw)
+        if kind is bool and raw.lower() not in ("true", "false"):
+            raise SystemExit(f"minimal setting {key} is true or false, got {raw!r}")
+        values[key] = raw if kind is str else raw.lower() == "true" if kind is bool else kind(raw)
     settings = MinimalSettings(**values)
     model, updates, elapsed = train_minimal(settings, steps=steps, seconds=seconds,
                                             log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -46,6 +46,7 @@ class MinimalSettings:
     weight_decay: float = 0.0
     grad_clip: float = 0.0      # 0 = no clipping
     difficulty: int = 12        # every training example has this many elements, every prefix supervised
+    embedded_norm: bool = False  # unit-RMS prelude output before injection (Huginn's sandwich norm gives it)
 
 
 class _Attention(nn.Module):
@@ -93,6 +94,7 @@ class MinimalRecurrentLM(nn.Module):
         self.prelude, self.core, self.coda = blocks(s.n_prelude), blocks(s.n_core), blocks(s.n_coda)
         self.adapter = nn.Linear(2 * dim, dim, bias=False)
         self.core_norm, self.final_norm = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.embedded_norm = nn.RMSNorm(dim, eps=1e-6) if s.embedded_norm else None
         head_dim = dim // s.n_heads
         angles = torch.outer(torch.arange(s.context).float(),
                              1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
@@ -115,7 +117,7 @@ class MinimalRecurrentLM(nn.Module):
         rotation = self._rotation(tokens.shape[1])
         for block in self.prelude:
             hidden = block(hidden, rotation)
-        return hidden
+        return self.embedded_norm(hidden) if self.embedded_norm is not None else hidden
 
     def recur(self, state, embedded):
         hidden = self.adapter(torch.cat([state, embedded], -1))
@@ -185,7 +187,7 @@ def train_minimal(settings: MinimalSettings, task_name: str = "s3", steps: int =
         optimizer.step()
         updates += 1
         if log is not None and updates % 100 == 0:
-            log(f"minimal step {updates} loss {float(loss):.4f}")
+            log(f"minimal step {updates} loss {float(loss.detach()):.4f}")
     return model, updates, time.perf_counter() - start
 
 

@@ -15,6 +15,7 @@ class LoopDBConfig(PretrainedConfig):
     def __init__(self, family="looped", vocab_size=4096, context=128, d_model=192, n_heads=6, n_prelude=1, n_core=2, n_coda=1,
                  n_layers=8, num_blocks=4, partition="equiprob",
                  mlp_ratio=4.0, injection="concat", tie_head=True, recurrence="position", sandwich_norm=False, state_std=1.0,
+                 embedded_norm=False,
                  exit_gate=False, objective="diffusion", sigma_data=0.0, target_norm=1.0, p_mean=-1.2, p_std=1.2,
                  sigma_min=0.002, sigma_max=80.0, grid="equiprob", grid_sigma_last=0.0, solver="euler",
                  estimate="soft", self_condition=False, likelihood_logits=False, num_loops=4, noise_seed=0,
@@ -29,6 +30,7 @@ class LoopDBConfig(PretrainedConfig):
         self.injection, self.tie_head, self.recurrence = injection, tie_head, recurrence
         self.sandwich_norm, self.exit_gate, self.objective = sandwich_norm, exit_gate, objective
         self.state_std = state_std  # bptt, ouro: std of the random initial state
+        self.embedded_norm = embedded_norm  # sequence recurrence: unit-RMS prelude output before the injection
         # the diffusion denoiser and its sampler (loopdb's DiffusionConfig)
         self.sigma_data, self.target_norm, self.p_mean, self.p_std = sigma_data, target_norm, p_mean, p_std
         self.sigma_min, self.sigma_max, self.grid, self.grid_sigma_last = sigma_min, sigma_max, grid, grid_sigma_last

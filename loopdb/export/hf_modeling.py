@@ -78,6 +78,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         self.injection = nn.Linear(2 * dim, dim, bias=False) if config.injection == "concat" else None
         self.core_norm = RMSNorm(dim)
         self.final_norm = RMSNorm(dim)
+        sequence_norm = not position and getattr(config, "embedded_norm", False)
+        self.embedded_norm = RMSNorm(dim) if sequence_norm else None
         self.head = None if config.tie_head else nn.Linear(dim, config.vocab_size, bias=False)
         if position:
             self.sigma_embedder = SigmaEmbedder(dim)
@@ -160,6 +162,8 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
             return self._encode_blocks(input_ids, pad, cache, cos, sin, mask)
         embedded, _ = self._run(self.prelude, self.embedding(input_ids), cos, sin, mask=mask, cache=cache,
                                 slots=slots("prelude", self.prelude))
+        if self.embedded_norm is not None:
+            embedded = self.embedded_norm(embedded)
         clean = {"embedded": embedded, "pad": pad, "length": start + input_ids.shape[1], "cache": cache}
         if self.config.recurrence == "sequence":
             return clean

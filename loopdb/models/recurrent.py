@@ -77,6 +77,7 @@ class RecurrentDepthLM(nn.Module):
         self.rotary = Rotary(dim // model.n_heads, model.context)
         self.injection = nn.Linear(2 * dim, dim, bias=False) if model.injection == "concat" else None
         self.core_norm = RMSNorm(dim)  # the state after each loop has unit RMS
+        self.embedded_norm = RMSNorm(dim) if model.embedded_norm else None
         self.final_norm = RMSNorm(dim)
         self.head = None if model.tie_head else nn.Linear(dim, model.vocab_size, bias=False)
         self.exit_gate = nn.Linear(dim, 1) if exit_gate else None
@@ -96,6 +97,8 @@ class RecurrentDepthLM(nn.Module):
                                                 None if cache is None else cache.prelude_kv, mask=mask)
         if cache is not None:
             cache.prelude_kv = prelude_kv
+        if self.embedded_norm is not None:
+            embedded = self.embedded_norm(embedded)
         return RecurrentContext(embedded, start + tokens.shape[1], cache)
 
     def recur(self, state: torch.Tensor, context: RecurrentContext) -> torch.Tensor:
