@@ -440,7 +440,25 @@ def _depth_db_tiny() -> Config:
     return config
 
 
-PRESETS = {"tiny": _tiny, "tiny-draft": _tiny_draft, "demo-draft": _demo_draft, "demo": _demo, "small": _small, "tiny-stacked": _tiny_stacked,
+def _tiny_judge() -> Config:
+    """The judge of tiny-sized text models (generative perplexity, MAUVE features): a dense LM of twice
+    tiny's width and 6 layers on the same tokenizer and context, trained once (docs/results/recurrent-depth-text.md)."""
+    config = _tiny()
+    config.model = ModelConfig(context=64, d_model=256, n_heads=8, n_prelude=2, n_core=2, n_coda=2)
+    config.train.objective, config.train.max_steps, config.train.lr = "dense", 600, 2e-3
+    config.train.eval_every = config.train.checkpoint_every = 200
+    return config
+
+
+def _small_judge() -> Config:
+    """The judge of small-sized text models: a dense LM wider and deeper than small (8 layers, d=384)."""
+    config = _small()
+    config.model = ModelConfig(context=256, d_model=384, n_heads=8, n_prelude=3, n_core=2, n_coda=3)
+    config.train.objective, config.train.max_steps = "dense", 8000
+    return config
+
+
+PRESETS = {"tiny": _tiny, "tiny-judge": _tiny_judge, "small-judge": _small_judge, "tiny-draft": _tiny_draft, "demo-draft": _demo_draft, "demo": _demo, "small": _small, "tiny-stacked": _tiny_stacked,
            "small-stacked": _small_stacked, "tiny-vit": _tiny_vit, "tiny-dit": _tiny_dit,
            "tiny-mdm": _tiny_mdm, "depth-tiny": _depth_tiny,
            "depth-db-tiny": _depth_db_tiny}

@@ -33,10 +33,15 @@ def test_study_trains_variants_and_scores_every_readout(capsys, data_dir, tmp_pa
     assert set(member["readouts"]) == {"predictive", "last", "elbo"}
     assert set(member["readouts"]["elbo"]) == {"1", "2"}
     assert member["samples"]["2"]["gen_ppl"] > 1 and 0 < member["samples"]["2"]["distinct2"] <= 1
+    assert 0 <= member["samples"]["2"]["mauve"] <= 1 and results["judge_bpb"] > 0
+    assert set(results["reference_texts"]) == {"held-out text", "shuffled held-out text"}
+    flops = results["variants"]["plain"]["flops"]  # counted over a real step = computed from the config
+    assert flops["counted"] == flops["analytic"] > 0 and results["variants"]["rollouts"]["flops"] is None
     table = (out / "results.md").read_text()
     assert "### elbo bits per byte" in table and "| rollouts | 2 |" in table and "+-" in table
     assert (out / "predictive_bits_per_byte_vs_loops.png").exists()
-    assert (out / "generative_perplexity_vs_loops.png").exists()
+    assert (out / "generative_perplexity_vs_loops.png").exists() and (out / "MAUVE_vs_loops.png").exists()
+    assert "### MAUVE" in table and "GFLOP/step counted" in table
 
     def extend(variant_specs, generations=2):  # run the study again on the same folder
         variants.write_text(json.dumps(variant_specs))
@@ -73,6 +78,35 @@ def test_study_rejects_a_bad_variants_file(capsys, tmp_path):
     assert code == 2 and "unknown config key 'rollout_fraktion'" in capsys.readouterr().err
     variants.write_text("{not json")
     assert main(["study", "--out", str(tmp_path / "s"), "--steps", "2", "--variants", str(variants)]) == 2
+
+
+def test_study_budgets_are_checked_before_any_training(capsys, data_dir, tmp_path):
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"dense": {"objective": "dense"}}))
+    base = ["study", "--preset", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "s"), "--variants", str(variants)]
+    assert main([*base, "--steps", "2", "--budget-flops", "1e12"]) == 2
+    assert "--steps and --budget-flops are two budgets" in capsys.readouterr().err
+    assert main([*base, "--steps", "2", "--judge-preset", "tiny-judge"]) == 2
+    assert "--judge-preset needs --judge" in capsys.readouterr().err
+    assert main([*base, "--budget-flops", "1e6"]) == 2
+    assert "less than one training step of dense" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "dense-s0").exists()
+
+
+def test_one_study_command_trains_at_equal_time_and_at_equal_flops(data_dir, tmp_path):
+    small = {arg[2:].split("=")[0]: arg.split("=")[1] for arg in SMALL_RUN}
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"dense": {**small, "objective": "dense"}}))
+    out = tmp_path / "s"
+    assert main(["study", "--preset", "tiny", "--data", str(data_dir), "--out", str(out), "--variants", str(variants),
+                 "--budget-minutes", "0.002", "--budget-clock", "cpu", "--budget-flops", "5e8", "--readouts",
+                 "predictive", "--loops", "1", "--max-windows", "2", "--samples", "1"]) == 0
+    by_flops = json.loads((out / "equal-flops" / "results.json").read_text())
+    member = member_of(by_flops, "dense")
+    assert member["train"]["steps"] == int(5e8 // by_flops["variants"]["dense"]["flops"]["analytic"])
+    assert json.loads((out / "equal-time" / "results.json").read_text())["budget"]["minutes"] == 0.002
+    page = (out / "results.md").read_text()
+    assert "## Equal training time" in page and "## Equal training FLOPs" in page and "5e+08 training FLOPs" in page
 
 
 def test_distinct_n():

@@ -22,12 +22,13 @@ from ..sampling import sampler_of
 def train_member(run: Path, preset: str, data_dir: Path, budget_minutes: float | None, steps: int | None,
                  overrides: list[str], budget_clock: str = "wall") -> dict:
     """Train one run in its own process (so its peak memory is its own) unless it already finished;
-    an interrupted member resumes from its last checkpoint. Returns its train_summary.json."""
+    an interrupted member resumes from its last checkpoint. Neither budget: the preset's own steps.
+    Returns its train_summary.json."""
     summary_path = run / "train_summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
-    limit = [f"--max_steps={steps}"] if steps else [f"--time_budget_minutes={budget_minutes}",
-                                                    f"--time_budget_clock={budget_clock}"]
+    limit = ([f"--max_steps={steps}"] if steps else [f"--time_budget_minutes={budget_minutes}",
+                                                     f"--time_budget_clock={budget_clock}"] if budget_minutes else [])
     command = [sys.executable, "-m", "loopdb", "train", "--preset", preset, "--data", str(data_dir),
                "--out", str(run), "--quiet", *limit, "--eval_every=1000000000", "--eval_loops=1", *overrides]
     if (run / "latest").exists():

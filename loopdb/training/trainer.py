@@ -425,17 +425,17 @@ class Trainer:
                    desc="train", unit="step")
         tokens_per_step = train.batch_size * train.grad_accum * self.config.model.context * self.batch_draws[0]  # the job's
         last_eval = {}
-        step_seconds, budget_seconds = [], []  # budget_seconds: on the time_budget_clock
+        step_seconds, budget_seconds, cpu_seconds = [], [], []  # budget_seconds: on the time_budget_clock
         stopping, train_loss = False, None
         try:
             with StopSignals(abandon=False) as stop:
                 while self.step < train.max_steps and not (stopping := self._stop_agreed(stop.asked)):
                     started, started_cpu = time.perf_counter(), time.process_time()
                     stats = self.train_step()
-                    elapsed = time.perf_counter() - started
+                    elapsed, elapsed_cpu = time.perf_counter() - started, time.process_time() - started_cpu
                     step_seconds.append(elapsed)
-                    budget_seconds.append(time.process_time() - started_cpu if train.time_budget_clock == "cpu"
-                                          else elapsed)
+                    cpu_seconds.append(elapsed_cpu)
+                    budget_seconds.append(elapsed_cpu if train.time_budget_clock == "cpu" else elapsed)
                     stats["tokens_per_s"] = tokens_per_step / elapsed
                     train_loss = stats["loss"]
                     if train.time_budget_minutes > 0:
@@ -465,7 +465,7 @@ class Trainer:
                 self.writer.flush()
             release_run_folder(self.run_dir)
         if self.group.is_main:
-            self._write_summary(step_seconds, tokens_per_step)
+            self._write_summary(step_seconds, tokens_per_step, sum(cpu_seconds))
         parallel.barrier(self.group)
         return last_eval
 
@@ -529,7 +529,7 @@ class Trainer:
             train.max_steps = max(self.step + 1, self.step + int((budget - spent) / recent))
         bar.total = train.max_steps
 
-    def _write_summary(self, step_seconds: list[float], tokens_per_step: int) -> None:
+    def _write_summary(self, step_seconds: list[float], tokens_per_step: int, cpu_seconds: float) -> None:
         """What a comparison needs from a finished run: steps, tokens, step time, peak memory."""
         import resource
 
@@ -539,6 +539,7 @@ class Trainer:
             "steps": self.step,
             "tokens_seen": self.step * tokens_per_step,
             "train_seconds": sum(step_seconds),
+            "train_cpu_seconds": cpu_seconds,  # this process's CPU time in the steps (all its threads)
             "step_ms": 1000 * ordered[len(ordered) // 2],
             # resident-set high-water mark of this process (Linux reports KiB)
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
