@@ -69,7 +69,7 @@ def mauve_score(p_features: torch.Tensor, q_features: torch.Tensor, seed: int = 
     The area is taken along the frontier in its own order (mixture weight 0 -> 1, from (1, 0) to (0, 1)).
     The package sorts the points by each coordinate instead, and where the histograms are equal every
     point ties at (1, 1) up to rounding, so its score of a set against itself came out anywhere in
-    [0.5, 1]; on a frontier without ties both areas agree (tests/test_quality.py)."""
+    [0.5, 1]; on a frontier without ties both areas agree (tests/test_mauve.py)."""
     try:
         import mauve
     except ImportError:
