@@ -78,3 +78,49 @@ def test_generation_reports_the_prefill_time(model):
     assert stats["prefill_seconds"] > 0
     generation.generate_batch(model, [[1, 2, 3]], 2, 2, temperature=0.0, use_cache=False, stats=stats)
     assert stats["prefill_seconds"] == 0.0
+
+
+def sequence_model(kind: str):
+    """A tiny BPTT model (sequence recurrence) or sequence-joint DiffusionBlocks model (a text model, or a
+    task model that denoises the whole window), its zero-initialised paths broken so every path carries
+    signal."""
+    from loopdb.config import Config
+    from loopdb.families import build_model, check_config
+
+    config = Config()
+    config.model.vocab_size, config.model.context, config.model.d_model, config.model.n_heads = VOCAB, 16, 32, 4
+    config.model.recurrence = "sequence"
+    if kind == "bptt":
+        config.train.objective = "bptt"
+    else:
+        config.diffusion.sigma_min, config.diffusion.grid = 0.02, "geometric"
+    torch.manual_seed(0)
+    model = build_model(check_config(config)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "modulation" in name:
+                parameter.normal_(0, 0.1)
+    model.targets_are_next_tokens = kind != "joint-task"
+    return model
+
+
+@pytest.mark.parametrize("kind", ["bptt", "joint", "joint-task"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sequence_models_decode_rows_of_one_prompt_length_together_each_as_alone(kind, use_cache, monkeypatch):
+    """Four prompts of two lengths: two batches of two rows, 20 new tokens (the 16-token window slides)."""
+    model = sequence_model(kind)
+    prompts, seeds = [[5, 9, 2], [6, 6, 1, 2], [4, 1, 7], [3, 2, 1, 8]], [3, 4, 5, 6]
+    alone = [generation.generate(model, prompt, 20, 3, temperature=1.0, top_k=20, seed=seed, use_cache=use_cache)
+             for prompt, seed in zip(prompts, seeds)]
+    step = "decode" if kind == "bptt" else "denoise"
+    rows_per_call, original = [], getattr(model, step)
+
+    def spy(first, *args, **kwargs):
+        rows_per_call.append(first.shape[0])
+        return original(first, *args, **kwargs)
+
+    monkeypatch.setattr(model, step, spy)
+    batched = generation.generate_batch(model, prompts, 20, 3, temperature=1.0, top_k=20, seeds=seeds,
+                                        use_cache=use_cache)
+    assert batched == alone and all(len(row) == 20 for row in batched)
+    assert set(rows_per_call) == {2}  # every call decodes the two rows of one prompt length at once

@@ -520,7 +520,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         Rows may be left-padded (``attention_mask``). The rows of a model with position recurrence (and
         a stacked one) decode together against one cache, as loopdb's ``generate_batch``: a row gives
         what it gives alone until the window fills, then the window slides for all rows at once. Those
-        of a sequence-recurrent model decode one after another, as loopdb's. A new token's initial
+        of a sequence-recurrent model decode one after another (each row's tokens as loopdb's). A new token's initial
         state comes from the row's generator seeded by ``noise_seed`` (loopdb's draws), greedy unless
         ``do_sample`` (then ``temperature`` and ``top_k``). A row stops at ``eos_token_id`` or when ``stopping_criteria`` says so (then it is
         filled with ``pad_token_id``). With ``use_cache`` a new token runs against a ``LoopDBCache``
@@ -564,7 +564,7 @@ class LoopDBForCausalLM(PreTrainedModel, GenerationMixin):
         prompts = [input_ids[row, 0 if pad is None else int(pad[row]):].tolist() for row in range(input_ids.shape[0])]
         if any(not prompt for prompt in prompts):
             raise ValueError("generation needs non-empty prompts (the model predicts the token after each position)")
-        if self.config.joint:  # as loopdb's generate_batch: one row after another, each from its own seed
+        if self.config.joint:  # one row after another, each from its own seed (loopdb's rows' tokens)
             streams = _RowStreams([JointRow(self, prompt, seed, num_loops, use_cache, sampler) for prompt in prompts])
         elif self.config.recurrence == "sequence":
             streams = _RowStreams([_RowStream(self, prompt, seed, num_loops, use_cache, exit, last_only)
