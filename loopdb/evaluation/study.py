@@ -32,7 +32,8 @@ import torch
 from ..data.storage import load_meta, load_tokenizer, load_tokens
 from ..config import preset
 from ..errors import ConfigError
-from ..readouts.quality import distinct_n, judge_features, judge_perplexity, mauve_score, sample_quality
+from ..readouts.quality import (MAUVE_FEATURES, distinct_n, judge_features, judge_perplexity, mauve_score,
+                                sample_quality)
 from ..runs.folder import load_model, run_data_dir
 from ..names import LOOP_FREE_READOUTS, STUDY_DEFAULT_READOUTS
 from ..sampling import sampler_of
@@ -40,7 +41,6 @@ from .flops import step_flops
 from .members import score_member, train_member
 
 INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last", "wavefront")  # change the sampler, not the trained weights
-MAUVE_FEATURES = "judge: final-norm hidden states, mean over positions"  # what MAUVE compares (readouts.quality)
 
 
 def load_variants(path) -> dict[str, dict]:
