@@ -34,7 +34,7 @@ def test_study_trains_variants_and_scores_every_readout(capsys, data_dir, tmp_pa
     assert set(member["readouts"]["elbo"]) == {"1", "2"}
     assert member["samples"]["2"]["gen_ppl"] > 1 and 0 < member["samples"]["2"]["distinct2"] <= 1
     assert 0 <= member["samples"]["2"]["mauve"] <= 1 and results["judge_bpb"] > 0
-    assert set(results["reference_texts"]) == {"held-out text", "shuffled held-out text"}
+    assert set(results["reference_texts"]) == {"held-out text", "shuffled held-out text", "uniform random tokens"}
     flops = results["variants"]["plain"]["flops"]  # counted over a real step = computed from the config
     assert flops["counted"] == flops["analytic"] > 0 and results["variants"]["rollouts"]["flops"] is None
     table = (out / "results.md").read_text()

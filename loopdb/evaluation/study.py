@@ -186,12 +186,16 @@ def held_out_texts(data_dir, split: str, count: int, length: int) -> list[list[i
 
 
 def reference_quality(judge, prompt: list[int], reference, texts: list[list[int]], seed: int = 0) -> dict:
-    """Sample quality of two text sets of known quality, scored as a member's samples are: held-out texts
-    (other than the reference's: the best a member can do) and the same texts with their tokens shuffled."""
+    """Sample quality of three text sets of known quality, scored as a member's samples are: held-out texts
+    (other than the reference's: the best a member can do), the same texts with their tokens shuffled
+    (the right words in a wrong order) and uniform random tokens of the same lengths."""
     generator = torch.Generator().manual_seed(seed)
     shuffled = [[text[i] for i in torch.randperm(len(text), generator=generator).tolist()] for text in texts]
+    random_tokens = [torch.randint(judge.config.vocab_size, (len(text),), generator=generator).tolist()
+                     for text in texts]
     scores = {}
-    for name, group in (("held-out text", texts), ("shuffled held-out text", shuffled)):
+    for name, group in (("held-out text", texts), ("shuffled held-out text", shuffled),
+                        ("uniform random tokens", random_tokens)):
         scores[name] = {"gen_ppl": judge_perplexity(judge, prompt, group, seed), "distinct2": distinct_n(group, 2),
                         "mauve": mauve_score(judge_features(judge, group), reference, seed)}
     return scores
