@@ -95,3 +95,15 @@ def test_the_comparison_reads_true_and_false_for_switches_and_refuses_anything_e
     result = bptt_compare.run_minimal({"embedded_norm": "False", "batch_size": "2"}, steps=1, seconds=0, count=1)
     with_norm = bptt_compare.run_minimal({"embedded_norm": "true", "batch_size": "2"}, steps=1, seconds=0, count=1)
     assert with_norm["parameters"] - result["parameters"] == MinimalSettings().d_model  # one RMSNorm weight
+
+
+def test_minimal_sandwich_blocks_end_at_unit_rms_and_the_mlp_switch_is_checked():
+    settings = MinimalSettings(sandwich=True, mlp="swiglu", embedded_norm=False)
+    model = MinimalRecurrentLM(settings, vocab_size=10)
+    embedded = model.encode(torch.randint(10, (2, 12)))  # the prelude's sandwich block normalizes last
+    rms = embedded.pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
+    plain = MinimalRecurrentLM(MinimalSettings(), vocab_size=10).encode(torch.randint(10, (2, 12)))
+    assert not torch.allclose(plain.pow(2).mean(-1).sqrt(), torch.ones(2, 12), atol=1e-2)
+    with pytest.raises(ValueError, match="mlp must be gelu or swiglu"):
+        MinimalRecurrentLM(MinimalSettings(mlp="relu"), vocab_size=10)

@@ -47,6 +47,8 @@ class MinimalSettings:
     grad_clip: float = 0.0      # 0 = no clipping
     difficulty: int = 12        # every training example has this many elements, every prefix supervised
     embedded_norm: bool = False  # unit-RMS prelude output before injection (Huginn's sandwich norm gives it)
+    sandwich: bool = False      # Huginn's block: a norm after each residual add too, in every block
+    mlp: str = "gelu"           # gelu: Linear-GELU-Linear | swiglu: Huginn's gated SiLU MLP (same hidden width)
 
 
 class _Attention(nn.Module):
@@ -70,15 +72,34 @@ def _rotate(x, cos, sin):
     return torch.cat([first * cos - second * sin, first * sin + second * cos], -1)
 
 
+class _GatedMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(dim, 2 * hidden, bias=False), nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, value = self.fc(x).chunk(2, -1)
+        return self.proj(F.silu(gate) * value)
+
+
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, sandwich: bool = False, mlp: str = "gelu"):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.post_norms = nn.ModuleList([nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)]) if sandwich else None
         self.attn = _Attention(dim, heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio), bias=False), nn.GELU("tanh"),
-                                 nn.Linear(int(dim * mlp_ratio), dim, bias=False))
+        hidden = int(dim * mlp_ratio)
+        if mlp == "gelu":
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.GELU("tanh"), nn.Linear(hidden, dim, bias=False))
+        elif mlp == "swiglu":
+            self.mlp = _GatedMLP(dim, hidden)
+        else:
+            raise ValueError(f"mlp must be gelu or swiglu, got {mlp!r}")
 
     def forward(self, x, rotation):
+        if self.post_norms is not None:
+            x = self.post_norms[0](x + self.attn(self.norm1(x), rotation))
+            return self.post_norms[1](x + self.mlp(self.norm2(x)))
         x = x + self.attn(self.norm1(x), rotation)
         return x + self.mlp(self.norm2(x))
 
@@ -90,7 +111,7 @@ class MinimalRecurrentLM(nn.Module):
         self.settings = s
         self.embedding = nn.Embedding(vocab_size, dim)
         self.position = nn.Embedding(s.context, dim) if s.positions == "learned" else None
-        blocks = lambda count: nn.ModuleList(_Block(dim, s.n_heads, s.mlp_ratio) for _ in range(count))  # noqa: E731
+        blocks = lambda count: nn.ModuleList(_Block(dim, s.n_heads, s.mlp_ratio, s.sandwich, s.mlp) for _ in range(count))  # noqa: E731
         self.prelude, self.core, self.coda = blocks(s.n_prelude), blocks(s.n_core), blocks(s.n_coda)
         self.adapter = nn.Linear(2 * dim, dim, bias=False)
         self.core_norm, self.final_norm = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
