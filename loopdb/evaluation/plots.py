@@ -27,7 +27,8 @@ def plot_against_loops(curves: dict[str, dict[int, float]], path, ylabel: str, t
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlotUnavailable('plots need matplotlib: pip install -e ".[plot]"') from None
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    crowded = len(curves) > 4  # a legend inside would hide lines: put it to the right
+    figure, axes = plt.subplots(figsize=(8.4 if crowded else 6.4, 4.2))
     every_k = sorted({k for values in curves.values() for k in values})
     for name, values in curves.items():
         loops = sorted(values)
@@ -47,7 +48,10 @@ def plot_against_loops(curves: dict[str, dict[int, float]], path, ylabel: str, t
     if title:
         axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    if crowded:
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    else:
+        axes.legend()
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)
