@@ -413,31 +413,43 @@ def _demo_draft() -> Config:
     return config
 
 
-def _depth_tiny() -> Config:
-    """Sequence-recurrent BPTT on the S3 word problem (state tracking), length 12, scored 2-24:
-    the task where more loops pay (docs/results/recurrent-depth.md): 14 minutes on 2 CPU cores (2,000 steps
-    learn the task at fixed depth; the loops start to pay after about 4,000; 6,000 pay more)."""
+def _depth_task() -> Config:
+    """The S3 word problem (state tracking) at length 12, scored 2-24, on a looped model of 0.82M
+    parameters: what depth-tiny and depth-db-tiny share. Every example is 12 elements long with all
+    12 prefixes supervised (difficulties 1-12 at once)."""
     config = Config()
     config.model = ModelConfig(context=32, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1)
-    # every example is 12 elements long with all 12 prefixes supervised (difficulties 1-12 at once)
-    config.train = TrainConfig(objective="bptt", task="s3", train_difficulties=(12,),
-                               test_difficulties=tuple(range(2, 25)), mean_depth=6, backprop_depth=4, batch_size=64,
-                               max_steps=4500, warmup_steps=100, lr=1e-3, weight_decay=0.1, eval_every=1500,
-                               eval_loops=(1, 2, 4, 8, 16, 32), eval_examples=64, checkpoint_every=1500)
+    config.train = TrainConfig(task="s3", train_difficulties=(12,), test_difficulties=tuple(range(2, 25)),
+                               mean_depth=6, backprop_depth=4, batch_size=128, lr=2e-3, warmup_steps=100,
+                               eval_loops=(1, 2, 4, 8, 16, 32), eval_examples=64)
+    return config
+
+
+def _depth_tiny() -> Config:
+    """Sequence-recurrent BPTT (Huginn: mean depth 6, the last 4 loops differentiated) on the depth
+    task (docs/results/recurrent-depth-bptt.md). The recipe of a minimal implementation that learns
+    the task: PyTorch's initialisation, an untied head, the initial state at std 0.02, light weight
+    decay and a constant lr after warmup; with loopdb's earlier recipe (N(0, 0.02) weights, a tied
+    head, state std 1, decay 0.1, cosine) the loss stalls near 0.9 for thousands of steps."""
+    config = _depth_task()
+    config.model.init, config.model.tie_head, config.model.state_std = "torch", False, 0.02
+    config.train.objective = "bptt"
+    config.train.weight_decay, config.train.min_lr_ratio = 0.01, 1.0
+    config.train.max_steps = config.train.eval_every = config.train.checkpoint_every = 1800
     return config
 
 
 def _depth_db_tiny() -> Config:
-    """Sequence-joint DiffusionBlocks on depth-tiny's task and model: every position's noisy target
-    state attends to earlier positions' states; one forward/backward pass per step at a sigma per
-    position (log-uniform over [0.02, 80]); sampled with the wavefront (docs/method.md)."""
-    config = _depth_tiny()
+    """Sequence-joint DiffusionBlocks on the depth task: every position's noisy target state attends
+    to earlier positions' states; one forward/backward pass per step at a sigma per position
+    (log-uniform over [0.02, 80]); sampled with the wavefront (docs/method.md)."""
+    config = _depth_task()
     config.model.recurrence = "sequence"
     config.diffusion = DiffusionConfig(sigma_min=0.02, sigma_max=80.0, sigma_sampling="loguniform", grid="geometric",
                                        position_sigma_fraction=1.0, wavefront=1.0)
     config.train.objective = "diffusion"
     # 3,000 steps: 1.000 at K=8 on val already (4,500 add only K=1..4 accuracy), 7 minutes on 2 idle cores
-    config.train.batch_size, config.train.lr, config.train.max_steps = 128, 2e-3, 3000
+    config.train.max_steps, config.train.eval_every, config.train.checkpoint_every = 3000, 1500, 1500
     return config
 
 

@@ -45,6 +45,8 @@ class MinimalSettings:
     lr: float = 2e-3
     weight_decay: float = 0.0
     grad_clip: float = 0.0      # 0 = no clipping
+    beta2: float = 0.999        # AdamW's second-moment decay (PyTorch's default; loopdb's trainer: 0.95)
+    warmup_steps: int = 0       # linear lr warmup over this many updates, then constant
     difficulty: int = 12        # every training example has this many elements, every prefix supervised
     embedded_norm: bool = False  # unit-RMS prelude output before injection (Huginn's sandwich norm gives it)
     sandwich: bool = False      # Huginn's block: a norm after each residual add too, in every block
@@ -188,16 +190,20 @@ def train_minimal(settings: MinimalSettings, task_name: str = "s3", steps: int =
                   seed: int = 0, log=None):
     """Train for ``steps`` updates or ``seconds`` of wall-clock (whichever is given; both: the first
     reached); ``log(line)`` gets the loss every 100 updates. Returns (model, updates, seconds).
-    Constant lr, Adam(W) with PyTorch's betas."""
+    AdamW with beta1 0.9; lr constant after ``warmup_steps`` of linear warmup."""
     if steps <= 0 and seconds <= 0:
         raise ValueError("give steps > 0 or seconds > 0")
     task = get_task(task_name)
     torch.manual_seed(seed)
     model = MinimalRecurrentLM(settings, task.tokenizer().vocab_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+                                  betas=(0.9, settings.beta2))
     generator = torch.Generator().manual_seed(seed)
     start, updates = time.perf_counter(), 0
     while (steps <= 0 or updates < steps) and (seconds <= 0 or time.perf_counter() - start < seconds):
+        if settings.warmup_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * min(1.0, (updates + 1) / settings.warmup_steps)
         inputs, targets = task_batch(task, settings.difficulty, settings.batch_size, generator)
         logits = model(inputs, draw_depth(settings, generator), generator, settings.backprop_depth)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
