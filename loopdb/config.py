@@ -420,7 +420,7 @@ def _depth_task() -> Config:
     config = Config()
     config.model = ModelConfig(context=32, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1)
     config.train = TrainConfig(task="s3", train_difficulties=(12,), test_difficulties=tuple(range(2, 25)),
-                               mean_depth=6, backprop_depth=4, batch_size=128, lr=2e-3, warmup_steps=100,
+                               mean_depth=6, backprop_depth=4, batch_size=128, warmup_steps=100,
                                eval_loops=(1, 2, 4, 8, 16, 32), eval_examples=64)
     return config
 
@@ -429,9 +429,9 @@ def _depth_tiny() -> Config:
     """Sequence-recurrent BPTT (Huginn: mean depth 6, the last 4 loops differentiated) on the depth
     task (docs/results/recurrent-depth-bptt.md). The recipe of a minimal implementation that learns
     the task: PyTorch's initialisation, an untied head, the initial state at std 0.02, light weight
-    decay and a constant lr (1e-3) after warmup: 0.98 test accuracy at its best K in 1,800 steps (7
-    minutes on 2 idle cores; lr 2e-3: 0.96), where the earlier recipe (N(0, 0.02) weights, a tied head, state std 1, decay 0.1,
-    cosine, batch 64, lr 1e-3) reached 0.71 in 4,500."""
+    decay and a constant lr (1e-3) after warmup: 0.98 test accuracy at its best K in 1,800 steps
+    (7 minutes on 2 idle cores; lr 2e-3: 0.96), where the earlier recipe (N(0, 0.02) weights, a
+    tied head, state std 1, decay 0.1, cosine, batch 64, lr 1e-3) reached 0.71 in 4,500."""
     config = _depth_task()
     config.model.init, config.model.tie_head, config.model.state_std = "torch", False, 0.02
     config.train.objective = "bptt"
@@ -450,7 +450,8 @@ def _depth_db_tiny() -> Config:
                                        position_sigma_fraction=1.0, wavefront=1.0)
     config.train.objective = "diffusion"
     # 3,000 steps: 1.000 at K=8 on val already (4,500 add only K=1..4 accuracy), 7 minutes on 2 idle cores
-    config.train.max_steps, config.train.eval_every, config.train.checkpoint_every = 3000, 1500, 1500
+    config.train.lr, config.train.max_steps = 2e-3, 3000
+    config.train.eval_every = config.train.checkpoint_every = 1500
     return config
 
 
