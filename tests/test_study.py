@@ -112,3 +112,17 @@ def test_one_study_command_trains_at_equal_time_and_at_equal_flops(data_dir, tmp
 def test_distinct_n():
     assert quality.distinct_n([[1, 2, 3, 4]], 2) == 1.0
     assert quality.distinct_n([[1, 1, 1, 1]], 2) == 1 / 3
+
+
+def test_a_member_on_another_task_trains_on_its_own_task(tmp_path, capsys):
+    variants = tmp_path / "v.json"
+    tiny = {"d_model": 32, "n_heads": 2, "batch_size": 4, "eval_examples": 2}
+    variants.write_text(json.dumps({"hops": {**tiny, "objective": "dense", "task": "hops", "context": 40,
+                                             "train_difficulties": "4", "test_difficulties": "2-8"}}))
+    out = tmp_path / "s"
+    assert main(["study", "--preset", "depth-tiny", "--out", str(out), "--variants", str(variants), "--steps", "2",
+                 "--readouts", "accuracy", "--loops", "1", "--max-windows", "2", "--split", "test"]) == 0
+    assert "tasks/s3" not in capsys.readouterr().err  # the preset's task folder is not handed to the member
+    from loopdb.runs.folder import run_data_dir
+    assert run_data_dir(out / "hops-s0").name == "hops"
+    assert json.loads((out / "results.json").read_text())["variants"]["hops"]["seeds"]["0"]["readouts"]["accuracy"]

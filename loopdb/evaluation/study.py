@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.storage import load_meta, load_tokenizer, load_tokens
+from ..data.storage import load_meta, load_tokenizer, load_tokens, task_data_dir
 from ..config import preset
 from ..errors import ConfigError
 from ..readouts.quality import (MAUVE_FEATURES, distinct_n, judge_features, judge_perplexity, mauve_score,
@@ -108,7 +108,8 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
     for name, variant in variants.items():
         members = {}
         settings = {**variant["overrides"], **variant["sampler"]}
-        flops = _variant_flops(preset_name, variant["overrides"], data_dir, required=budget_flops is not None)
+        member_data = _member_data_dir(preset_name, variant["overrides"], data_dir)
+        flops = _variant_flops(preset_name, variant["overrides"], member_data, required=budget_flops is not None)
         member_steps = steps
         if budget_flops:
             member_steps = int(budget_flops // flops["analytic"])
@@ -118,7 +119,7 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
         for seed in variant["seeds"]:
             run = trained_runs.setdefault((tuple(sorted(variant["overrides"].items())), seed), out / f"{name}-s{seed}")
             overrides = [f"--{k}={v}" for k, v in variant["overrides"].items()] + [f"--seed={seed}"]
-            summary = train_member(run, preset_name, Path(data_dir), budget_minutes, member_steps, overrides,
+            summary = train_member(run, preset_name, member_data, budget_minutes, member_steps, overrides,
                                    budget_clock)
             earlier = previous.get((name, str(seed)))
             if earlier is not None and (earlier["train"] != summary or earlier["overrides"] != settings):
@@ -199,6 +200,13 @@ def reference_quality(judge, prompt: list[int], reference, texts: list[list[int]
         scores[name] = {"gen_ppl": judge_perplexity(judge, prompt, group, seed), "distinct2": distinct_n(group, 2),
                         "mauve": mauve_score(judge_features(judge, group), reference, seed)}
     return scores
+
+
+def _member_data_dir(preset_name: str, overrides: dict, data_dir) -> Path:
+    """A member's data: its own task's folder when it trains on a reasoning task (a variant may name
+    another task than the preset's), else the study's data."""
+    task = preset(preset_name).apply_overrides(dict(overrides)).train.task
+    return task_data_dir(task) if task else Path(data_dir)
 
 
 def _variant_flops(preset_name: str, overrides: dict, data_dir, required: bool) -> dict | None:
