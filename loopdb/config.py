@@ -44,6 +44,8 @@ class ModelConfig:
     state_std: float = 1.0          # bptt, ouro: std of the random initial state (Huginn's)
     embedded_norm: bool = False     # sequence recurrence: unit-RMS prelude output e before the injection (Huginn's
     #                                 sandwich norm gives it; without it, small init injects e at ~1/50 of the state)
+    start_token: bool = False       # reasoning tasks: the newline (the document start) opens every sequence; without
+    #                                 it a causal model cannot tell "a" from "a a": the first two positions see the same
     init: str = "small"             # sequence recurrence: small (N(0, 0.02) linears and embeddings) | torch (PyTorch's defaults)
     attention: str = "auto"         # auto (xformers on CUDA when its probe passes, else SDPA) | sdpa | xformers
     n_layers: int = 8               # stacked / mdm / vit / dit: distinct layers in all
@@ -223,6 +225,8 @@ class Config:
              f"recurrence must be auto, sequence or position, got {m.recurrence!r}"),
             (t.max_loops >= 1 and t.exit_entropy >= 0, "max_loops must be >= 1 and exit_entropy >= 0"),
             (t.task == "" or t.task in TASKS, f"task must be {_one_of(tuple(TASKS))}, got {t.task!r}"),
+            (t.task or not m.start_token, "start_token opens reasoning-task sequences; set --task too, or drop it "
+             "(text windows start mid-document)"),
             (all(d >= 1 for d in t.train_difficulties + t.test_difficulties) and len(t.train_difficulties) >= 1,
              "train_difficulties (at least one) and test_difficulties must all be >= 1, e.g. --train_difficulties=2-12"),
             (t.eval_examples >= 1, "eval_examples must be >= 1"),

@@ -142,6 +142,33 @@ def test_final_answer_positions_point_at_the_final_answer():
                 assert positions == [len(split_words(example.prompt)) - 1]
 
 
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_a_start_token_opens_every_row_and_shifts_the_answers_by_one(name):
+    task = get_task(name)
+    examples = task.generate(0, 5, 4)
+    plain, opened = training_arrays(task, examples), training_arrays(task, examples, start_token=True)
+    assert (opened[0][:, 0] == task.tokenizer().newline_id).all() and (opened[1][:, 0] == IGNORE_INDEX).all()
+    assert opened[0][:, 1:].equal(plain[0]) and opened[1][:, 1:].equal(plain[1])
+    shifted = final_answer_positions(task, examples, start_token=True)
+    assert shifted == [[p + 1 for p in positions] for positions in final_answer_positions(task, examples)]
+
+
+def test_without_a_start_token_the_first_two_positions_of_a_repeated_element_look_alike():
+    """Why task runs can open with the newline: a causal prelude gives "a" and "a a" the same output
+    (attention over equal tokens averages equal values), so position 1 cannot tell it is second."""
+    from loopdb.config import preset
+    from loopdb.families import build_model
+
+    config = preset("depth-tiny")
+    config.model.vocab_size = get_task("s3").tokenizer().vocab_size
+    model = build_model(config).eval()
+    with torch.no_grad():
+        plain = model.encode(torch.tensor([[5, 5, 5]])).embedded[0]
+        opened = model.encode(torch.tensor([[0, 5, 5, 5]])).embedded[0]
+    assert torch.allclose(plain[0], plain[1], atol=1e-6) and torch.allclose(plain[1], plain[2], atol=1e-6)
+    assert (opened[1] - opened[2]).abs().max() > 1e-3 and (opened[2] - opened[3]).abs().max() > 1e-3
+
+
 def test_training_arrays_refuse_a_length_too_short():
     task = get_task("s3")
     with pytest.raises(DataError, match="length >= 9"):

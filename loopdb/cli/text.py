@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.storage import load_meta, load_tokenizer, load_tokens
+from ..data.tokenizers import opened_prompt
 from ..data.windows import eval_windows
 from ..device import resolve_device
 from ..errors import UsageError
@@ -163,7 +164,7 @@ def sample(args, sampler) -> int:
     if args.loops is None:
         args.loops = config.model.num_blocks if config.model.family == "stacked" else 4
     tokenizer = load_tokenizer(run_data_dir(args.run))
-    prompt = tokenizer.encode(args.prompt or "\n")
+    prompt = opened_prompt(tokenizer.encode(args.prompt), tokenizer.newline_id, config.model.start_token)
     new_tokens = 100 if args.max_new_tokens is None else args.max_new_tokens
     stats = {}
     try:

@@ -31,6 +31,15 @@ MAX_SENTENCE_LENGTH = 1 << 16
 SPACE_MARK = "\u2581"
 
 
+def opened_prompt(ids, newline_id: int, start_token: bool = False) -> list[int]:
+    """The tokens a prompt is conditioned on: the newline (the document start) for an empty prompt,
+    and in front of any prompt that lacks it for a model trained with ``start_token``."""
+    ids = list(ids)
+    if not ids or (start_token and ids[0] != newline_id):
+        return [newline_id, *ids]
+    return ids
+
+
 def check_vocab_size(vocab_size) -> int:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
         raise DataError(f"--vocab-size must be an integer, got {vocab_size!r}; pass e.g. {DEFAULT_VOCAB_SIZE}")

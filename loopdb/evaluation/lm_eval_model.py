@@ -40,7 +40,9 @@ How a loopdb model answers the harness (docs/method.md#scoring: the "predictive"
   time, with a generator seeded like the predictive one.
 - Document start: the loopdb tokenizer puts no BOS/EOS in the text stream, so the
   newline piece (``Tokenizer.newline_id``) is ``prefix_token_id`` and ``eot_token_id``: it is
-  the token an empty context is conditioned on and the first input of a rolling window.
+  the token an empty context is conditioned on and the first input of a rolling window; a run
+  trained with ``start_token`` (a reasoning task whose sequences open with it) gets it before
+  every context.
   It is NOT a stop token: generation stops only at the task's ``until`` strings or
   ``max_gen_toks``.
 - ``loglikelihood_rolling``: the harness's disjoint rolling windows with context_len 1,
@@ -74,6 +76,7 @@ except ImportError as error:  # `loopdb eval` reports this in one line
 import numpy as np
 import torch
 
+from ..data.tokenizers import opened_prompt
 from ..device import resolve_device
 from ..errors import EvalError, UsageError
 from ..maths.exit import parse_exit
@@ -197,6 +200,9 @@ class LoopDBLM(TemplateLM):
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tok.decode(tokens)
 
+    def opened(self, context) -> list[int]:
+        return opened_prompt(context, self.prefix_token_id, getattr(self.model.config, "start_token", False))
+
     # -- scoring ------------------------------------------------------------------------------------
     def windows_for(self, context: list[int], continuation: list[int]) -> list[tuple[list[int], int]]:
         """Scoring units of a request: (window of <= T+1 tokens, number of its last tokens to score).
@@ -204,7 +210,7 @@ class LoopDBLM(TemplateLM):
         One window when the continuation fits (left-truncated context), else consecutive
         windows that score T continuation tokens each with the T tokens before them as context.
         """
-        context = list(context) or [self.prefix_token_id]
+        context = self.opened(context)
         full = context + list(continuation)
         units, first = [], len(context)
         while first < len(full):
@@ -318,7 +324,7 @@ class LoopDBLM(TemplateLM):
         (generation.generate_batch); a row ends after the chunk where a stop string appears, or at
         its max_gen_toks. Each row gives what it gives alone: its chunks, prompts and seeds do not
         depend on the other rows, and a row that needs fewer tokens of a chunk keeps a prefix."""
-        prompts = [self.tok_encode(context) or [self.prefix_token_id] for context in contexts]
+        prompts = [self.opened(self.tok_encode(context)) for context in contexts]
         chunk = max(1, min(GEN_CHUNK, self.window // 4))
         new: list[list[int]] = [[] for _ in contexts]
         texts = [""] * len(contexts)

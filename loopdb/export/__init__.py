@@ -70,7 +70,7 @@ def export_run(run_dir, out, seed: int = 0, samples: int = 4) -> Path:
     model, config = load_model(run_dir)
     values = hf_config_values(config)
     data_dir = run_data_dir(run_dir)
-    tokenizer = transformers_tokenizer(data_dir)
+    tokenizer = transformers_tokenizer(data_dir, config.model.start_token)
     newline = newline_id(data_dir)
     from .hf_configuration import LoopDBConfig
     from .hf_modeling import LoopDBForCausalLM

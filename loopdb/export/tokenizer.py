@@ -27,13 +27,14 @@ def newline_id(data_dir) -> int:
     return int(load_tokenizer(data_dir).newline_id)
 
 
-def transformers_tokenizer(data_dir):
-    """A ``PreTrainedTokenizerFast`` that encodes every text as the run's tokenizer does."""
+def transformers_tokenizer(data_dir, start_token: bool = False):
+    """A ``PreTrainedTokenizerFast`` that encodes every text as the run's tokenizer does; ``start_token``
+    (a task run trained with every sequence opened by the newline): it puts the newline in front."""
     tokenizer = load_tokenizer(data_dir)
     if hasattr(tokenizer, "alphabet"):
         return char_tokenizer(tokenizer.alphabet)
     if hasattr(tokenizer, "words"):
-        return word_tokenizer(tokenizer.words)
+        return word_tokenizer(tokenizer.words, start_token)
     meta = load_meta(data_dir)
     return sentencepiece_tokenizer(Path(data_dir) / meta.get("tokenizer", TOKENIZER_FILE))
 
@@ -85,9 +86,10 @@ def char_tokenizer(alphabet: str):
     return _wrap(backend, None, "\n" if "\n" in alphabet else alphabet[0])
 
 
-def word_tokenizer(words: list[str]):
-    """One id per word; a word follows a space, "\n" stands bare (loopdb.tasks' leading-space texts)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+def word_tokenizer(words: list[str], start_token: bool = False):
+    """One id per word; a word follows a space, "\n" stands bare (loopdb.tasks' leading-space texts).
+    ``start_token``: encoding with special tokens (the default) puts the newline first."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     vocab = {word if word == "\n" else SPACE_MARK + word: index for index, word in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="\n"))
@@ -95,4 +97,6 @@ def word_tokenizer(words: list[str]):
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(f"{SPACE_MARK}+"), "merged_with_next")
     backend.decoder = decoders.Replace(SPACE_MARK, " ")
     backend.add_tokens([AddedToken("\n", special=False, normalized=False)])
+    if start_token:
+        backend.post_processor = processors.TemplateProcessing(single="\n $A", special_tokens=[("\n", vocab["\n"])])
     return _wrap(backend, None)

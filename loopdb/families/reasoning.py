@@ -23,7 +23,8 @@ class ReasoningFeed:
         self.trained = tuple(train.train_difficulties)
         self.difficulties = evaluation_difficulties(train)
         self.val_examples = evaluation_examples(self.task, "val", self.difficulties, max(1, train.eval_examples // 4))
-        longest = max(len(training_arrays(self.task, [example])[0][0])
+        self.start_token = config.model.start_token
+        longest = max(len(training_arrays(self.task, [example], start_token=self.start_token)[0][0])
                       for example in self.task.generate(0, max(self.difficulties), 1))
         if longest > config.model.context:
             raise ConfigError(f"the {self.task.name} task at difficulty {max(self.difficulties)} needs {longest} "
@@ -37,7 +38,7 @@ class ReasoningFeed:
         examples = []
         for index in sorted(set(picks)):
             examples += self.task.generate(seed, self.trained[index], picks.count(index))
-        inputs, targets = training_arrays(self.task, examples)
+        inputs, targets = training_arrays(self.task, examples, start_token=self.start_token)
         return {"inputs": inputs.to(device), "targets": targets.to(device)}
 
     def evaluate(self, model, device, autocast) -> dict:

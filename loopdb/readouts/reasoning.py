@@ -61,10 +61,11 @@ def task_accuracy(model, task, examples, num_loops: int, samples: int = 1, seed:
     Without an exit the answer is the argmax of the predictive readout (``samples`` draws of the
     initial state); with one, of a single draw, and mean_loops is the loops the answers used."""
     generator = torch.Generator().manual_seed(seed)
+    start_token = getattr(model.config, "start_token", False)
     correct, loops_used = [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        inputs, targets = (tensor.to(device) for tensor in training_arrays(task, chunk))
+        inputs, targets = (tensor.to(device) for tensor in training_arrays(task, chunk, start_token=start_token))
         context = model.encode(inputs)
         shape = (*inputs.shape, model.config.d_model)
         if exit_rule is None:
@@ -75,7 +76,7 @@ def task_accuracy(model, task, examples, num_loops: int, samples: int = 1, seed:
             state = initial_noise(model, shape, num_loops, generator, device)
             log_probs, used = loop_with_exit(model, context, state, num_loops, exit_rule)
         predicted = log_probs.argmax(-1)
-        for row, positions in enumerate(final_answer_positions(task, chunk)):
+        for row, positions in enumerate(final_answer_positions(task, chunk, start_token)):
             correct.append(bool((predicted[row, positions] == targets[row, positions]).all()))
             loops_used.append(float(used[row, positions].float().mean()))
     by_difficulty = {}

@@ -386,11 +386,12 @@ def get_task(name) -> Task:
 # Training and evaluation layout
 
 
-def training_arrays(task, examples: list[Example], length: int | None = None) -> tuple["torch.LongTensor", "torch.LongTensor"]:
+def training_arrays(task, examples: list[Example], length: int | None = None,
+                    start_token: bool = False) -> tuple["torch.LongTensor", "torch.LongTensor"]:
     """(inputs, targets), each (N, length). inputs: each example's token ids (s3/s5/hops: the
     prompt; addition: prompt + answer digits), right-padded with newline_id. targets[n, t]: the
     answer the model must give after reading inputs[n, :t+1], IGNORE_INDEX (-100) elsewhere.
-    ``length=None`` uses the longest example."""
+    ``length=None`` uses the longest example. ``start_token``: a newline (unscored) opens every row."""
     import torch  # here, so the CLI and the generators start without it
 
     task = get_task(task)
@@ -402,7 +403,8 @@ def training_arrays(task, examples: list[Example], length: int | None = None) ->
         text, targets = task.training_sequence(example)
         ids = tokenizer.encode(text)
         assert len(ids) == len(targets), "a task's training_sequence must give one target per token"
-        rows.append((ids, [IGNORE_INDEX if t is None else tokenizer.encode(t)[0] for t in targets]))
+        answer_ids = [IGNORE_INDEX if t is None else tokenizer.encode(t)[0] for t in targets]
+        rows.append(([tokenizer.newline_id, *ids], [IGNORE_INDEX, *answer_ids]) if start_token else (ids, answer_ids))
     longest = max(len(ids) for ids, _ in rows)
     length = longest if length is None else _check_int("length", length, 1)
     if longest > length:
@@ -415,14 +417,15 @@ def training_arrays(task, examples: list[Example], length: int | None = None) ->
     return inputs, targets
 
 
-def final_answer_positions(task, examples: list[Example]) -> list[list[int]]:
-    """Per example, the positions of training_arrays whose targets spell the final answer:
-    the last prompt position for s3/s5/hops (one token generated after the prompt is answers[-1]);
-    for addition, the "=" position and every answer digit but the last (the newline target excluded)."""
+def final_answer_positions(task, examples: list[Example], start_token: bool = False) -> list[list[int]]:
+    """Per example, the positions of training_arrays (with the same ``start_token``) whose targets
+    spell the final answer: the last prompt position for s3/s5/hops (one token generated after the
+    prompt is answers[-1]); for addition, the "=" position and every answer digit but the last (the
+    newline target excluded)."""
     task = get_task(task)
     positions = []
     for example in examples:
-        prompt_tokens = len(split_words(example.prompt))
+        prompt_tokens = len(split_words(example.prompt)) + int(start_token)
         answer_tokens = len(task.final_answer(example).split(" "))
         positions.append(list(range(prompt_tokens - 1, prompt_tokens - 1 + answer_tokens)))
     return positions
