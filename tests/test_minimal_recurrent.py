@@ -70,11 +70,14 @@ def test_minimal_model_computes_loopdbs_function_from_the_same_weights_and_state
 def test_both_sides_train_on_the_same_task_layout():
     config = depth_tiny()
     loopdb_batch = ReasoningFeed(config).batch(torch.Generator().manual_seed(0), "cpu")
-    inputs, targets = task_batch(get_task("s3"), 12, config.train.batch_size, torch.Generator().manual_seed(0))
-    assert loopdb_batch["inputs"].shape == inputs.shape == (config.train.batch_size, 12)
+    start = int(config.model.start_token)  # the preset opens every sequence with the newline; so can the minimal model
+    inputs, targets = task_batch(get_task("s3"), 12, config.train.batch_size, torch.Generator().manual_seed(0),
+                                 start_token=config.model.start_token)
+    assert loopdb_batch["inputs"].shape == inputs.shape == (config.train.batch_size, 12 + start)
     assert loopdb_batch["targets"].shape == targets.shape
     # every prefix of the 12 elements is supervised on both sides, with answers from the same vocabulary
-    assert bool((targets != IGNORE_INDEX).all()) and bool((loopdb_batch["targets"] != IGNORE_INDEX).all())
+    for batch_targets in (targets, loopdb_batch["targets"]):
+        assert bool((batch_targets[:, start:] != IGNORE_INDEX).all()) and bool((batch_targets[:, :start] == IGNORE_INDEX).all())
     assert int(targets.max()) < config.model.vocab_size and int(loopdb_batch["targets"].max()) < config.model.vocab_size
 
 

@@ -223,6 +223,10 @@ def test_a_task_run_trains_scores_per_difficulty_and_evaluates_through_lm_eval(t
                  "--output", str(output), "--device", "cpu"]) == 0
     summary = json.loads(output.read_text())["summary"]["s3_heldout"]
     assert set(summary["exact_match"]) == {"1", "2"}
+    from loopdb.evaluation.lm_eval_model import LoopDBLM
+
+    harness = LoopDBLM(run=run)  # the preset opens every sequence with the newline, so every prompt gets it too
+    assert harness.opened([5, 6]) == [0, 5, 6] and harness.opened([0, 5]) == [0, 5] and harness.opened([]) == [0]
 
 
 def test_a_task_run_refuses_a_window_too_short_for_its_difficulties(tmp_path, monkeypatch):

@@ -53,7 +53,8 @@ def run_loopdb(overrides: dict, steps: int, seconds: float, count: int, preset_n
         return loop_logits(model, context, state, loops, generator)
 
     return {"updates": trainer.step, "seconds": elapsed, "parameters": model.num_parameters(),
-            "scores": task_scores(logits_at, config.train.task, DIFFICULTIES, count, LOOPS)}
+            "scores": task_scores(logits_at, config.train.task, DIFFICULTIES, count, LOOPS,
+                                  start_token=config.model.start_token)}
 
 
 def run_minimal(overrides: dict, steps: int, seconds: float, count: int) -> dict:
@@ -71,7 +72,8 @@ def run_minimal(overrides: dict, steps: int, seconds: float, count: int) -> dict
                                             log=lambda line: print(line, file=sys.stderr, flush=True))
     model.eval()
     generator = torch.Generator().manual_seed(0)
-    scores = task_scores(lambda inputs, loops: model(inputs, loops, generator), "s3", DIFFICULTIES, count, LOOPS)
+    scores = task_scores(lambda inputs, loops: model(inputs, loops, generator), "s3", DIFFICULTIES, count, LOOPS,
+                         start_token=settings.start_token)
     return {"updates": updates, "seconds": elapsed, "parameters": sum(p.numel() for p in model.parameters()),
             "scores": scores}
 

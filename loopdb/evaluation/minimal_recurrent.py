@@ -48,6 +48,7 @@ class MinimalSettings:
     beta2: float = 0.999        # AdamW's second-moment decay (PyTorch's default; loopdb's trainer: 0.95)
     warmup_steps: int = 0       # linear lr warmup over this many updates, then constant
     difficulty: int = 12        # every training example has this many elements, every prefix supervised
+    start_token: bool = False   # the newline opens every sequence (loopdb's start_token)
     embedded_norm: bool = False  # unit-RMS prelude output before injection (Huginn's sandwich norm gives it)
     sandwich: bool = False      # Huginn's block: a norm after each residual add too, in every block
     mlp: str = "gelu"           # gelu: Linear-GELU-Linear | swiglu: Huginn's gated SiLU MLP (same hidden width)
@@ -180,10 +181,10 @@ def draw_depth(settings: MinimalSettings, generator) -> int:
     return 1 + int(torch.poisson(tau.exp(), generator=generator))
 
 
-def task_batch(task, difficulty: int, count: int, generator):
+def task_batch(task, difficulty: int, count: int, generator, start_token: bool = False):
     """(inputs, targets) of ``count`` fresh examples drawn with ``generator``: the layout both models train on."""
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-    return training_arrays(task, task.generate(seed, difficulty, count))
+    return training_arrays(task, task.generate(seed, difficulty, count), start_token=start_token)
 
 
 def train_minimal(settings: MinimalSettings, task_name: str = "s3", steps: int = 0, seconds: float = 0.0,
@@ -204,7 +205,7 @@ def train_minimal(settings: MinimalSettings, task_name: str = "s3", steps: int =
         if settings.warmup_steps:
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * min(1.0, (updates + 1) / settings.warmup_steps)
-        inputs, targets = task_batch(task, settings.difficulty, settings.batch_size, generator)
+        inputs, targets = task_batch(task, settings.difficulty, settings.batch_size, generator, settings.start_token)
         logits = model(inputs, draw_depth(settings, generator), generator, settings.backprop_depth)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)
@@ -219,14 +220,16 @@ def train_minimal(settings: MinimalSettings, task_name: str = "s3", steps: int =
 
 
 @torch.no_grad()
-def task_scores(logits_at, task_name: str, difficulties, count: int, loops, seed: int = 1000) -> dict:
+def task_scores(logits_at, task_name: str, difficulties, count: int, loops, seed: int = 1000,
+                start_token: bool = False) -> dict:
     """{K: {"final": final-answer accuracy over ``difficulties``, "positions": accuracy over every
     supervised position}} for ``logits_at(inputs, K) -> (B, T, V)``; ``count`` examples per difficulty
-    at the test split's seed (1000), as ``loopdb score --split test`` draws them."""
+    at the test split's seed (1000), as ``loopdb score --split test`` draws them, in the layout the
+    model trained on (``start_token``)."""
     task = get_task(task_name)
     examples = [example for difficulty in difficulties for example in task.generate(seed, difficulty, count)]
-    inputs, targets = training_arrays(task, examples)
-    answer_positions = final_answer_positions(task, examples)
+    inputs, targets = training_arrays(task, examples, start_token=start_token)
+    answer_positions = final_answer_positions(task, examples, start_token)
     scores = {}
     for loops in loops:
         predicted = torch.cat([logits_at(inputs[i:i + 256], loops).argmax(-1) for i in range(0, len(inputs), 256)])
