@@ -126,3 +126,16 @@ def test_a_member_on_another_task_trains_on_its_own_task(tmp_path, capsys):
     from loopdb.runs.folder import run_data_dir
     assert run_data_dir(out / "hops-s0").name == "hops"
     assert json.loads((out / "results.json").read_text())["variants"]["hops"]["seeds"]["0"]["readouts"]["accuracy"]
+
+
+def test_variants_are_checked_on_the_studys_preset(tmp_path):
+    import pytest
+
+    from loopdb.errors import ConfigError
+    from loopdb.evaluation.study import load_variants
+
+    variants = tmp_path / "v.json"
+    variants.write_text(json.dumps({"opened": {"start_token": True}}))  # valid for a task preset only
+    assert load_variants(variants, "depth-tiny")["opened"]["overrides"] == {"start_token": "true"}
+    with pytest.raises(ConfigError, match="start_token opens reasoning-task sequences"):
+        load_variants(variants, "tiny")

@@ -55,7 +55,7 @@ def run(args, overrides) -> int:
         raise UsageError(f"unknown readout(s) {', '.join(unknown)}; choose from {', '.join(READOUTS)}, "
                          f"{', '.join(BLOCK_READOUTS)} (drafting runs) or {', '.join(TASK_READOUTS)} "
                          "(reasoning-task presets)")
-    load_variants(args.variants)  # a bad file fails here, before any data preparation or training
+    load_variants(args.variants, args.preset)  # a bad file fails here, before any data preparation or training
     config = preset(args.preset)
     data_dir = family_of(config).data_dir(args.data, config)
     settings = dict(loops=parse_loops(args.loops), readouts=readouts, samples=args.samples,

@@ -43,8 +43,9 @@ from .members import score_member, train_member
 INFERENCE_ONLY = ("grid", "solver", "grid_sigma_last", "wavefront")  # change the sampler, not the trained weights
 
 
-def load_variants(path) -> dict[str, dict]:
-    """Variants file -> {name: {"overrides": {...}, "seeds": [...]}}; ConfigError for anything off."""
+def load_variants(path, preset_name: str = "tiny") -> dict[str, dict]:
+    """Variants file -> {name: {"overrides": {...}, "seeds": [...]}}; ConfigError for anything off,
+    each variant checked on the study's preset (``preset_name``)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"variants file {path} does not exist")
@@ -62,7 +63,7 @@ def load_variants(path) -> dict[str, dict]:
         seeds = spec.pop("seeds", [0])
         overrides = {key: ",".join(map(str, v)) if isinstance(v, list) else str(v).lower() if isinstance(v, bool)
                      else str(v) for key, v in spec.items()}
-        preset("tiny").apply_overrides(dict(overrides))  # reject unknown keys before any training
+        preset(preset_name).apply_overrides(dict(overrides))  # reject unknown keys and bad values before any training
         sampler = {key: overrides.pop(key) for key in INFERENCE_ONLY if key in overrides}
         variants[name] = {"overrides": overrides, "sampler": sampler, "seeds": [int(s) for s in seeds]}
     return variants
@@ -82,7 +83,7 @@ def run_study(preset_name: str, out, data_dir, variants_file, budget_minutes: fl
     ``judge_preset``: train the dense ``judge`` run from that preset first, unless it already finished."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    variants = load_variants(variants_file)
+    variants = load_variants(variants_file, preset_name)
     if judge and judge_preset:
         train_member(Path(judge), judge_preset, Path(data_dir), None, None, ["--objective=dense"])
     judge_model = load_model(judge)[0] if judge else None
