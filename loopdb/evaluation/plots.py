@@ -30,12 +30,15 @@ def plot_against_loops(curves: dict[str, dict[int, float]], path, ylabel: str, t
     crowded = len(curves) > 4  # a legend inside would hide lines: put it to the right
     figure, axes = plt.subplots(figsize=(8.4 if crowded else 6.4, 4.2))
     every_k = sorted({k for values in curves.values() for k in values})
-    for name, values in curves.items():
+    for index, (name, values) in enumerate(curves.items()):
         loops = sorted(values)
+        color = f"C{index % 10}"  # past ten curves the colours repeat: dashed lines and squares tell them apart
         if len(loops) == 1 and len(every_k) > 1:  # a model without loops (dense): its level at every K
-            axes.plot([every_k[0], every_k[-1]], [values[loops[0]]] * 2, linestyle=":", label=f"{name} (no loops)")
+            axes.plot([every_k[0], every_k[-1]], [values[loops[0]]] * 2, linestyle=":", color=color,
+                      label=f"{name} (no loops)")
             continue
-        axes.plot(loops, [values[k] for k in loops], marker="o", label=name)
+        axes.plot(loops, [values[k] for k in loops], marker="o" if index < 10 else "s",
+                  linestyle="-" if index < 10 else "--", color=color, label=name)
     positive = [v for curve in curves.values() for v in curve.values() if v > 0]
     if log_scale or (log_scale is None and positive and max(positive) > 30 * min(positive)):  # an exploding ELBO
         axes.set_yscale("log")
