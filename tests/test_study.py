@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import SMALL_RUN
 from loopdb.readouts import scoring as engine
 from loopdb.readouts import quality
@@ -129,8 +131,6 @@ def test_a_member_on_another_task_trains_on_its_own_task(tmp_path, capsys):
 
 
 def test_variants_are_checked_on_the_studys_preset(tmp_path):
-    import pytest
-
     from loopdb.errors import ConfigError
     from loopdb.evaluation.study import load_variants
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.storage import load_meta, load_tokenizer, load_tokens, task_data_dir
+from ..data.storage import load_meta, load_tokenizer, load_tokens
 from ..config import preset
 from ..errors import ConfigError
 from ..readouts.quality import (MAUVE_FEATURES, distinct_n, judge_features, judge_perplexity, mauve_score,
@@ -204,10 +204,12 @@ def reference_quality(judge, prompt: list[int], reference, texts: list[list[int]
 
 
 def _member_data_dir(preset_name: str, overrides: dict, data_dir) -> Path:
-    """A member's data: its own task's folder when it trains on a reasoning task (a variant may name
-    another task than the preset's), else the study's data."""
-    task = preset(preset_name).apply_overrides(dict(overrides)).train.task
-    return task_data_dir(task) if task else Path(data_dir)
+    """A member's data as its family finds it (a variant may name another task than the preset's:
+    its own task's folder), given the study's data."""
+    from ..families import family_of
+
+    config = preset(preset_name).apply_overrides(dict(overrides))
+    return Path(family_of(config).data_dir(str(data_dir), config))
 
 
 def _variant_flops(preset_name: str, overrides: dict, data_dir, required: bool) -> dict | None:
