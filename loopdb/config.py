@@ -82,6 +82,8 @@ class DiffusionConfig:
     sigma_sampling: str = "lognormal"  # training sigmas: lognormal (p_mean, p_std) | loguniform (even in log sigma)
     position_sigma_fraction: float = 0.0  # share of training sequences whose positions draw their own sigma
     wavefront: float = 0.0          # sampler: width W of the wavefront across positions (0 = one sigma for all)
+    clean_prompt: bool = False      # reasoning tasks: the prompt (the positions before the task's first answer) sits
+    #                                 at its clean placeholder target at the last sigma, in training and sampling alike
     # -- stacked DiffusionBlocks (docs/method.md#partition) --
     partition: str = "equiprob"     # noise ranges of the blocks: equiprob (paper) | uniform (in log sigma; ablation)
     block_overlap: float = 0.1      # widen each block's training range by this x its log-width per side
@@ -227,6 +229,8 @@ class Config:
             (t.task == "" or t.task in TASKS, f"task must be {_one_of(tuple(TASKS))}, got {t.task!r}"),
             (t.task or not m.start_token, "start_token opens reasoning-task sequences; set --task too, or drop it "
              "(text windows start mid-document)"),
+            (t.task or not d.clean_prompt, "clean_prompt holds a reasoning task's prompt clean; set --task too, or "
+             "drop it (text has no prompt: every position is answered)"),
             (all(d >= 1 for d in t.train_difficulties + t.test_difficulties) and len(t.train_difficulties) >= 1,
              "train_difficulties (at least one) and test_difficulties must all be >= 1, e.g. --train_difficulties=2-12"),
             (t.eval_examples >= 1, "eval_examples must be >= 1"),

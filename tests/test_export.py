@@ -51,17 +51,22 @@ def runs(data_dir, tmp_path_factory):
     return {objective: train_and_export(data_dir, folder, objective) for objective in OBJECTIVES}
 
 
-@pytest.fixture(scope="module", params=["depth-tiny", "depth-db-tiny"])
+DEPTH_RUNS = {"depth-tiny": ("depth-tiny", "--embedded_norm=true"), "depth-db-tiny": ("depth-db-tiny",),
+              "depth-db-tiny-clean": ("depth-db-tiny", "--start_token=true", "--clean_prompt=true")}
+
+
+@pytest.fixture(scope="module", params=list(DEPTH_RUNS))
 def depth_run(tmp_path_factory, request):
     """20 steps of a depth preset on the S3 task with its word tokenizer, exported: depth-tiny (sequence-recurrent
     BPTT, with the prelude output normalized before the injection; the other BPTT runs here inject it as it is)
-    or depth-db-tiny (sequence-joint DiffusionBlocks, every position denoised jointly, the wavefront)."""
+    or depth-db-tiny (sequence-joint DiffusionBlocks, every position denoised jointly, the wavefront), also with
+    a start token held clean as the task's prompt."""
     from loopdb.cli import main
 
     folder = tmp_path_factory.mktemp("depth")
     run, out = folder / "run", folder / "hf"
-    extra = ["--embedded_norm=true"] if request.param == "depth-tiny" else []
-    assert main(["train", "--preset", request.param, "--out", str(run), "--quiet", "--max_steps=20", "--d_model=32",
+    preset_name, *extra = DEPTH_RUNS[request.param]
+    assert main(["train", "--preset", preset_name, "--out", str(run), "--quiet", "--max_steps=20", "--d_model=32",
                  "--batch_size=8", "--eval_loops=1,2", "--eval_examples=2", "--test_difficulties=2,3", *extra]) == 0
     assert main(["export", str(run), "--out", str(out)]) == 0
     return run, out
@@ -386,11 +391,14 @@ def test_a_task_run_exports_with_its_word_tokenizer(depth_run, num_loops, capsys
     tokenizer, words = AutoTokenizer.from_pretrained(out), load_tokenizer(run_data_dir(run))
     prompt = " 201 120 012 210\n 021 102"
     assert tokenizer.encode(prompt, add_special_tokens=False) == words.encode(prompt)
-    inputs = torch.tensor([words.encode(prompt)] * 2)
+    inputs = tokenizer([prompt] * 2, return_tensors="pt").input_ids  # opened as the run was trained
     with torch.no_grad():
         ours = scoring.predictive_distribution(model, inputs, num_loops, 4,
                                                [torch.Generator().manual_seed(0) for _ in range(2)])
         assert torch.allclose(exported(inputs, num_loops=num_loops).logits, ours, atol=ATOL, rtol=0)
+        if getattr(model, "opener", None) is not None:  # the held prompt is what makes them equal
+            unheld = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, prompt_openers=[]).eval()
+            assert not torch.allclose(unheld(inputs, num_loops=num_loops).logits, ours, atol=ATOL, rtol=0)
     capsys.readouterr()
     assert main(["sample", str(run), "--prompt", prompt, "--temperature", "0", "--loops", str(num_loops),
                  "--max-new-tokens", "8", "--device", "cpu"]) == 0

@@ -217,3 +217,45 @@ def test_with_a_known_prefix_each_scored_row_reads_the_clean_prefix_before_it_al
     with torch.no_grad():
         step = model.denoise(z[:, 5:6].detach(), sigma[:, 5:6], model.encode(tokens[:, :6]))
     torch.testing.assert_close(step[:, 0], logits[:, 5].detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_clean_prompt_sits_at_its_placeholder_at_the_last_sigma_whatever_its_state():
+    """With prompt openers, the positions before the first opener enter as the placeholder's clean
+    target at the last sigma in every denoiser call: their noisy states and sigmas change nothing,
+    and the answers still read each other causally."""
+    config = joint_config()
+    torch.manual_seed(0)
+    model = JointDiffusionLM(config.model, config.diffusion, targets_are_next_tokens=False, prompt_openers=[3]).eval()
+    tokens = torch.tensor([[5, 6, 7, 3, 8, 3, 9, 5, 6]])  # prompt: positions 0-2
+    context = model.encode(tokens)
+    assert context.prompt.tolist() == [[True] * 3 + [False] * 6]
+    z = torch.randn(1, LENGTH, 32, requires_grad=True)
+    sigma = torch.exp(torch.empty(1, LENGTH).uniform_(-3, 4))
+    logits = model.denoise(z, sigma, context)
+    (gradient,) = torch.autograd.grad(logits[0, 6].sum(), z)
+    assert torch.all(gradient[0, :3] == 0) and torch.all(gradient[0, 3:7].abs().sum(-1) > 0)
+    with torch.no_grad():
+        held = z.detach().clone()
+        held[:, :3] = model.targets(torch.zeros(1, 3, dtype=torch.long))
+        clean_sigma = sigma.clone()
+        clean_sigma[:, :3] = model.sigma_last
+        plain = JointDiffusionLM(config.model, config.diffusion, targets_are_next_tokens=False).eval()
+        plain.load_state_dict(model.state_dict())
+        expected = plain.denoise(held, clean_sigma, plain.encode(tokens))
+    torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_clean_prompt_is_refused_without_a_task_or_the_joint_wiring():
+    config = joint_config()
+    config.diffusion.clean_prompt = True
+    with pytest.raises(ConfigError, match="clean_prompt"):
+        check_config(config)
+    config = preset("depth-tiny")  # a task, trained with BPTT
+    config.diffusion.clean_prompt = True
+    with pytest.raises(ConfigError, match="clean_prompt"):
+        check_config(config)
+    config = preset("depth-db-tiny")
+    config.diffusion.clean_prompt = True
+    from loopdb.tasks import get_task
+    assert build_model(check_config(config)).opener.nonzero().flatten().tolist() == sorted(
+        get_task(config.train.task).opener_ids())

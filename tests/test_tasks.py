@@ -153,6 +153,23 @@ def test_a_start_token_opens_every_row_and_shifts_the_answers_by_one(name):
     assert shifted == [[p + 1 for p in positions] for positions in final_answer_positions(task, examples)]
 
 
+@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("start_token", [False, True])
+def test_the_prompt_ends_at_the_first_answer_opener_and_asks_no_answer(name, start_token):
+    """The rule a model applies to bare tokens at inference (positions before the first opener) marks
+    exactly the positions before the first answer of the training layout."""
+    task = get_task(name)
+    examples = [example for difficulty in (1, 3, 7) for example in task.generate(2, difficulty, 3)]
+    inputs, targets = training_arrays(task, examples, start_token=start_token)
+    opener = torch.zeros(len(task.tokenizer().words), dtype=torch.bool)
+    opener[task.opener_ids()] = True
+    prompt = opener[inputs].cumsum(1) == 0
+    answered = targets != IGNORE_INDEX
+    first = answered.float().argmax(1)
+    assert torch.equal(prompt.sum(1), first) and not (prompt & answered).any()
+    assert not opener[task.tokenizer().newline_id]
+
+
 def test_without_a_start_token_the_first_two_positions_of_a_repeated_element_look_alike():
     """Why task runs can open with the newline: a causal prelude gives "a" and "a a" the same output
     (attention over equal tokens averages equal values), so position 1 cannot tell it is second."""

@@ -19,7 +19,7 @@ class LoopDBConfig(PretrainedConfig):
                  exit_gate=False, objective="diffusion", sigma_data=0.0, target_norm=1.0, p_mean=-1.2, p_std=1.2,
                  sigma_min=0.002, sigma_max=80.0, grid="equiprob", grid_sigma_last=0.0, solver="euler",
                  estimate="soft", self_condition=False, likelihood_logits=False, draft_width=1, anchor_head=False,
-                 known_prefix=True, wavefront=0.0,
+                 known_prefix=True, wavefront=0.0, prompt_openers=None,
                  num_loops=4, noise_seed=0,
                  readout="predictive", num_samples=4, exit=None, last_loop_cache=False, **kwargs):
         # the architecture (loopdb's ModelConfig). family looped: prelude, core looped K times, coda;
@@ -45,6 +45,8 @@ class LoopDBConfig(PretrainedConfig):
         # (a text LM: every position but the newest has a known target, the token after it), and the
         # wavefront width of the sampler across positions (0: one sigma for all; also a call argument)
         self.known_prefix, self.wavefront = known_prefix, wavefront
+        # a reasoning task trained with clean_prompt: the token ids that end its prompt ([] or None: off)
+        self.prompt_openers = list(prompt_openers or [])
         # inference defaults, each also an argument of forward() and generate()
         self.num_loops, self.noise_seed, self.readout, self.num_samples = num_loops, noise_seed, readout, num_samples
         self.exit = exit  # generate with sequence recurrence: an adaptive exit rule, e.g. "kl:5e-4"

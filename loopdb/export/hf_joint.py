@@ -10,7 +10,9 @@ ancestral) steps with a sigma per position: the grid, or a wavefront across posi
 A known prefix (``known_prefix``, a text LM): every position but the newest knows its target, the token
 after it; those positions enter as their clean targets at the grid's last sigma, their core and coda
 keys/values are cached once, and each position is then denoised as one row against the prefix before it.
-Without it (a reasoning task, whose running answers are not in the input) every position is denoised jointly.
+Without it (a reasoning task, whose running answers are not in the input) every position is denoised jointly;
+with ``prompt_openers`` the task's prompt (the positions before the first of those tokens) sits at its clean
+placeholder target (token 0) at the last sigma in every denoiser call.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ def joint_encode(model, input_ids, sampler: dict, context: dict | None = None) -
     if context is None and not config.known_prefix:
         cos, sin, _ = joint_positions(config, 0, length, 0, False, device)
         embedded, _ = model._run(model.prelude, model.embedding(input_ids), cos, sin)
-        return {"embedded": embedded, "length": length, "committed": 0, "cache": None}
+        prompt = None
+        if config.prompt_openers:
+            opener = torch.zeros(config.vocab_size, dtype=torch.bool, device=device)
+            opener[list(config.prompt_openers)] = True
+            prompt = opener[input_ids].cumsum(1) == 0
+        return {"embedded": embedded, "length": length, "committed": 0, "cache": None, "prompt": prompt}
     start = 0 if context is None else context["length"]
     cache = LoopDBCache(config, 1) if context is None else context["cache"]
     cos, sin, mask = joint_positions(config, start, length, start, False, device)
@@ -76,7 +83,7 @@ def _commit(model, context: dict, targets, sampler: dict) -> dict:
     return {**context, "committed": start + count}
 
 
-def joint_denoise(model, z, sigma, context: dict):
+def joint_denoise(model, z, sigma, context: dict, sampler: dict):
     """Logits (B, n, V) of the denoiser for the states z (B, n, C) of the context's last n positions at
     noise levels ``sigma`` (1, n): rows read each other causally, or with a known prefix the prefix
     before them and themselves."""
@@ -84,6 +91,10 @@ def joint_denoise(model, z, sigma, context: dict):
     sigma = sigma.expand(batch, length)
     committed, cache = context["committed"], context["cache"]
     start = context["length"] - length
+    if context.get("prompt") is not None:  # the prompt held at its clean placeholder at the last sigma
+        held = context["prompt"][:, start:, None]
+        z = torch.where(held, model._target_table()[0].to(z.dtype), z)
+        sigma = torch.where(held[..., 0], sigma_last(model.config, sampler), sigma)
     cos, sin, mask = joint_positions(model.config, start, length, committed, committed > 0, z.device)
     hidden, cond = _conditioned_input(model, z, sigma, context["embedded"][:, start:])
 
@@ -101,7 +112,7 @@ def joint_loops(model, context: dict, z, num_loops: int, generator, states: list
         raise ValueError(f"solver={sampler['solver']!r}: sequence-joint DiffusionBlocks samples with euler or ancestral")
     grid = list(position_sigmas(model.config, num_loops, z.shape[1], sampler).to(z.device)[..., None])  # K x (T, 1)
     for index, sigma in enumerate(grid):
-        logits = joint_denoise(model, z, sigma.view(1, -1), context)
+        logits = joint_denoise(model, z, sigma.view(1, -1), context, sampler)
         denoised = model._estimate(logits, generator, sampler["estimate"]).to(z.dtype)
         if index + 1 == len(grid):
             return logits

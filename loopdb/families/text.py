@@ -25,6 +25,7 @@ from ..readouts import masked as masked_readouts
 from ..readouts.generation import generate
 from ..readouts.scoring import bits_per_byte
 from ..sampling import OBJECTIVE_LOOPS, sampler_of
+from ..tasks import get_task
 from .reasoning import ReasoningFeed
 from .spec import BLOCK_PARALLEL_HELP, Family, dense_trains_every_parameter
 
@@ -97,7 +98,9 @@ def _build_looped(config: Config):
     of the DiffusionBlocks LM (loopdb.models.looped), as ``config.recurrence`` says."""
     train = config.train
     if _joint(config):
-        return JointDiffusionLM(config.model, config.diffusion, targets_are_next_tokens=not train.task)
+        openers = get_task(train.task).opener_ids() if config.diffusion.clean_prompt else None
+        return JointDiffusionLM(config.model, config.diffusion, targets_are_next_tokens=not train.task,
+                                prompt_openers=openers)
     loop = OBJECTIVE_LOOPS[train.objective]
     if config.recurrence == "sequence":
         return RecurrentDepthLM(config.model, loop, exit_gate=train.objective == "ouro")
@@ -142,6 +145,8 @@ def _looped_rules(config: Config) -> list:
         (_joint(config) or not (d.position_sigma_fraction or d.wavefront),
          "position_sigma_fraction and wavefront belong to sequence-joint DiffusionBlocks "
          "(objective=diffusion with recurrence=sequence)"),
+        (not d.clean_prompt or _joint(config),
+         "clean_prompt belongs to sequence-joint DiffusionBlocks (objective=diffusion with recurrence=sequence)"),
         (objective != "ouro" or config.recurrence == "sequence",
          "objective=ouro trains the exit gate of the sequence-recurrent model; use recurrence=sequence (or auto)"),
         (not drafting or objective == "diffusion",

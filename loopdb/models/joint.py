@@ -19,6 +19,12 @@ those positions enter as their clean targets at the grid's last sigma, the state
 in. Their keys/values then never change, so a ``JointContext`` keeps ONE cache per layer whatever
 the loop count; each new token in generation, and each scored position, runs its K loops as one
 row against the prefix before it.
+
+A reasoning task's prompt (``prompt_openers``: the positions before the first word that opens the
+task's answers) asks no answer, so its targets are a placeholder. With ``clean_prompt`` those
+positions sit at the placeholder's clean target at the last sigma in every denoiser call, training
+and sampling alike: the answers then read the prompt's states without noise, as a text LM reads its
+known prefix. docs/method.md#clean-prompt
 """
 
 from __future__ import annotations
@@ -47,17 +53,23 @@ class JointContext:
     core_kv: list | None = None
     coda_kv: list | None = None
     committed: int = 0
+    prompt: torch.Tensor | None = None  # (B, length) bool: the positions held at their clean placeholder
 
 
 class JointDiffusionLM(NextTokenDenoiser, nn.Module):
     loop = "joint"  # its sampler (loopdb.sampling): K steps with a sigma per position
     anchor_head = False
 
-    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, targets_are_next_tokens: bool = True):
+    def __init__(self, model: ModelConfig, diffusion: DiffusionConfig, targets_are_next_tokens: bool = True,
+                 prompt_openers: list[int] | None = None):
         """``targets_are_next_tokens``: a text LM (position t's target is token t+1, so at inference
-        every position but the newest has a known target); False for a reasoning task's answers."""
+        every position but the newest has a known target); False for a reasoning task's answers.
+        ``prompt_openers``: token ids that end a task's prompt, whose positions are then held clean."""
         super().__init__()
         self.targets_are_next_tokens = targets_are_next_tokens
+        opener = torch.zeros(model.vocab_size, dtype=torch.bool)
+        opener[list(prompt_openers or [])] = True
+        self.register_buffer("opener", opener if prompt_openers is not None else None, persistent=False)
         self.config, self.diffusion = model, diffusion
         dim = model.d_model
         self.sigma_data = diffusion.sigma_data or dim**-0.5
@@ -89,7 +101,7 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         is denoised jointly."""
         known = self.targets_are_next_tokens if known is None else known
         if cache is None and not known:
-            return JointContext(self._prelude(tokens), tokens.shape[1])
+            return self._joint_context(tokens)
         start = 0 if cache is None else cache.length
         cos, sin, mask = self._positions(start, tokens.shape[1], start, False, tokens.device)
         embedded, prelude_kv = run_clean_layers(self.prelude, self.embedding(tokens), cos, sin,
@@ -100,9 +112,12 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
                                None if cache is None else cache.coda_kv, 0 if cache is None else cache.committed)
         return self._commit(context, tokens if cache is not None else tokens[:, 1:])
 
-    def _prelude(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _joint_context(self, tokens: torch.Tensor) -> JointContext:
+        """Every position denoised jointly; with ``prompt_openers``, the prompt held clean."""
         cos, sin, _ = self._positions(0, tokens.shape[1], 0, False, tokens.device)
-        return run_clean_layers(self.prelude, self.embedding(tokens), cos, sin)[0]
+        embedded = run_clean_layers(self.prelude, self.embedding(tokens), cos, sin)[0]
+        prompt = None if self.opener is None else self.opener[tokens].cumsum(1) == 0
+        return JointContext(embedded, tokens.shape[1], prompt=prompt)
 
     def _commit(self, context: JointContext, targets: torch.Tensor) -> JointContext:
         """Cache the next targets.shape[1] positions after the committed ones at their clean targets."""
@@ -132,8 +147,12 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         batch, length = z.shape[:2]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=z.device)
         sigma = (sigma[:, None] if sigma.dim() == 1 else sigma).expand(batch, length)
-        pre = precondition(sigma, self.sigma_data)
         start = context.length - length
+        if context.prompt is not None:
+            held = context.prompt[:, start:, None]
+            z = torch.where(held, self.targets(torch.zeros_like(held[..., 0], dtype=torch.long)), z)
+            sigma = torch.where(held[..., 0], self.sigma_last, sigma)
+        pre = precondition(sigma, self.sigma_data)
         cos, sin, mask = self._positions(start, length, context.committed, context.committed > 0, z.device)
         hidden = self._inject(pre.c_in[..., None] * z, context.embedded[:, start:])
         cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)  # (B, n, C): one condition per row
@@ -147,7 +166,7 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
 
     def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The training pass: prelude over ``inputs``, ONE denoiser evaluation of every position."""
-        return self.denoise(noisy, sigma, JointContext(self._prelude(inputs), inputs.shape[1]))
+        return self.denoise(noisy, sigma, self._joint_context(inputs))
 
     def _rotary(self, length: int, device):
         return self.rotary(torch.arange(length, device=device))

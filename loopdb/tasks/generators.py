@@ -154,6 +154,15 @@ class Task:
         """(input text, target word per input token or None): targets[t] is answered after reading tokens[:t+1]."""
         raise NotImplementedError
 
+    def answer_openers(self) -> list[str]:
+        """The words that end the prompt: a sequence asks its first answer at the first of them, and
+        asks none before it (the newline never opens: a start token stays in the prompt)."""
+        raise NotImplementedError
+
+    def opener_ids(self) -> list[int]:
+        """Token ids of ``answer_openers``."""
+        return [self.tokenizer().encode(word)[0] for word in self.answer_openers()]
+
     def shortcut_guesses(self, example: Example) -> dict[str, str]:
         """Final answers of shallow shortcuts (name -> guessed answer text)."""
         return {}
@@ -219,6 +228,9 @@ class GroupWordTask(Task):
 
     def vocabulary(self) -> list[str]:
         return list(self.elements)
+
+    def answer_openers(self):
+        return list(self.elements)  # every element is answered
 
     def sample(self, rng, difficulty):
         picks = [rng.randrange(len(self.elements)) for _ in range(difficulty)]
@@ -306,6 +318,9 @@ class HopsTask(Task):
     def training_sequence(self, example):
         return example.prompt, [None] * (len(self.symbols) + 1) + list(example.answers)
 
+    def answer_openers(self):
+        return [self.marker]
+
     def shortcut_guesses(self, example):
         f, start, _ = self._parse(example.prompt)
         return {"start_symbol": start, "one_hop": f[start]}
@@ -355,6 +370,9 @@ class AdditionTask(Task):
         text = example.prompt + join_words(example.answers)
         # "=" predicts the first digit, each digit the next one, the last digit "\n" (so generation stops)
         return text, [None] * (prompt_tokens - 1) + list(example.answers) + [NEWLINE]
+
+    def answer_openers(self):
+        return ["="]  # "=" predicts the first sum digit
 
     def final_answer(self, example):
         return " ".join(example.answers)
