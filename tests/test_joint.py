@@ -259,3 +259,19 @@ def test_clean_prompt_is_refused_without_a_task_or_the_joint_wiring():
     from loopdb.tasks import get_task
     assert build_model(check_config(config)).opener.nonzero().flatten().tolist() == sorted(
         get_task(config.train.task).opener_ids())
+
+
+def test_training_draws_a_held_prompt_at_the_last_sigma_and_the_answers_as_before():
+    config = joint_config()
+    torch.manual_seed(0)
+    model = JointDiffusionLM(config.model, config.diffusion, targets_are_next_tokens=False, prompt_openers=[3]).train()
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(args[2]))
+    inputs = torch.tensor([[5, 6, 7, 3, 8, 3, 9, 5, 6]] * 4)
+    batch = {"inputs": inputs, "targets": torch.randint(VOCAB, (4, LENGTH))}
+    JointDiffusionObjective().loss(model, batch, torch.Generator().manual_seed(0))
+    model.opener = None
+    JointDiffusionObjective().loss(model, batch, torch.Generator().manual_seed(0))
+    held, plain = seen
+    assert torch.all(held[:, :3] == model.sigma_last) and torch.equal(held[:, 3:], plain[:, 3:])
+    assert not torch.all(plain[:, :3] == model.sigma_last)

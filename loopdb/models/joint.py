@@ -22,9 +22,9 @@ row against the prefix before it.
 
 A reasoning task's prompt (``prompt_openers``: the positions before the first word that opens the
 task's answers) asks no answer, so its targets are a placeholder. With ``clean_prompt`` those
-positions sit at the placeholder's clean target at the last sigma in every denoiser call, training
-and sampling alike: the answers then read the prompt's states without noise, as a text LM reads its
-known prefix. docs/method.md#clean-prompt
+positions sit at the last sigma: drawn there in training (y + sigma_last * eps, by the objective),
+and at inference held at the placeholder's clean target in every denoiser call, as a text LM's
+known prefix is. docs/method.md#clean-prompt
 """
 
 from __future__ import annotations
@@ -112,12 +112,16 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
                                None if cache is None else cache.coda_kv, 0 if cache is None else cache.committed)
         return self._commit(context, tokens if cache is not None else tokens[:, 1:])
 
-    def _joint_context(self, tokens: torch.Tensor) -> JointContext:
-        """Every position denoised jointly; with ``prompt_openers``, the prompt held clean."""
+    def prompt_mask(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) bool: a task's prompt, the positions before the first answer-opening token; None
+        without ``prompt_openers``."""
+        return None if self.opener is None else self.opener[tokens].cumsum(1) == 0
+
+    def _joint_context(self, tokens: torch.Tensor, hold_prompt: bool = True) -> JointContext:
+        """Every position denoised jointly; at inference the prompt held at its clean placeholder."""
         cos, sin, _ = self._positions(0, tokens.shape[1], 0, False, tokens.device)
         embedded = run_clean_layers(self.prelude, self.embedding(tokens), cos, sin)[0]
-        prompt = None if self.opener is None else self.opener[tokens].cumsum(1) == 0
-        return JointContext(embedded, tokens.shape[1], prompt=prompt)
+        return JointContext(embedded, tokens.shape[1], prompt=self.prompt_mask(tokens) if hold_prompt else None)
 
     def _commit(self, context: JointContext, targets: torch.Tensor) -> JointContext:
         """Cache the next targets.shape[1] positions after the committed ones at their clean targets."""
@@ -165,8 +169,9 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         return self.logits_from(hidden)
 
     def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The training pass: prelude over ``inputs``, ONE denoiser evaluation of every position."""
-        return self.denoise(noisy, sigma, self._joint_context(inputs))
+        """The training pass: prelude over ``inputs``, ONE denoiser evaluation of every position. The
+        objective draws a held prompt at the last sigma like any state (loopdb.objectives.joint)."""
+        return self.denoise(noisy, sigma, self._joint_context(inputs, hold_prompt=False))
 
     def _rotary(self, length: int, device):
         return self.rotary(torch.arange(length, device=device))

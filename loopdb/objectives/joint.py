@@ -5,7 +5,8 @@ once over the whole sequence and the loss is the cross-entropy of its logits (un
 share ``position_sigma_fraction`` of the sequences draws a sigma per position (diffusion forcing),
 the rest one sigma per sequence, so the network learns both to read neighbours at its own noise
 level and at others'. The training sigmas follow ``sigma_sampling`` over [sigma_min, sigma_max]:
-``loguniform`` covers sigma_max, where every sampler starts, as often as any other octave.
+``loguniform`` covers sigma_max, where every sampler starts, as often as any other octave. With
+``clean_prompt`` a task's prompt positions are drawn at the last sigma instead.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class JointDiffusionObjective:
     def loss(self, model, batch, generator: torch.Generator, step: int = 0):
         inputs, targets = split_batch(batch)
         sigma = training_sigmas(model.diffusion, model.schedule, tuple(inputs.shape), generator).to(inputs.device)
+        prompt = model.prompt_mask(inputs)
+        if prompt is not None:  # clean_prompt: a task's prompt is drawn at the last sigma, where inference holds it
+            sigma = torch.where(prompt, model.sigma_last, sigma)
         noisy = noised_targets(model, targets, sigma, generator)
         cross_entropy = mean_cross_entropy(model(inputs, noisy, sigma), targets)
         return cross_entropy, {"ce": cross_entropy.detach(), "sigma_median": sigma.median().detach()}
