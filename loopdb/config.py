@@ -82,6 +82,8 @@ class DiffusionConfig:
     sigma_sampling: str = "lognormal"  # training sigmas: lognormal (p_mean, p_std) | loguniform (even in log sigma)
     position_sigma_fraction: float = 0.0  # share of training sequences whose positions draw their own sigma
     wavefront: float = 0.0          # sampler: width W of the wavefront across positions (0 = one sigma for all)
+    wavefront_sigma_fraction: float = 0.0  # share of training sequences whose sigmas follow a wavefront (a random
+    #                                        width 0.5-8, a random point of its descent: earlier positions cleaner)
     clean_prompt: bool = False      # reasoning tasks: the prompt (the positions before the task's first answer) sits
     #                                 at its clean placeholder target at the last sigma, in training and sampling alike
     # -- stacked DiffusionBlocks (docs/method.md#partition) --
@@ -220,7 +222,8 @@ class Config:
             (t.time_budget_clock in ("wall", "cpu"), f"time_budget_clock must be wall or cpu, got {t.time_budget_clock!r}"),
             (d.sigma_sampling in ("lognormal", "loguniform"),
              f"sigma_sampling must be lognormal or loguniform, got {d.sigma_sampling!r}"),
-            (0 <= d.position_sigma_fraction <= 1, "position_sigma_fraction must be in [0, 1]"),
+            (0 <= d.position_sigma_fraction <= 1 and 0 <= d.wavefront_sigma_fraction <= 1,
+             "position_sigma_fraction and wavefront_sigma_fraction must be in [0, 1]"),
             (d.wavefront >= 0, f"wavefront must be >= 0 (0 = one sigma for all positions), got {d.wavefront}"),
             (t.objective in OBJECTIVES, f"objective must be {_one_of(OBJECTIVES)}, got {t.objective!r}"),
             (m.recurrence in ("auto", "sequence", "position"),

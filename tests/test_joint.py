@@ -143,10 +143,11 @@ def test_training_sigmas_per_position_share_and_coverage_of_sigma_max():
 
 
 def test_joint_keys_are_refused_on_other_wirings_and_remedies_on_the_joint_one():
-    config = Config()
-    config.diffusion.wavefront = 1.0
-    with pytest.raises(ConfigError, match="wavefront"):
-        check_config(config)
+    for key in ("wavefront", "wavefront_sigma_fraction"):
+        config = Config()
+        setattr(config.diffusion, key, 0.5)
+        with pytest.raises(ConfigError, match=key):
+            check_config(config)
     config = joint_config()
     config.diffusion.self_condition = True
     with pytest.raises(ConfigError, match="self_condition"):
@@ -275,3 +276,16 @@ def test_training_draws_a_held_prompt_at_the_last_sigma_and_the_answers_as_befor
     held, plain = seen
     assert torch.all(held[:, :3] == model.sigma_last) and torch.equal(held[:, 3:], plain[:, 3:])
     assert not torch.all(plain[:, :3] == model.sigma_last)
+
+
+def test_wavefront_rows_put_earlier_positions_at_lower_sigma_and_span_the_range():
+    diffusion = joint_config(position_sigma_fraction=1.0, wavefront_sigma_fraction=1.0).diffusion
+    schedule = NoiseSchedule(sigma_min=0.02, sigma_max=80.0)
+    sigma = training_sigmas(diffusion, schedule, (300, LENGTH), torch.Generator().manual_seed(0))
+    assert torch.all(sigma[:, 1:] >= sigma[:, :-1] * (1 - 1e-6)), "a later position is cleaner than an earlier one"
+    assert float(sigma.min()) == pytest.approx(0.02) and float(sigma.max()) == pytest.approx(80.0)
+    assert float((sigma[:, 0] < sigma[:, -1]).float().mean()) > 0.5  # most rows are mid-descent, not flat
+    diffusion.wavefront_sigma_fraction = 0.5
+    sigma = training_sigmas(diffusion, schedule, (400, LENGTH), torch.Generator().manual_seed(0))
+    ordered = (sigma[:, 1:] >= sigma[:, :-1] * (1 - 1e-6)).all(1).float().mean()
+    assert 0.4 < float(ordered) < 0.65  # the other half draws independent sigmas (rarely ordered by chance)

@@ -142,8 +142,8 @@ def _looped_rules(config: Config) -> list:
          "are per-position remedies; recurrence=sequence (sequence-joint DiffusionBlocks) does not support them"),
         (not _joint(config) or d.solver in ("euler", "ancestral"),
          f"sequence-joint DiffusionBlocks samples with solver euler or ancestral, not {d.solver!r}"),
-        (_joint(config) or not (d.position_sigma_fraction or d.wavefront),
-         "position_sigma_fraction and wavefront belong to sequence-joint DiffusionBlocks "
+        (_joint(config) or not (d.position_sigma_fraction or d.wavefront or d.wavefront_sigma_fraction),
+         "position_sigma_fraction, wavefront and wavefront_sigma_fraction belong to sequence-joint DiffusionBlocks "
          "(objective=diffusion with recurrence=sequence)"),
         (not d.clean_prompt or _joint(config),
          "clean_prompt belongs to sequence-joint DiffusionBlocks (objective=diffusion with recurrence=sequence)"),

@@ -26,11 +26,16 @@ def position_progress(num_loops: int, length: int, width: float = 0.0) -> torch.
         raise ValueError(f"the wavefront width must be >= 0, got {width}")
     if num_loops == 1:
         return torch.zeros(1, length, dtype=torch.float64)
-    loop = torch.arange(num_loops, dtype=torch.float64)[:, None] / (num_loops - 1)
-    position = torch.arange(length, dtype=torch.float64)[None, :] / max(length - 1, 1)
+    return wavefront_progress(torch.arange(num_loops, dtype=torch.float64)[:, None] / (num_loops - 1), length, width)
+
+
+def wavefront_progress(fraction: torch.Tensor, length: int, width: float) -> torch.Tensor:
+    """p(t) = clamp(f * (1 + W) - W * t/(T-1), 0, 1), (N, T), for the descent's fractions f (N, 1) in [0, 1]."""
+    fraction = fraction.to(torch.float64)
     if width == 0 or length == 1:
-        return loop.expand(num_loops, length).clone()
-    return (loop * (1 + width) - width * position).clamp(0.0, 1.0)
+        return fraction.expand(fraction.shape[0], length).clone()
+    position = torch.arange(length, dtype=torch.float64)[None, :] / (length - 1)
+    return (fraction * (1 + width) - width * position).clamp(0.0, 1.0)
 
 
 def position_sigmas(num_loops: int, length: int, curve: Callable[[float], float], sigma_max: float,

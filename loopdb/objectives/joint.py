@@ -15,11 +15,15 @@ import math
 
 import torch
 
+from ..maths.schedules import wavefront_progress
 from .next_token import mean_cross_entropy, noised_targets, split_batch
+
+WAVEFRONT_WIDTHS = (0.5, 8.0)  # the widths a wavefront_sigma_fraction row is drawn at (log-uniform)
 
 
 def training_sigmas(diffusion, schedule, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """(B, T) sigmas: per position for a ``position_sigma_fraction`` share of rows, else one per row."""
+    """(B, T) sigmas: per position for a ``position_sigma_fraction`` share of rows, else one per row;
+    then a ``wavefront_sigma_fraction`` share of rows laid out as the wavefront sampler lays them out."""
     batch, length = shape
     if diffusion.sigma_sampling == "loguniform":
         log_lo, log_hi = math.log(schedule.sigma_min), math.log(schedule.sigma_max)
@@ -28,11 +32,24 @@ def training_sigmas(diffusion, schedule, shape: tuple[int, int], generator: torc
         draw = lambda n: schedule.sample_sigmas(n, generator)
     per_sequence = draw(batch)[:, None].expand(batch, length)
     fraction = diffusion.position_sigma_fraction
-    if fraction <= 0:
-        return per_sequence.contiguous()
-    per_position = draw(batch * length).view(batch, length)
-    independent = torch.rand(batch, generator=generator) < fraction
-    return torch.where(independent[:, None], per_position, per_sequence)
+    sigma = per_sequence.contiguous()
+    if fraction > 0:
+        per_position = draw(batch * length).view(batch, length)
+        independent = torch.rand(batch, generator=generator) < fraction
+        sigma = torch.where(independent[:, None], per_position, per_sequence)
+    if diffusion.wavefront_sigma_fraction > 0:
+        # the wavefront sampler's own layout at a random point of its descent (log-linear from sigma_max to
+        # sigma_min) and a random width (log-uniform in WAVEFRONT_WIDTHS), so the sampler's width stays free
+        rows = []
+        widths = torch.exp(torch.empty(batch, dtype=torch.float64).uniform_(*map(math.log, WAVEFRONT_WIDTHS),
+                                                                            generator=generator))
+        for fraction, width in zip(torch.rand(batch, 1, generator=generator), widths.tolist()):
+            rows.append(wavefront_progress(fraction[None], length, width))
+        log_max, log_min = math.log(schedule.sigma_max), math.log(schedule.sigma_min)
+        on_front = torch.exp(log_max + (log_min - log_max) * torch.cat(rows)).float()
+        chosen = torch.rand(batch, generator=generator) < diffusion.wavefront_sigma_fraction
+        sigma = torch.where(chosen[:, None], on_front, sigma)
+    return sigma
 
 
 class JointDiffusionObjective:
