@@ -139,3 +139,16 @@ def test_variants_are_checked_on_the_studys_preset(tmp_path):
     assert load_variants(variants, "depth-tiny")["opened"]["overrides"] == {"start_token": "true"}
     with pytest.raises(ConfigError, match="start_token opens reasoning-task sequences"):
         load_variants(variants, "tiny")
+
+
+def test_a_seed_without_scores_is_not_counted_and_a_skipped_readout_is_tried_again():
+    from loopdb.evaluation.study import _reuse, markdown_tables
+
+    scored = {"train": {"steps": 10}, "readouts": {"accuracy": {"1": 0.5, "2": 0.75}}}
+    unscored = {"train": {"steps": 10}, "readouts": {}, "skipped": ["accuracy"]}
+    results = {"preset": "depth-tiny", "budget": {"minutes": 1.0, "steps": None, "clock": "cpu"}, "split": "test",
+               "max_windows": 4, "samples": 1,
+               "variants": {"joint": {"overrides": {}, "flops": None, "seeds": {"0": scored, "1": unscored}}}}
+    assert "| joint | 1 | 0.500 | 0.750 |" in markdown_tables(results, [1, 2])
+    member, missing = _reuse(unscored, {"steps": 10}, ["accuracy"], [1, 2], judged=False)
+    assert missing == ["accuracy"] and "skipped" not in member

@@ -264,9 +264,8 @@ def _reuse(earlier: dict | None, summary: dict, readouts, loops, judged: bool) -
     missing = []
     for readout in readouts:
         counts = {"1"} if readout in LOOP_FREE_READOUTS else every_count
-        if readout in earlier.get("skipped", []):
-            member.setdefault("skipped", []).append(readout)
-        elif counts <= set(earlier.get("readouts", {}).get(readout, {})):
+        # a readout skipped before is tried again: an inapplicable one fails at once, a failed load may now succeed
+        if counts <= set(earlier.get("readouts", {}).get(readout, {})):
             member["readouts"][readout] = earlier["readouts"][readout]
         else:
             missing.append(readout)
@@ -348,7 +347,7 @@ def markdown_tables(results: dict, loops) -> str:
         lines += ["", f"### {title}", "", "| variant | seeds | " + " | ".join(f"K={k}" for k in loops) + " |",
                   "|" + "---|" * (2 + len(loops))]
         for name, curve in curves.items():
-            seeds = len(results["variants"][name]["seeds"])
+            seeds = sum(1 for member in results["variants"][name]["seeds"].values() if metric(member))
             cells = [f"{curve[k][0]:.3f}" + (f" +- {curve[k][1]:.3f}" if curve[k][1] else "") if k in curve else ""
                      for k in loops]
             lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
