@@ -143,6 +143,31 @@ def finished_run(data_dir, tmp_path):
     return run, weights_of(straight.model)
 
 
+def test_a_reader_follows_a_training_that_replaces_the_checkpoint_it_was_reading(finished_run, monkeypatch):
+    """A training rotates its checkpoints: the one `latest` named can vanish mid-read. The reader
+    then loads the one `latest` names now; a checkpoint damaged in place is still refused."""
+    from loopdb.runs import folder
+
+    run, final = finished_run
+    real_load = folder.load_weights
+    calls = []
+
+    def rotated_away(model, checkpoint):  # the first read finds step 6 gone and `latest` moved to step 4
+        calls.append(checkpoint.name)
+        if len(calls) == 1:
+            (run / "latest").write_text("step-0000004")
+            raise RunError(f"checkpoint file {checkpoint}/model.safetensors is damaged (FileNotFoundError)")
+        return real_load(model, checkpoint)
+
+    monkeypatch.setattr(folder, "load_weights", rotated_away)
+    model, _ = load_model(run)
+    assert calls == ["step-0000006", "step-0000004"]
+    monkeypatch.setattr(folder, "load_weights", lambda model, checkpoint: (_ for _ in ()).throw(
+        RunError(f"checkpoint file {checkpoint} is damaged (truncated)")))
+    with pytest.raises(RunError, match="damaged"):
+        load_model(run)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip a byte", "delete trainer.pt", "delete the folder"])
 def test_manifest_catches_damage_and_resume_falls_back_bit_identical(finished_run, data_dir, capsys, damage):
     run, final = finished_run

@@ -109,19 +109,28 @@ def load_model(run_dir, device="cpu", sampler: dict[str, str] | None = None):
     """The run's newest model, in eval mode on ``device``; returns (model, config). A damaged newest
     checkpoint is refused (RunError naming the file and the fix), never silently replaced.
 
-    ``sampler`` overrides inference-only settings (SAMPLER_KEYS), e.g. {"grid_sigma_last": "0.5"}."""
-    config, checkpoint = open_run(run_dir)
+    ``sampler`` overrides inference-only settings (SAMPLER_KEYS), e.g. {"grid_sigma_last": "0.5"}.
+    A run being trained may replace its newest checkpoint while it is read: then the new one is read."""
     if sampler:
         fixed = sorted(set(sampler) - set(SAMPLER_KEYS))
         if fixed:
             raise ConfigError(f"{', '.join(fixed)} cannot change after training; at inference only "
                               f"{', '.join(SAMPLER_KEYS)} can")
-        config.apply_overrides(sampler)
-    model = build_model(config)
-    try:  # a checkpoint without a manifest is only found damaged here, when it does not parse
-        load_weights(model, checkpoint)
-    except RunError as error:
-        raise RunError(f"{error}; {_repair_hint(Path(run_dir), checkpoint)}") from None
+    for attempt in range(3):
+        checkpoint = latest_checkpoint(run_dir)
+        try:
+            config, checkpoint = open_run(run_dir)
+            if sampler:
+                config.apply_overrides(sampler)
+            model = build_model(config)
+            try:  # a checkpoint without a manifest is only found damaged here, when it does not parse
+                load_weights(model, checkpoint)
+            except RunError as error:
+                raise RunError(f"{error}; {_repair_hint(Path(run_dir), checkpoint)}") from None
+            break
+        except RunError:
+            if attempt == 2 or checkpoint is None or latest_checkpoint(run_dir) == checkpoint:
+                raise  # damaged, not replaced by a training that moved on
     if torch.device(device).type == "cpu":
         keep_freed_memory()  # scoring allocates the same large logits every batch, as training does
     return model.to(device).eval(), config
