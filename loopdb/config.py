@@ -84,8 +84,8 @@ class DiffusionConfig:
     wavefront: float = 0.0          # sampler: width W of the wavefront across positions (0 = one sigma for all)
     wavefront_sigma_fraction: float = 0.0  # share of training sequences whose sigmas follow a wavefront (a random
     #                                        width 0.5-8, a random point of its descent: earlier positions cleaner)
-    clean_prompt: bool = False      # reasoning tasks: the prompt (the positions before the task's first answer) sits
-    #                                 at its clean placeholder target at the last sigma, in training and sampling alike
+    clean_prompt: bool = False      # reasoning tasks: the prompt (the positions before the task's first answer) sits at
+    #                                 the last sigma: drawn there in training, held at its clean placeholder at inference
     # -- stacked DiffusionBlocks (docs/method.md#partition) --
     partition: str = "equiprob"     # noise ranges of the blocks: equiprob (paper) | uniform (in log sigma; ablation)
     block_overlap: float = 0.1      # widen each block's training range by this x its log-width per side

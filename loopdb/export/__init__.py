@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..runs.folder import load_model, run_data_dir
-from ..tasks import get_task
+from ..families.text import prompt_openers
 from .card import model_card
 from .tokenizer import newline_id, transformers_tokenizer
 
@@ -57,7 +57,7 @@ def hf_config_values(config) -> dict:
         "solver": d.solver, "estimate": d.estimate, "self_condition": d.self_condition,
         "likelihood_logits": d.likelihood_logits, "known_prefix": not t.task, "wavefront": d.wavefront,
         "draft_width": m.draft_width, "anchor_head": t.anchor_weight > 0,
-        "prompt_openers": get_task(t.task).opener_ids() if d.clean_prompt else [],
+        "prompt_openers": prompt_openers(config) or [],
         # K = num_blocks runs each stacked block once (`loopdb sample`'s default)
         "num_loops": 1 if t.objective == "dense" else m.num_blocks if stacked else DEFAULT_LOOPS,
     }

@@ -98,13 +98,17 @@ def _build_looped(config: Config):
     of the DiffusionBlocks LM (loopdb.models.looped), as ``config.recurrence`` says."""
     train = config.train
     if _joint(config):
-        openers = get_task(train.task).opener_ids() if config.diffusion.clean_prompt else None
         return JointDiffusionLM(config.model, config.diffusion, targets_are_next_tokens=not train.task,
-                                prompt_openers=openers)
+                                prompt_openers=prompt_openers(config))
     loop = OBJECTIVE_LOOPS[train.objective]
     if config.recurrence == "sequence":
         return RecurrentDepthLM(config.model, loop, exit_gate=train.objective == "ouro")
     return LoopedLM(config.model, config.diffusion, loop, anchor_head=train.anchor_weight > 0)
+
+
+def prompt_openers(config: Config) -> list[int] | None:
+    """The token ids that end a task's prompt when the run holds it clean (``clean_prompt``), else None."""
+    return get_task(config.train.task).opener_ids() if config.diffusion.clean_prompt else None
 
 
 def _joint(config: Config) -> bool:

@@ -29,10 +29,11 @@ def position_progress(num_loops: int, length: int, width: float = 0.0) -> torch.
     return wavefront_progress(torch.arange(num_loops, dtype=torch.float64)[:, None] / (num_loops - 1), length, width)
 
 
-def wavefront_progress(fraction: torch.Tensor, length: int, width: float) -> torch.Tensor:
-    """p(t) = clamp(f * (1 + W) - W * t/(T-1), 0, 1), (N, T), for the descent's fractions f (N, 1) in [0, 1]."""
+def wavefront_progress(fraction: torch.Tensor, length: int, width) -> torch.Tensor:
+    """p(t) = clamp(f * (1 + W) - W * t/(T-1), 0, 1), (N, T), for the descent's fractions f (N, 1) in [0, 1];
+    ``width``: one W, or one per row (N, 1)."""
     fraction = fraction.to(torch.float64)
-    if width == 0 or length == 1:
+    if (not torch.is_tensor(width) and width == 0) or length == 1:
         return fraction.expand(fraction.shape[0], length).clone()
     position = torch.arange(length, dtype=torch.float64)[None, :] / (length - 1)
     return (fraction * (1 + width) - width * position).clamp(0.0, 1.0)

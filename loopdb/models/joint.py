@@ -67,9 +67,11 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         ``prompt_openers``: token ids that end a task's prompt, whose positions are then held clean."""
         super().__init__()
         self.targets_are_next_tokens = targets_are_next_tokens
-        opener = torch.zeros(model.vocab_size, dtype=torch.bool)
-        opener[list(prompt_openers or [])] = True
-        self.register_buffer("opener", opener if prompt_openers is not None else None, persistent=False)
+        opener = None
+        if prompt_openers is not None:
+            opener = torch.zeros(model.vocab_size, dtype=torch.bool)
+            opener[list(prompt_openers)] = True
+        self.register_buffer("opener", opener, persistent=False)
         self.config, self.diffusion = model, diffusion
         dim = model.d_model
         self.sigma_data = diffusion.sigma_data or dim**-0.5
@@ -154,7 +156,7 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         start = context.length - length
         if context.prompt is not None:
             held = context.prompt[:, start:, None]
-            z = torch.where(held, self.targets(torch.zeros_like(held[..., 0], dtype=torch.long)), z)
+            z = torch.where(held, self.target_table()[0].to(z.dtype), z)  # token 0: the objective's placeholder
             sigma = torch.where(held[..., 0], self.sigma_last, sigma)
         pre = precondition(sigma, self.sigma_data)
         cos, sin, mask = self._positions(start, length, context.committed, context.committed > 0, z.device)

@@ -40,13 +40,11 @@ def training_sigmas(diffusion, schedule, shape: tuple[int, int], generator: torc
     if diffusion.wavefront_sigma_fraction > 0:
         # the wavefront sampler's own layout at a random point of its descent (log-linear from sigma_max to
         # sigma_min) and a random width (log-uniform in WAVEFRONT_WIDTHS), so the sampler's width stays free
-        rows = []
-        widths = torch.exp(torch.empty(batch, dtype=torch.float64).uniform_(*map(math.log, WAVEFRONT_WIDTHS),
-                                                                            generator=generator))
-        for fraction, width in zip(torch.rand(batch, 1, generator=generator), widths.tolist()):
-            rows.append(wavefront_progress(fraction[None], length, width))
+        widths = torch.exp(torch.empty(batch, 1, dtype=torch.float64).uniform_(*map(math.log, WAVEFRONT_WIDTHS),
+                                                                               generator=generator))
+        progress = wavefront_progress(torch.rand(batch, 1, generator=generator), length, widths)
         log_max, log_min = math.log(schedule.sigma_max), math.log(schedule.sigma_min)
-        on_front = torch.exp(log_max + (log_min - log_max) * torch.cat(rows)).float()
+        on_front = torch.exp(log_max + (log_min - log_max) * progress).float()
         chosen = torch.rand(batch, generator=generator) < diffusion.wavefront_sigma_fraction
         sigma = torch.where(chosen[:, None], on_front, sigma)
     return sigma
