@@ -289,3 +289,64 @@ def test_wavefront_rows_put_earlier_positions_at_lower_sigma_and_span_the_range(
     sigma = training_sigmas(diffusion, schedule, (400, LENGTH), torch.Generator().manual_seed(0))
     ordered = (sigma[:, 1:] >= sigma[:, :-1] * (1 - 1e-6)).all(1).float().mean()
     assert 0.4 < float(ordered) < 0.65  # the other half draws independent sigmas (rarely ordered by chance)
+
+
+def test_step_accuracy_asks_each_answer_from_its_resolved_predecessors_alone():
+    """The m-th answer is asked at sigma_max with the answers before it at their clean targets at the
+    last sigma, the later ones at sigma_max; an oracle right only on that layout scores 1.0 at every
+    answer of rows of different lengths, and a model of another wiring is refused."""
+    from loopdb.errors import UsageError
+    from loopdb.readouts.reasoning import evaluation_examples, step_accuracy
+    from loopdb.tasks import get_task, training_arrays
+
+    task = get_task("hops")
+    config = joint_config()
+    config.model.vocab_size = task.tokenizer().vocab_size
+    torch.manual_seed(0)
+    model = JointDiffusionLM(config.model, config.diffusion, targets_are_next_tokens=False).eval()
+    examples = evaluation_examples(task, "test", [2, 3, 4], 5)
+    _, targets = training_arrays(task, examples)
+    table, calls = model.target_table(), []
+
+    def oracle(z, sigma, context):
+        calls.append(1)
+        scored = targets >= 0
+        order = scored.long().cumsum(1) - 1
+        logits = torch.nn.functional.one_hot((targets.clamp(min=0) + 1) % table.shape[0], table.shape[0]).float()
+        for row in range(targets.shape[0]):
+            answers = scored[row].nonzero()[:, 0]
+            noisy = [p for p in answers.tolist() if sigma[row, p] == model.schedule.sigma_max]
+            if not noisy:
+                continue
+            asked = noisy[0]
+            before = answers[answers < asked]
+            resolved = bool(torch.all(sigma[row, before] == model.sigma_last)
+                            and torch.equal(z[row, before], table[targets[row, before]]))
+            if resolved and all(sigma[row, p] == model.schedule.sigma_max for p in answers[answers > asked].tolist()):
+                logits[row, asked] = torch.nn.functional.one_hot(targets[row, asked], table.shape[0]).float()
+        return logits
+
+    model.denoise = oracle
+    result = step_accuracy(model, task, examples)
+    assert result == {"mean": 1.0, "by_answer": [1.0, 1.0, 1.0, 1.0]} and len(calls) == 4
+    with pytest.raises(UsageError, match="sequence-joint"):
+        step_accuracy(LoopedLM(config.model, config.diffusion), task, examples)
+
+
+def test_score_of_a_joint_task_run_reports_its_step_accuracy(tmp_path, capsys, monkeypatch):
+    import json
+
+    from loopdb.cli import main
+
+    monkeypatch.setenv("LOOPDB_DATA", str(tmp_path / "data"))
+    run = tmp_path / "run"
+    small = ["--d_model=32", "--n_heads=4", "--batch_size=8", "--max_steps=2", "--eval_every=2", "--warmup_steps=1",
+             "--eval_loops=1", "--eval_examples=2", "--train_difficulties=2-4", "--test_difficulties=2-6",
+             "--checkpoint_every=2"]
+    assert main(["train", "--preset", "depth-db-tiny", "--out", str(run), "--quiet", *small]) == 0
+    capsys.readouterr()
+    assert main(["score", str(run), "--loops", "1,2", "--max-windows", "3", "--json"]) == 0
+    step = json.loads(capsys.readouterr().out)["step_accuracy"]
+    assert len(step["by_answer"]) == 4 and 0 <= step["mean"] <= 1  # s3 answers every element: 4 at difficulty 4
+    assert main(["score", str(run), "--loops", "1", "--max-windows", "2"]) == 0
+    assert "one step from resolved earlier answers" in capsys.readouterr().out

@@ -208,6 +208,7 @@ def test_a_task_run_trains_scores_per_difficulty_and_evaluates_through_lm_eval(t
     assert report["task"] == "s3" and set(report["accuracy"]) == {"1", "3"}
     assert set(report["accuracy_by_difficulty"]["3"]) == {str(d) for d in range(2, 9)}  # trained 2-4, then to 8
     assert all(0 <= v <= 1 for v in report["accuracy"].values()) and report["mean_loops"]["3"] == 3
+    assert "step_accuracy" not in report  # a joint model's readout
     assert main(["score", str(run), "--loops", "4", "--max-windows", "2", "--exit", "delta:0.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mean_loops"]["4"] <= 4
     assert main(["score", str(run), "--exit", "gate:0.5"]) == 2  # a bptt model has no exit gate: one line

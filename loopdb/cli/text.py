@@ -78,7 +78,9 @@ def score(args, sampler) -> int:
 
 def _score_task(args, model, config, loops, device) -> int:
     """A reasoning-task run: final-answer accuracy per K, per difficulty, and the loops used."""
-    from ..readouts.reasoning import evaluation_difficulties, evaluation_examples, task_accuracy, within_training
+    from ..readouts.reasoning import (evaluation_difficulties, evaluation_examples, step_accuracy, task_accuracy,
+                                      within_training)
+    from ..sampling import JOINT, sampler_of
     from ..tasks import get_task
 
     task = get_task(config.train.task)
@@ -105,6 +107,9 @@ def _score_task(args, model, config, loops, device) -> int:
         report["accuracy_beyond"][key] = sum(beyond) / len(beyond) if beyond else None
         report["accuracy_by_difficulty"][key] = {str(d): value for d, value in by_difficulty.items()}
         report["mean_loops"][key] = result["mean_loops"]
+    if sampler_of(model) is JOINT:  # one denoiser call from resolved predecessors: the step its loops repeat
+        report["step_accuracy"] = step_accuracy(model, task, [e for e in examples if e.difficulty in trained],
+                                                args.seed, device=device)
     _log_task_scores(args.run, report, args.split)
     if args.plot:
         _plot_task_scores(report, args.plot)
@@ -119,6 +124,10 @@ def _score_task(args, model, config, loops, device) -> int:
         print(f"  K={key:>3}  trained {report['accuracy'][key]:.3f}"
               + (f"   beyond {beyond:.3f}" if beyond is not None else "") + f"   mean loops {report['mean_loops'][key]:.2f}")
     print("  shortcuts (trained): " + "  ".join(f"{name} {value:.3f}" for name, value in report["baselines"].items()))
+    if "step_accuracy" in report:
+        step = report["step_accuracy"]
+        print(f"  one step from resolved earlier answers (trained): {step['mean']:.3f}; by answer "
+              + " ".join(f"{value:.2f}" for value in step["by_answer"]))
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 from ..errors import UsageError
 from ..maths.exit import ExitRule, ExitTracker
 from ..tasks import final_answer_positions, training_arrays
-from ..sampling import RECURRENT, sampler_of
+from ..sampling import JOINT, RECURRENT, sampler_of
 from .scoring import initial_noise, predictive_core
 
 VAL_SEED, TEST_SEED = 999, 1000  # evaluation examples; the shipped lm-eval sets (eval/tasks/reasoning) use 1000
@@ -85,3 +85,37 @@ def task_accuracy(model, task, examples, num_loops: int, samples: int = 1, seed:
     return {"accuracy": sum(correct) / len(correct),
             "by_difficulty": {d: sum(oks) / len(oks) for d, oks in sorted(by_difficulty.items())},
             "mean_loops": sum(loops_used) / len(loops_used)}
+
+
+@torch.no_grad()
+def step_accuracy(model, task, examples, seed: int = 0, batch_size: int = 256, device="cpu") -> dict:
+    """How well ONE denoiser call of a sequence-joint model resolves an answer whose earlier answers
+    are already resolved: for the m-th answer of every example, the answers before it sit at their
+    clean targets at the last sigma, it and the later ones at sigma_max noise, and it is right when
+    its argmax is its target. This is the step the wavefront sampler repeats, one answer at a time;
+    a model low here cannot chain its answers with any loop count, however it was trained.
+    {"mean": over all answers, "by_answer": [accuracy of the 1st, 2nd, ... answer]}."""
+    if sampler_of(model) is not JOINT or model.targets_are_next_tokens:
+        raise UsageError("step accuracy reads a sequence-joint DiffusionBlocks model on a reasoning task "
+                         "(objective=diffusion, recurrence=sequence, a task run)")
+    generator = torch.Generator().manual_seed(seed)
+    right, counts = {}, {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        inputs, targets = (tensor.to(device) for tensor in
+                           training_arrays(task, chunk, start_token=getattr(model.config, "start_token", False)))
+        context = model.encode(inputs)
+        scored = targets >= 0
+        order = scored.long().cumsum(1) - 1  # the m-th answer of its row has order m
+        clean_states = model.target_table()[targets.clamp(min=0)]
+        for m in range(int(scored.sum(1).max())):
+            resolved = scored & (order < m)
+            asked = scored & (order == m)
+            noise = initial_noise(model, (*inputs.shape, model.config.d_model), 1, generator, device)
+            z = torch.where(resolved[..., None], clean_states.to(noise.dtype), noise)
+            sigma = torch.where(resolved, model.sigma_last, model.schedule.sigma_max)
+            predicted = model.denoise(z, sigma, context).argmax(-1)
+            right[m] = right.get(m, 0) + int((predicted == targets)[asked].sum())
+            counts[m] = counts.get(m, 0) + int(asked.sum())
+    by_answer = [right[m] / counts[m] for m in sorted(counts)]
+    return {"mean": sum(right.values()) / sum(counts.values()), "by_answer": by_answer}

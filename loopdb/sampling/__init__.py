@@ -11,8 +11,8 @@ The solver loop itself is loopdb.maths.sampler.run_sampler, a pure function of
 (denoiser, initial state, grid).
 """
 
-from .next_token import (DENSE, DIFFUSION, OBJECTIVE_LOOPS, RECURRENT, SAMPLERS, DenseSampler, DiffusionSampler,
-                         RecurrentSampler, anchor_sampler, sampler_of)
+from .next_token import (DENSE, DIFFUSION, JOINT, OBJECTIVE_LOOPS, RECURRENT, SAMPLERS, DenseSampler, DiffusionSampler,
+                         JointSampler, RecurrentSampler, anchor_sampler, sampler_of)
 
-__all__ = ["DENSE", "DIFFUSION", "OBJECTIVE_LOOPS", "RECURRENT", "SAMPLERS", "DenseSampler", "DiffusionSampler",
-           "RecurrentSampler", "anchor_sampler", "sampler_of"]
+__all__ = ["DENSE", "DIFFUSION", "JOINT", "OBJECTIVE_LOOPS", "RECURRENT", "SAMPLERS", "DenseSampler", "DiffusionSampler",
+           "JointSampler", "RecurrentSampler", "anchor_sampler", "sampler_of"]
