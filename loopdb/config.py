@@ -84,6 +84,8 @@ class DiffusionConfig:
     wavefront: float = 0.0          # sampler: width W of the wavefront across positions (0 = one sigma for all)
     wavefront_sigma_fraction: float = 0.0  # share of training sequences whose sigmas follow a wavefront (a random
     #                                        width 0.5-8, a random point of its descent: earlier positions cleaner)
+    state_input: str = "unit"       # how the core sees a noisy state: unit (EDM's c_in z, unit variance at every sigma) |
+    #                                 wiener (the linear posterior mean c_skip z / sigma_data: pure noise enters near zero)
     clean_prompt: bool = False      # reasoning tasks: the prompt (the positions before the task's first answer) sits at
     #                                 the last sigma: drawn there in training, held at its clean placeholder at inference
     # -- stacked DiffusionBlocks (docs/method.md#partition) --
@@ -224,6 +226,7 @@ class Config:
              f"sigma_sampling must be lognormal or loguniform, got {d.sigma_sampling!r}"),
             (0 <= d.position_sigma_fraction <= 1 and 0 <= d.wavefront_sigma_fraction <= 1,
              "position_sigma_fraction and wavefront_sigma_fraction must be in [0, 1]"),
+            (d.state_input in ("unit", "wiener"), f"state_input must be unit or wiener, got {d.state_input!r}"),
             (d.wavefront >= 0, f"wavefront must be >= 0 (0 = one sigma for all positions), got {d.wavefront}"),
             (t.objective in OBJECTIVES, f"objective must be {_one_of(OBJECTIVES)}, got {t.objective!r}"),
             (m.recurrence in ("auto", "sequence", "position"),

@@ -52,7 +52,7 @@ def runs(data_dir, tmp_path_factory):
 
 
 DEPTH_RUNS = {"depth-tiny": ("depth-tiny", "--embedded_norm=true"), "depth-db-tiny": ("depth-db-tiny",),
-              "depth-db-tiny-clean": ("depth-db-tiny", "--start_token=true", "--clean_prompt=true")}
+              "depth-db-tiny-clean": ("depth-db-tiny", "--start_token=true", "--clean_prompt=true", "--state_input=wiener")}
 
 
 @pytest.fixture(scope="module", params=list(DEPTH_RUNS))
@@ -60,7 +60,7 @@ def depth_run(tmp_path_factory, request):
     """20 steps of a depth preset on the S3 task with its word tokenizer, exported: depth-tiny (sequence-recurrent
     BPTT, with the prelude output normalized before the injection; the other BPTT runs here inject it as it is)
     or depth-db-tiny (sequence-joint DiffusionBlocks, every position denoised jointly, the wavefront), also with
-    a start token held clean as the task's prompt."""
+    a start token held clean as the task's prompt and the states read as their posterior mean (state_input=wiener)."""
     from loopdb.cli import main
 
     folder = tmp_path_factory.mktemp("depth")
@@ -399,6 +399,9 @@ def test_a_task_run_exports_with_its_word_tokenizer(depth_run, num_loops, capsys
         if getattr(model, "opener", None) is not None:  # the held prompt is what makes them equal
             unheld = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, prompt_openers=[]).eval()
             assert not torch.allclose(unheld(inputs, num_loops=num_loops).logits, ours, atol=ATOL, rtol=0)
+        if getattr(getattr(model, "diffusion", None), "state_input", "unit") == "wiener":  # and so is reading the states as the run was trained
+            unit = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, state_input="unit").eval()
+            assert not torch.allclose(unit(inputs, num_loops=num_loops).logits, ours, atol=ATOL, rtol=0)
     capsys.readouterr()
     assert main(["sample", str(run), "--prompt", prompt, "--temperature", "0", "--loops", str(num_loops),
                  "--max-new-tokens", "8", "--device", "cpu"]) == 0

@@ -148,10 +148,35 @@ def test_joint_keys_are_refused_on_other_wirings_and_remedies_on_the_joint_one()
         setattr(config.diffusion, key, 0.5)
         with pytest.raises(ConfigError, match=key):
             check_config(config)
+    config = Config()
+    config.diffusion.state_input = "wiener"
+    with pytest.raises(ConfigError, match="state_input belongs to sequence-joint"):
+        check_config(config)
+    with pytest.raises(ConfigError, match="state_input must be unit or wiener"):
+        joint_config(state_input="posterior")
     config = joint_config()
     config.diffusion.self_condition = True
     with pytest.raises(ConfigError, match="self_condition"):
         check_config(config)
+
+
+def test_wiener_state_input_reads_pure_noise_as_almost_nothing_and_clean_states_as_unit_does():
+    """state_input=wiener scales a state by c_skip / sigma_data: far above sigma_data two different
+    states give the same logits (EDM's c_in gives different ones), and near sigma = 0 both read the
+    state alike."""
+    tokens = torch.randint(0, VOCAB, (2, LENGTH))
+    first, second = torch.randn(2, 2, LENGTH, 32) * 1e4  # states at sigma 1e4: pure noise
+    logits = {}
+    for state_input in ("unit", "wiener"):
+        model = joint_model(state_input=state_input)
+        context = model.encode(tokens)
+        with torch.no_grad():
+            logits[state_input] = [model.denoise(z, 1e4, context) for z in (first, second)]
+            clean = model.targets(torch.randint(0, VOCAB, (2, LENGTH)))
+            logits[state_input].append(model.denoise(clean, 1e-4, context))
+    assert (logits["unit"][0] - logits["unit"][1]).abs().max() > 0.1
+    assert (logits["wiener"][0] - logits["wiener"][1]).abs().max() < 1e-3
+    torch.testing.assert_close(logits["wiener"][2], logits["unit"][2], atol=1e-4, rtol=1e-4)
 
 
 def test_the_preset_is_the_depth_task_with_the_joint_wiring():

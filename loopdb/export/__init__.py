@@ -57,7 +57,7 @@ def hf_config_values(config) -> dict:
         "solver": d.solver, "estimate": d.estimate, "self_condition": d.self_condition,
         "likelihood_logits": d.likelihood_logits, "known_prefix": not t.task, "wavefront": d.wavefront,
         "draft_width": m.draft_width, "anchor_head": t.anchor_weight > 0,
-        "prompt_openers": prompt_openers(config) or [],
+        "prompt_openers": prompt_openers(config) or [], "state_input": d.state_input,
         # K = num_blocks runs each stacked block once (`loopdb sample`'s default)
         "num_loops": 1 if t.objective == "dense" else m.num_blocks if stacked else DEFAULT_LOOPS,
     }

@@ -19,7 +19,7 @@ class LoopDBConfig(PretrainedConfig):
                  exit_gate=False, objective="diffusion", sigma_data=0.0, target_norm=1.0, p_mean=-1.2, p_std=1.2,
                  sigma_min=0.002, sigma_max=80.0, grid="equiprob", grid_sigma_last=0.0, solver="euler",
                  estimate="soft", self_condition=False, likelihood_logits=False, draft_width=1, anchor_head=False,
-                 known_prefix=True, wavefront=0.0, prompt_openers=None,
+                 known_prefix=True, wavefront=0.0, prompt_openers=None, state_input="unit",
                  num_loops=4, noise_seed=0,
                  readout="predictive", num_samples=4, exit=None, last_loop_cache=False, **kwargs):
         # the architecture (loopdb's ModelConfig). family looped: prelude, core looped K times, coda;
@@ -45,6 +45,8 @@ class LoopDBConfig(PretrainedConfig):
         # (a text LM: every position but the newest has a known target, the token after it), and the
         # wavefront width of the sampler across positions (0: one sigma for all; also a call argument)
         self.known_prefix, self.wavefront = known_prefix, wavefront
+        # how the core reads a noisy state z: "unit" (c_in z) or "wiener" (c_skip z / sigma_data)
+        self.state_input = state_input
         # a reasoning task trained with clean_prompt: the token ids that end its prompt ([] or None: off)
         self.prompt_openers = list(prompt_openers or [])
         # inference defaults, each also an argument of forward() and generate()

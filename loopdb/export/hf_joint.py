@@ -61,9 +61,11 @@ def joint_encode(model, input_ids, sampler: dict, context: dict | None = None) -
 
 
 def _conditioned_input(model, state, sigma, embedded):
-    """The core's input and per-row condition for states at noise levels sigma (B, n): EDM's c_in, c_noise."""
-    c_in = 1.0 / torch.sqrt(sigma**2 + model.sigma_data**2)
-    hidden = inject(model.injection, c_in[..., None] * state, embedded)
+    """The core's input and per-row condition for states at noise levels sigma (B, n): EDM's c_in z (or the
+    linear posterior mean c_skip z / sigma_data with state_input "wiener") and c_noise."""
+    variance = sigma**2 + model.sigma_data**2
+    scale = model.sigma_data / variance if model.config.state_input == "wiener" else 1.0 / torch.sqrt(variance)
+    hidden = inject(model.injection, scale[..., None] * state, embedded)
     return hidden, model.sigma_embedder(torch.log(sigma) / 4).to(hidden.dtype)
 
 

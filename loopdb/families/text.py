@@ -149,6 +149,8 @@ def _looped_rules(config: Config) -> list:
         (_joint(config) or not (d.position_sigma_fraction or d.wavefront or d.wavefront_sigma_fraction),
          "position_sigma_fraction, wavefront and wavefront_sigma_fraction belong to sequence-joint DiffusionBlocks "
          "(objective=diffusion with recurrence=sequence)"),
+        (d.state_input == "unit" or _joint(config),
+         "state_input belongs to sequence-joint DiffusionBlocks (objective=diffusion with recurrence=sequence)"),
         (not d.clean_prompt or _joint(config),
          "clean_prompt belongs to sequence-joint DiffusionBlocks (objective=diffusion with recurrence=sequence)"),
         (objective != "ouro" or config.recurrence == "sequence",

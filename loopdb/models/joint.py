@@ -134,7 +134,7 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         sigma = torch.full(targets.shape, self.sigma_last, device=targets.device)
         cos, sin, mask = self._positions(start, count, start, False, targets.device)
         pre = precondition(sigma, self.sigma_data)
-        hidden = self._inject(pre.c_in[..., None] * self.targets(targets), context.embedded[:, start:start + count])
+        hidden = self._inject(self._state_input(self.targets(targets), pre), context.embedded[:, start:start + count])
         cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)
         hidden, core_kv = run_clean_layers(self.core, hidden, cos, sin, context.core_kv, cond, mask)
         _, coda_kv = run_clean_layers(self.coda, hidden, cos, sin, context.coda_kv, None, mask)
@@ -160,7 +160,7 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
             sigma = torch.where(held[..., 0], self.sigma_last, sigma)
         pre = precondition(sigma, self.sigma_data)
         cos, sin, mask = self._positions(start, length, context.committed, context.committed > 0, z.device)
-        hidden = self._inject(pre.c_in[..., None] * z, context.embedded[:, start:])
+        hidden = self._inject(self._state_input(z, pre), context.embedded[:, start:])
         cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)  # (B, n, C): one condition per row
         for index, layer in enumerate(self.core):
             hidden, _ = layer(hidden, cos, sin, cond=cond, mask=mask,
@@ -189,6 +189,13 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         prefix = torch.arange(cached, device=device)
         own = queries[None, :] == queries[:, None] if alone else causal_mask(queries, queries)
         return cos, sin, torch.cat([prefix[None, :] < queries[:, None], own], dim=1)
+
+    def _state_input(self, z, pre):
+        """What the core reads of states z: EDM's c_in z (unit variance at every sigma), or with
+        ``state_input=wiener`` the linear posterior mean c_skip z scaled by 1 / sigma_data, the same at
+        low sigma and near zero where z is mostly noise, so noisy rows add little noise to the residual."""
+        scale = pre.c_skip / self.sigma_data if self.diffusion.state_input == "wiener" else pre.c_in
+        return scale[..., None] * z
 
     def _inject(self, state, embedded):
         return inject(self.injection, state, embedded)
