@@ -152,3 +152,16 @@ def test_a_seed_without_scores_is_not_counted_and_a_skipped_readout_is_tried_aga
     assert "| joint | 1 | 0.500 | 0.750 |" in markdown_tables(results, [1, 2])
     member, missing = _reuse(unscored, {"steps": 10}, ["accuracy"], [1, 2], judged=False)
     assert missing == ["accuracy"] and "skipped" not in member
+
+
+@pytest.mark.parametrize("variants, preset_name", [("study_depth.json", "depth-tiny"),
+                                                   ("study_depth_hops.json", "depth-tiny"),
+                                                   ("study_small.json", "small"),
+                                                   ("study_recurrent_text.json", "small")])
+def test_the_shipped_variants_files_load_on_the_presets_their_commands_name(variants, preset_name):
+    """A key or value a member cannot take fails before hours of training, not in the middle of them."""
+    from pathlib import Path
+
+    from loopdb.evaluation.study import load_variants
+
+    assert load_variants(Path(__file__).parent.parent / "eval" / variants, preset_name)
