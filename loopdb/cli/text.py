@@ -107,9 +107,9 @@ def _score_task(args, model, config, loops, device) -> int:
         report["accuracy_beyond"][key] = sum(beyond) / len(beyond) if beyond else None
         report["accuracy_by_difficulty"][key] = {str(d): value for d, value in by_difficulty.items()}
         report["mean_loops"][key] = result["mean_loops"]
-    if sampler_of(model) is JOINT:  # one denoiser call from resolved predecessors: the step its loops repeat
-        report["step_accuracy"] = step_accuracy(model, task, [e for e in examples if e.difficulty in trained],
-                                                args.seed, device=device)
+    trained_examples = [e for e in examples if e.difficulty in trained]
+    if sampler_of(model) is JOINT and trained_examples:  # one denoiser call from resolved predecessors: the step
+        report["step_accuracy"] = step_accuracy(model, task, trained_examples, args.seed, device=device)
     _log_task_scores(args.run, report, args.split)
     if args.plot:
         _plot_task_scores(report, args.plot)
