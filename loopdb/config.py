@@ -86,6 +86,8 @@ class DiffusionConfig:
     #                                        width 0.5-8, a random point of its descent: earlier positions cleaner)
     state_input: str = "unit"       # how the core sees a noisy state: unit (EDM's c_in z, unit variance at every sigma) |
     #                                 wiener (the linear posterior mean c_skip z / sigma_data: pure noise enters near zero)
+    clean_context_fraction: float = 0.0  # share of training sequences whose positions read the earlier ones at their
+    #                                      clean targets (teacher forcing: a clean second stream in the same pass)
     clean_prompt: bool = False      # reasoning tasks: the prompt (the positions before the task's first answer) sits at
     #                                 the last sigma: drawn there in training, held at its clean placeholder at inference
     # -- stacked DiffusionBlocks (docs/method.md#partition) --
@@ -224,8 +226,9 @@ class Config:
             (t.time_budget_clock in ("wall", "cpu"), f"time_budget_clock must be wall or cpu, got {t.time_budget_clock!r}"),
             (d.sigma_sampling in ("lognormal", "loguniform"),
              f"sigma_sampling must be lognormal or loguniform, got {d.sigma_sampling!r}"),
-            (0 <= d.position_sigma_fraction <= 1 and 0 <= d.wavefront_sigma_fraction <= 1,
-             "position_sigma_fraction and wavefront_sigma_fraction must be in [0, 1]"),
+            (all(0 <= value <= 1 for value in (d.position_sigma_fraction, d.wavefront_sigma_fraction,
+                                                d.clean_context_fraction)),
+             "position_sigma_fraction, wavefront_sigma_fraction and clean_context_fraction must be in [0, 1]"),
             (d.state_input in ("unit", "wiener"), f"state_input must be unit or wiener, got {d.state_input!r}"),
             (d.wavefront >= 0, f"wavefront must be >= 0 (0 = one sigma for all positions), got {d.wavefront}"),
             (t.objective in OBJECTIVES, f"objective must be {_one_of(OBJECTIVES)}, got {t.objective!r}"),

@@ -129,6 +129,43 @@ def test_a_training_step_is_one_forward_and_one_backward_pass():
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.core.parameters())
 
 
+@pytest.mark.parametrize("state_input", ["unit", "wiener"])
+def test_teacher_forced_pass_is_the_denoiser_with_every_earlier_position_clean(state_input):
+    # row t of the clean-context pass must give what one denoiser call gives with positions < t at
+    # their clean targets at the last sigma and t at its own noisy state (the step accuracy's layout)
+    model = joint_model(state_input=state_input).eval()
+    generator = torch.Generator().manual_seed(3)
+    inputs, targets = torch.randint(VOCAB, (2, LENGTH), generator=generator), torch.randint(VOCAB, (2, LENGTH))
+    sigma = torch.exp(torch.empty(2, LENGTH).uniform_(-3.5, 4.0, generator=generator))
+    noisy = model.targets(targets) + sigma[..., None] * torch.randn(2, LENGTH, 32, generator=generator)
+    with torch.no_grad():
+        forced = model(inputs, noisy, sigma, clean_targets=targets)
+        context = model.encode(inputs, known=False)
+        for t in range(LENGTH):
+            earlier = (torch.arange(LENGTH) < t)[None, :, None]
+            z = torch.where(earlier, model.targets(targets), noisy)
+            alone = model.denoise(z, torch.where(earlier[..., 0], model.sigma_last, sigma), context)
+            torch.testing.assert_close(forced[:, t], alone[:, t], atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(forced, model(inputs, noisy, sigma))  # the plain pass reads noisy states
+
+
+def test_clean_context_share_runs_the_core_once_per_sequence_and_is_refused_off_joint():
+    model = joint_model(clean_context_fraction=0.5).train()
+    rows = []
+    model.core[0].register_forward_hook(lambda module, args, output: rows.append(args[0].shape[:2]))
+    batch = {"inputs": torch.randint(VOCAB, (4, LENGTH)), "targets": torch.randint(VOCAB, (4, LENGTH))}
+    loss, _ = JointDiffusionObjective().loss(model, batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    # two sequences with their clean stream (2T rows), two plain ones; each sequence through the core once
+    assert sorted(rows) == [(2, LENGTH), (2, 2 * LENGTH)] and torch.isfinite(loss)
+    config = joint_config(clean_context_fraction=0.5)
+    config.model.recurrence = "position"
+    with pytest.raises(ConfigError, match="clean_context_fraction belong to sequence-joint"):
+        check_config(config)
+    with pytest.raises(ConfigError, match="clean_context_fraction must be in"):
+        joint_config(clean_context_fraction=1.5)
+
+
 def test_training_sigmas_per_position_share_and_coverage_of_sigma_max():
     diffusion = joint_config(position_sigma_fraction=0.5).diffusion
     schedule = NoiseSchedule(sigma_min=0.02, sigma_max=80.0)

@@ -146,9 +146,10 @@ def _looped_rules(config: Config) -> list:
          "are per-position remedies; recurrence=sequence (sequence-joint DiffusionBlocks) does not support them"),
         (not _joint(config) or d.solver in ("euler", "ancestral"),
          f"sequence-joint DiffusionBlocks samples with solver euler or ancestral, not {d.solver!r}"),
-        (_joint(config) or not (d.position_sigma_fraction or d.wavefront or d.wavefront_sigma_fraction),
-         "position_sigma_fraction, wavefront and wavefront_sigma_fraction belong to sequence-joint DiffusionBlocks "
-         "(objective=diffusion with recurrence=sequence)"),
+        (_joint(config) or not (d.position_sigma_fraction or d.wavefront or d.wavefront_sigma_fraction
+                                 or d.clean_context_fraction),
+         "position_sigma_fraction, wavefront, wavefront_sigma_fraction and clean_context_fraction belong to "
+         "sequence-joint DiffusionBlocks (objective=diffusion with recurrence=sequence)"),
         (d.state_input == "unit" or _joint(config),
          "state_input belongs to sequence-joint DiffusionBlocks (objective=diffusion with recurrence=sequence)"),
         (not d.clean_prompt or _joint(config),

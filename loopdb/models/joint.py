@@ -170,10 +170,40 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
                               kv_prefix=None if context.coda_kv is None else context.coda_kv[index])
         return self.logits_from(hidden)
 
-    def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor,
+                clean_targets: torch.Tensor | None = None) -> torch.Tensor:
         """The training pass: prelude over ``inputs``, ONE denoiser evaluation of every position. The
-        objective draws a held prompt at the last sigma like any state (loopdb.objectives.joint)."""
-        return self.denoise(noisy, sigma, self._joint_context(inputs, hold_prompt=False))
+        objective draws a held prompt at the last sigma like any state (loopdb.objectives.joint).
+        With ``clean_targets`` every row reads the earlier positions at those clean targets instead of
+        their noisy states (teacher forcing, ``_denoise_after_clean``)."""
+        context = self._joint_context(inputs, hold_prompt=False)
+        if clean_targets is None:
+            return self.denoise(noisy, sigma, context)
+        return self._denoise_after_clean(noisy, sigma, context, clean_targets)
+
+    def _denoise_after_clean(self, z: torch.Tensor, sigma: torch.Tensor, context: JointContext,
+                             clean_targets: torch.Tensor) -> torch.Tensor:
+        """Logits of the noisy states z (B, T, C) when every earlier position is resolved, in one pass of
+        2T rows: rows [0, T) hold each position's clean target at the last sigma and read each other
+        causally (the committed prefix of inference); rows [T, 2T) hold the noisy states and each reads
+        the clean rows before its position and itself, the layout the sampler meets once every earlier
+        answer is resolved (the step accuracy's layout, trained on every position at once)."""
+        batch, length = z.shape[:2]
+        sigma = sigma.expand(batch, length)
+        states = torch.cat([self.targets(clean_targets).to(z.dtype), z], 1)
+        pre = precondition(torch.cat([torch.full_like(sigma, self.sigma_last), sigma], 1), self.sigma_data)
+        hidden = self._inject(self._state_input(states, pre), context.embedded.repeat(1, 2, 1))
+        cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)
+        position = torch.arange(length, device=z.device)
+        cos, sin = self.rotary(position.repeat(2))  # a clean row and its noisy row share their position
+        _, _, after_clean = self._positions(0, length, length, True, z.device)  # clean keys before, own row
+        among_clean = torch.cat([causal_mask(position, position), torch.zeros_like(after_clean[:, length:])], 1)
+        mask = torch.cat([among_clean, after_clean], 0)
+        for layer in self.core:
+            hidden, _ = layer(hidden, cos, sin, cond=cond, mask=mask)
+        for layer in self.coda:
+            hidden, _ = layer(hidden, cos, sin, mask=mask)
+        return self.logits_from(hidden[:, length:])
 
     def _rotary(self, length: int, device):
         return self.rotary(torch.arange(length, device=device))

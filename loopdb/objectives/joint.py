@@ -6,7 +6,9 @@ share ``position_sigma_fraction`` of the sequences draws a sigma per position (d
 the rest one sigma per sequence, so the network learns both to read neighbours at its own noise
 level and at others'. The training sigmas follow ``sigma_sampling`` over [sigma_min, sigma_max]:
 ``loguniform`` covers sigma_max, where every sampler starts, as often as any other octave. With
-``clean_prompt`` a task's prompt positions are drawn at the last sigma instead.
+``clean_prompt`` a task's prompt positions are drawn at the last sigma instead. A
+``clean_context_fraction`` share of the sequences is teacher-forced: each position reads the earlier
+ones at their clean targets (a second, clean stream in the same pass) instead of their noisy states.
 """
 
 from __future__ import annotations
@@ -60,5 +62,10 @@ class JointDiffusionObjective:
         if prompt is not None:  # clean_prompt: a task's prompt is drawn at the last sigma, where inference holds it
             sigma = torch.where(prompt, model.sigma_last, sigma)
         noisy = noised_targets(model, targets, sigma, generator)
-        cross_entropy = mean_cross_entropy(model(inputs, noisy, sigma), targets)
+        # teacher forcing: the first share of the rows reads the earlier positions clean (a second stream)
+        forced = round(model.diffusion.clean_context_fraction * inputs.shape[0])
+        parts = [model(inputs[:forced], noisy[:forced], sigma[:forced], clean_targets=targets[:forced].clamp(min=0))
+                 if forced else None,
+                 model(inputs[forced:], noisy[forced:], sigma[forced:]) if forced < inputs.shape[0] else None]
+        cross_entropy = mean_cross_entropy(torch.cat([part for part in parts if part is not None]), targets)
         return cross_entropy, {"ce": cross_entropy.detach(), "sigma_median": sigma.median().detach()}
