@@ -127,7 +127,8 @@ def _score_task(args, model, config, loops, device) -> int:
     if "step_accuracy" in report:
         step = report["step_accuracy"]
         print(f"  one step from resolved earlier answers (trained): {step['mean']:.3f}; by answer "
-              + " ".join(f"{value:.2f}" for value in step["by_answer"]))
+              + " ".join(f"{value:.2f}" for value in step["by_answer"])
+              + f"; chained from its own answers, one call each: {step['chained']:.3f}")
     return 0
 
 

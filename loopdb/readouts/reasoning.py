@@ -94,12 +94,15 @@ def step_accuracy(model, task, examples, seed: int = 0, batch_size: int = 256, d
     clean targets at the last sigma, it and the later ones at sigma_max noise, and it is right when
     its argmax is its target. This is the step the wavefront sampler repeats, one answer at a time;
     a model low here cannot chain its answers with any loop count, however it was trained.
-    {"mean": over all answers, "by_answer": [accuracy of the 1st, 2nd, ... answer]}."""
+    {"mean": over all answers, "by_answer": [accuracy of the 1st, 2nd, ... answer], "chained": the
+    final-answer accuracy when the answers are resolved that way from the model's OWN earlier ones,
+    each committed at its argmax: one call per answer, in order, the errors compounding as in any
+    sampler, so a sampler's accuracy well below it is lost in the sampler, not in the step}."""
     if sampler_of(model) is not JOINT or model.targets_are_next_tokens:
         raise UsageError("step accuracy reads a sequence-joint DiffusionBlocks model on a reasoning task "
                          "(objective=diffusion, recurrence=sequence, a task run)")
     generator = torch.Generator().manual_seed(seed)
-    right, counts = {}, {}
+    right, counts, chained = {}, {}, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         inputs, targets = (tensor.to(device) for tensor in
@@ -107,15 +110,24 @@ def step_accuracy(model, task, examples, seed: int = 0, batch_size: int = 256, d
         context = model.encode(inputs)
         scored = targets >= 0
         order = scored.long().cumsum(1) - 1  # the m-th answer of its row has order m
-        clean_states = model.target_table()[targets.clamp(min=0)]
+        table = model.target_table()
+        own = torch.zeros_like(targets)  # the chained answers: each from the model's own earlier ones
         for m in range(int(scored.sum(1).max())):
             resolved = scored & (order < m)
             asked = scored & (order == m)
             noise = initial_noise(model, (*inputs.shape, model.config.d_model), 1, generator, device)
-            z = torch.where(resolved[..., None], clean_states.to(noise.dtype), noise)
             sigma = torch.where(resolved, model.sigma_last, model.schedule.sigma_max)
-            predicted = model.denoise(z, sigma, context).argmax(-1)
-            right[m] = right.get(m, 0) + int((predicted == targets)[asked].sum())
+            for given, answers in ((targets, None), (own, own)):
+                z = torch.where(resolved[..., None], table[given.clamp(min=0)].to(noise.dtype), noise)
+                predicted = model.denoise(z, sigma, context).argmax(-1)
+                if answers is None:
+                    right[m] = right.get(m, 0) + int((predicted == targets)[asked].sum())
+                else:
+                    own = torch.where(asked, predicted, own)
             counts[m] = counts.get(m, 0) + int(asked.sum())
+        last = torch.where(scored, order, -1).argmax(1)  # each row's final answer
+        rows = torch.arange(len(chunk), device=targets.device)
+        chained += int((own[rows, last] == targets[rows, last]).sum())
     by_answer = [right[m] / counts[m] for m in sorted(counts)]
-    return {"mean": sum(right.values()) / sum(counts.values()), "by_answer": by_answer}
+    return {"mean": sum(right.values()) / sum(counts.values()), "by_answer": by_answer,
+            "chained": chained / len(examples)}
