@@ -62,10 +62,12 @@ class JointDiffusionObjective:
         if prompt is not None:  # clean_prompt: a task's prompt is drawn at the last sigma, where inference holds it
             sigma = torch.where(prompt, model.sigma_last, sigma)
         noisy = noised_targets(model, targets, sigma, generator)
-        # teacher forcing: the first share of the rows reads the earlier positions clean (a second stream)
         forced = round(model.diffusion.clean_context_fraction * inputs.shape[0])
-        parts = [model(inputs[:forced], noisy[:forced], sigma[:forced], clean_targets=targets[:forced].clamp(min=0))
-                 if forced else None,
-                 model(inputs[forced:], noisy[forced:], sigma[forced:]) if forced < inputs.shape[0] else None]
-        cross_entropy = mean_cross_entropy(torch.cat([part for part in parts if part is not None]), targets)
+        logits = []
+        if forced:  # teacher forcing: these rows read the earlier positions clean, through a second stream
+            logits.append(model(inputs[:forced], noisy[:forced], sigma[:forced],
+                                clean_targets=targets[:forced].clamp(min=0)))
+        if forced < inputs.shape[0]:
+            logits.append(model(inputs[forced:], noisy[forced:], sigma[forced:]))
+        cross_entropy = mean_cross_entropy(torch.cat(logits), targets)
         return cross_entropy, {"ce": cross_entropy.detach(), "sigma_median": sigma.median().detach()}
