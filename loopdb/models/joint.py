@@ -162,12 +162,15 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         cos, sin, mask = self._positions(start, length, context.committed, context.committed > 0, z.device)
         hidden = self._inject(self._state_input(z, pre), context.embedded[:, start:])
         cond = self.sigma_embedder(pre.c_noise).to(hidden.dtype)  # (B, n, C): one condition per row
+        return self._core_and_coda(hidden, cond, cos, sin, mask, context.core_kv, context.coda_kv)
+
+    def _core_and_coda(self, hidden, cond, cos, sin, mask, core_kv=None, coda_kv=None) -> torch.Tensor:
+        """Logits of the core (conditioned per row) and the coda over ``hidden``, after cached prefixes."""
         for index, layer in enumerate(self.core):
             hidden, _ = layer(hidden, cos, sin, cond=cond, mask=mask,
-                              kv_prefix=None if context.core_kv is None else context.core_kv[index])
+                              kv_prefix=None if core_kv is None else core_kv[index])
         for index, layer in enumerate(self.coda):
-            hidden, _ = layer(hidden, cos, sin, mask=mask,
-                              kv_prefix=None if context.coda_kv is None else context.coda_kv[index])
+            hidden, _ = layer(hidden, cos, sin, mask=mask, kv_prefix=None if coda_kv is None else coda_kv[index])
         return self.logits_from(hidden)
 
     def forward(self, inputs: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor,
@@ -198,12 +201,8 @@ class JointDiffusionLM(NextTokenDenoiser, nn.Module):
         cos, sin = self.rotary(position.repeat(2))  # a clean row and its noisy row share their position
         _, _, after_clean = self._positions(0, length, length, True, z.device)  # clean keys before, own row
         among_clean = torch.cat([causal_mask(position, position), torch.zeros_like(after_clean[:, length:])], 1)
-        mask = torch.cat([among_clean, after_clean], 0)
-        for layer in self.core:
-            hidden, _ = layer(hidden, cos, sin, cond=cond, mask=mask)
-        for layer in self.coda:
-            hidden, _ = layer(hidden, cos, sin, mask=mask)
-        return self.logits_from(hidden[:, length:])
+        logits = self._core_and_coda(hidden, cond, cos, sin, torch.cat([among_clean, after_clean], 0))
+        return logits[:, length:]
 
     def _rotary(self, length: int, device):
         return self.rotary(torch.arange(length, device=device))

@@ -117,13 +117,13 @@ def step_accuracy(model, task, examples, seed: int = 0, batch_size: int = 256, d
             asked = scored & (order == m)
             noise = initial_noise(model, (*inputs.shape, model.config.d_model), 1, generator, device)
             sigma = torch.where(resolved, model.sigma_last, model.schedule.sigma_max)
-            for given, answers in ((targets, None), (own, own)):
-                z = torch.where(resolved[..., None], table[given.clamp(min=0)].to(noise.dtype), noise)
-                predicted = model.denoise(z, sigma, context).argmax(-1)
-                if answers is None:
-                    right[m] = right.get(m, 0) + int((predicted == targets)[asked].sum())
-                else:
-                    own = torch.where(asked, predicted, own)
+
+            def answer(earlier):  # the argmax of every position, the answers before m given as ``earlier``
+                z = torch.where(resolved[..., None], table[earlier.clamp(min=0)].to(noise.dtype), noise)
+                return model.denoise(z, sigma, context).argmax(-1)
+
+            right[m] = right.get(m, 0) + int((answer(targets) == targets)[asked].sum())
+            own = torch.where(asked, answer(own), own)
             counts[m] = counts.get(m, 0) + int(asked.sum())
         last = torch.where(scored, order, -1).argmax(1)  # each row's final answer
         rows = torch.arange(len(chunk), device=targets.device)
